@@ -1,0 +1,65 @@
+"""Every configuration key of seg_jax, with its default.
+
+Other configs start from `get_config()` here and override what differs.
+Any key can be overridden on the command line: --config.train.num_steps=100.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds parameter init, shuffling, augmentation and dropout
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'unet'  # a key of seg_jax.models.MODELS
+  c.model.num_classes = 21  # output classes; must match the dataset's
+  c.model.kwargs = ml_collections.ConfigDict()  # model options, e.g. width=64
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shapes'  # a key of seg_jax.data.DATASETS
+  c.data.root = ''  # dataset folder (unused by 'shapes')
+  c.data.crop_size = 512  # training crop, int or (height, width)
+  c.data.eval_pad_size = 0  # eval images padded to this (0: crop_size)
+  c.data.ignore_label = 255  # label excluded from loss and metrics
+  c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
+  c.data.flip = True  # random horizontal flip for training
+  c.data.mean = (123.675, 116.28, 103.53)  # per-channel mean, 0..255 scale
+  c.data.std = (58.395, 57.12, 57.375)  # per-channel std, 0..255 scale
+  c.data.worker_count = 0  # grain worker processes (0: in the main process)
+  c.data.num_threads = 2  # grain reader threads per process
+  c.data.prefetch = 8  # elements each grain reader keeps ready
+  c.data.shapes = ml_collections.ConfigDict()  # the built-in synthetic set
+  c.data.shapes.num_train = 10000  # training examples
+  c.data.shapes.num_val = 500  # validation examples
+  c.data.shapes.image_size = 64  # square image side in pixels
+  c.data.shapes.max_shapes = 4  # at most this many instances per image
+  c.data.shapes.seed = 0  # generation seed (independent of c.seed)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 16  # examples per step over all devices
+  c.train.num_steps = 20000  # optimizer steps
+  c.train.optimizer = 'sgd'  # 'sgd' (momentum) or 'adamw'
+  c.train.learning_rate = 0.01  # peak learning rate
+  c.train.momentum = 0.9  # SGD momentum
+  c.train.schedule = 'poly'  # 'poly', 'cosine' or 'constant'
+  c.train.poly_power = 0.9  # exponent of the poly schedule
+  c.train.end_learning_rate = 1e-4  # final learning rate of poly/cosine
+  c.train.warmup_steps = 0  # linear warmup from 0 over this many steps
+  c.train.weight_decay = 5e-4  # L2 for SGD, decoupled decay for AdamW
+  c.train.grad_clip_norm = 0.0  # clip gradients to this global norm (0: off)
+  c.train.precision = 'float32'  # 'float32' or 'bfloat16' (f32 params, loss)
+  c.train.log_every_steps = 50  # train metrics written every this many steps
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 2000  # evaluate on the whole val split this often
+  c.eval.global_batch_size = 16  # eval examples per step over all devices
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 2000  # save train state + data iterator this often
+  c.checkpoint.max_to_keep = 3  # most recent checkpoints kept
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)  # devices per axis; -1 takes all remaining devices
+  c.mesh.axes = ('data',)  # axis names; the batch is split over 'data'
+  return c

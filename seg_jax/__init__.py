@@ -1,0 +1,3 @@
+"""seg_jax: semantic segmentation in JAX/Flax."""
+
+__version__ = '0.1.0'

@@ -1,0 +1,120 @@
+"""Checkpoints: the one file that talks to orbax.
+
+A checkpoint is one orbax step folder holding the train state and the grain
+iterator state of every process together, so a resume continues both the
+model and the data exactly where they were. Saves are asynchronous and
+atomic: a save cut short leaves a `*.orbax-checkpoint-tmp-*` folder that is
+never restored from.
+"""
+
+import json
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class _IteratorSnapshot:
+  """The iterator state taken at save time.
+
+  orbax may write the data-iterator item after `save()` returns, while the
+  loop has already advanced the live iterator; saving a snapshot keeps the
+  checkpoint's data position equal to its train step.
+  """
+
+  def __init__(self, iterator):
+    self._state = json.dumps(iterator.get_state()).encode()
+
+  def get_state(self):
+    return self._state
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) in `directory`.
+
+  Args:
+    directory: checkpoint folder (created if needed).
+    every_steps: save when step % every_steps == 0.
+    max_to_keep: number of most recent checkpoints kept.
+  """
+
+  def __init__(self, directory, every_steps, max_to_keep):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=True, create=True)
+    self._manager = ocp.CheckpointManager(directory, options=options)
+    self.directory = directory
+
+  def latest_step(self):
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return list(self._manager.all_steps())
+
+  def restore_or_keep(self, state, data_iter):
+    """Restores the latest checkpoint into (state, data_iter) if one exists.
+
+    Args:
+      state: a freshly initialised `TrainState`; its shapes, dtypes and
+        shardings are the template.
+      data_iter: a fresh grain iterator; its position is set in place.
+
+    Returns:
+      (state, data_iter): restored, or the inputs when there is nothing.
+    """
+    step = self.latest_step()
+    if step is None:
+      return state, data_iter
+    return self.restore(step, state, data_iter)
+
+  def restore(self, step, state, data_iter):
+    """Restores checkpoint `step`; see `restore_or_keep`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    logging.info('Restored checkpoint %d from %s', step, self.directory)
+    return restored['state'], restored['data_iter']
+
+  def maybe_save(self, step, state, data_iter, force=False):
+    """Saves if `step` is on the interval (or `force`); returns whether."""
+    if not force and not self._manager.should_save(step):
+      return False
+    return self._save(step, state, data_iter, force)
+
+  def save_final(self, step, state, data_iter):
+    """Saves `step` unless it is already saved, then waits for the write."""
+    if step not in self._manager.all_steps() and step > 0:
+      self._save(step, state, data_iter, force=True)
+    self._manager.wait_until_finished()
+
+  def _save(self, step, state, data_iter, force):
+    return self._manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))))
+
+  def close(self):
+    """Waits for pending writes and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def read_state(directory, step):
+  """Reads the train state stored at `step` as a pytree of arrays.
+
+  For tools and tests that need the stored values without building a
+  template (shapes and dtypes as saved, arrays on the default device).
+  """
+  with ocp.CheckpointManager(directory) as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+
+
+def read_data_iterator_state(directory, step):
+  """The JSON data-iterator state this process stored at `step`."""
+  files = sorted(
+      pathlib.Path(directory, str(step), 'data_iter').glob('process_*.json'))
+  return [json.loads(f.read_text()) for f in files]

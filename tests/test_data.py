@@ -1,0 +1,171 @@
+"""The synthetic dataset and the grain pipelines: determinism, coverage, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from seg_jax import data
+from seg_jax.data import pipeline, shapes, transforms
+
+
+def test_shapes_deterministic_and_split_dependent():
+  a = shapes.make_example(0, 'train', 5)
+  b = shapes.make_example(0, 'train', 5)
+  c = shapes.make_example(0, 'val', 5)
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(a['image'], c['image'])
+  assert a['image'].shape == (64, 64, 3) and a['image'].dtype == np.uint8
+  assert a['label'].shape == (64, 64) and a['label'].dtype == np.uint8
+
+
+def test_shapes_labels_borders_and_classes():
+  labels = np.stack([shapes.make_example(0, 'train', i)['label']
+                     for i in range(100)])
+  values = set(np.unique(labels).tolist())
+  assert values == {0, 1, 2, 3, 4, 255}
+  # Every pixel next to a different class is on an ignored border.
+  for label in labels:
+    inner = label != 255
+    for a, b in ((label[1:], label[:-1]), (label[:, 1:], label[:, :-1])):
+      both = (a != 255) & (b != 255)
+      assert np.all(a[both] == b[both])
+    assert inner.mean() > 0.85
+
+
+def test_shape_colour_does_not_decide_class():
+  """Mean instance colour is spread over the whole cube for every class."""
+  per_class = {k: [] for k in range(1, 5)}
+  for i in range(200):
+    ex = shapes.make_example(0, 'train', i)
+    for k in per_class:
+      mask = ex['label'] == k
+      if mask.sum() > 20:
+        per_class[k].append(ex['image'][mask].mean(0))
+  for k, colours in per_class.items():
+    colours = np.array(colours)
+    assert len(colours) > 20
+    assert np.all(colours.std(0) > 40), (k, colours.std(0))
+  means = np.array([np.mean(c, 0) for c in per_class.values()])
+  assert np.ptp(means, 0).max() < 40  # no class has its own colour
+
+
+def test_unknown_dataset_and_class_mismatch(tiny_config):
+  tiny_config.data.name = 'nope'
+  with pytest.raises(ValueError, match="data.name='nope'"):
+    data.create_source(tiny_config, 'train')
+  tiny_config.data.name = 'shapes'
+  tiny_config.model.num_classes = 3
+  with pytest.raises(ValueError, match='model.num_classes=3'):
+    data.create_source(tiny_config, 'train')
+
+
+def _train_ds(config, worker_count=0, **kw):
+  return pipeline.create_train_dataset(
+      data.create_source(config, 'train'), pipeline.train_transform(config),
+      seed=config.seed, batch_size=config.train.global_batch_size,
+      worker_count=worker_count, num_threads=1, **kw)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same_batches(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+
+
+def test_train_batches_shapes_and_epoch_reshuffle(tiny_config):
+  it = iter(_train_ds(tiny_config))
+  batches = _take(it, 16)  # 64 examples / batch 8 = 8 steps per epoch
+  assert batches[0]['image'].shape == (8, 32, 32, 3)
+  assert batches[0]['label'].shape == (8, 32, 32)
+  # Epoch 2 differs from epoch 1 (new order and new augmentation).
+  assert not np.array_equal(batches[0]['image'], batches[8]['image'])
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_same_seed_same_batches_and_exact_resume(tiny_config, workers):
+  reference = _take(iter(_train_ds(tiny_config, workers)), 7)
+  it = iter(_train_ds(tiny_config, workers))
+  first = _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
+  restored = iter(_train_ds(tiny_config, workers))
+  restored.set_state(state)
+  _assert_same_batches(first + _take(restored, 4), reference)
+
+
+def test_processes_get_disjoint_shards(tiny_config):
+  src = data.create_source(tiny_config, 'train')
+  seen = []
+  for p in range(2):
+    ds = pipeline.create_train_dataset(
+        src, transforms.TrainTransform(crop_size=(32, 32), flip=False),
+        seed=0, batch_size=4, num_threads=1, process_index=p, process_count=2)
+    it = iter(ds)
+    ids = set()
+    for _ in range(8):  # one epoch of this process's 32 examples
+      for image in next(it)['image']:
+        ids.add(image.tobytes())
+    seen.append(ids)
+  assert len(seen[0]) == len(seen[1]) == 32
+  assert not seen[0] & seen[1]
+
+
+@pytest.mark.parametrize('n,global_batch,processes', [(21, 8, 1), (21, 8, 2),
+                                                     (16, 8, 2), (5, 8, 4)])
+def test_eval_covers_every_example_exactly_once(tiny_config, n, global_batch,
+                                                processes):
+  tiny_config.data.shapes.num_val = n
+  src = data.create_source(tiny_config, 'val')
+  indices, num_batches = [], None
+  for p in range(processes):
+    ds, num_batches = pipeline.create_eval_dataset(
+        src, pipeline.eval_transform(tiny_config),
+        global_batch_size=global_batch, process_index=p,
+        process_count=processes)
+    batches = list(ds)
+    assert len(batches) == num_batches == -(-n // global_batch)
+    for b in batches:
+      assert b['image'].shape[0] == global_batch // processes
+      for i, label in zip(b['index'], b['label']):
+        if i < 0:
+          assert np.all(label == 255)  # padding: all ignored
+        else:
+          np.testing.assert_array_equal(label, src[int(i)]['label'])
+      indices.extend(int(i) for i in b['index'] if i >= 0)
+  assert sorted(indices) == list(range(n))
+
+
+def test_train_transform_crop_pad_flip():
+  ex = {'image': np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3),
+        'label': np.arange(30, dtype=np.uint8).reshape(5, 6)}
+  t = transforms.TrainTransform(crop_size=(8, 4), flip=False,
+                                mean=(10, 20, 30))
+  out = t.random_map(ex, np.random.default_rng(0))
+  assert out['image'].shape == (8, 4, 3) and out['label'].shape == (8, 4)
+  # Rows 5..7 are padding: label ignored, image the mean.
+  assert np.all(out['label'][5:] == 255)
+  assert np.all(out['image'][5:] == [10, 20, 30])
+  left = int(out['label'][0, 0])
+  np.testing.assert_array_equal(out['label'][:5], ex['label'][:, left:left + 4])
+  flipped = transforms.TrainTransform(crop_size=(5, 6), flip=True)
+  outs = [flipped.random_map(ex, np.random.default_rng(s))['label']
+          for s in range(20)]
+  assert any(np.array_equal(o, ex['label'][:, ::-1]) for o in outs)
+  assert any(np.array_equal(o, ex['label']) for o in outs)
+
+
+def test_train_transform_rescale_keeps_aspect_and_label_values():
+  ex = {'image': np.zeros((40, 60, 3), np.uint8),
+        'label': np.repeat(np.arange(6, dtype=np.uint8), 10)[None].repeat(40, 0)}
+  t = transforms.TrainTransform(crop_size=(200, 200), scale_range=(2.0, 2.0),
+                                flip=False)
+  out = t.random_map(ex, np.random.default_rng(0))
+  valid = out['label'] != 255
+  assert valid.sum() == 80 * 120
+  assert set(np.unique(out['label'][valid])) == set(range(6))

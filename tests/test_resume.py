@@ -1,0 +1,116 @@
+"""Exact resume: a run killed after a checkpoint and restarted ends with the
+same parameters, bit for bit, as a run that was never interrupted, and sees
+the same batches after resuming."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from seg_jax import checkpoint, data
+from seg_jax.data import pipeline
+
+from conftest import REPO
+
+NUM_STEPS = 300
+EVERY = 10
+ARGS = [
+    '--config=configs/unet_shapes_tiny.py',
+    f'--config.train.num_steps={NUM_STEPS}',
+    f'--config.checkpoint.every_steps={EVERY}',
+    '--config.checkpoint.max_to_keep=1000',
+    f'--config.eval.every_steps={NUM_STEPS}',
+    '--config.train.log_every_steps=50',
+]
+
+
+def _main(workdir):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'seg_jax.main', f'--workdir={workdir}', *ARGS],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+
+
+def _finish(proc):
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _kill_after_first_checkpoint(workdir):
+  """Starts a run, SIGKILLs it once a checkpoint is complete; returns when."""
+  proc = _main(workdir)
+  ckpt = os.path.join(workdir, 'checkpoints', str(EVERY))
+  deadline = time.time() + 240
+  while not os.path.isdir(ckpt):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+  assert proc.poll() is None, 'the run finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+  ref_dir, cut_dir = str(tmp_path / 'ref'), str(tmp_path / 'cut')
+  ref = _main(ref_dir)
+  _kill_after_first_checkpoint(cut_dir)
+  _finish(ref)
+  killed_at = checkpoint.Checkpointer(f'{cut_dir}/checkpoints', EVERY,
+                                      1000).all_steps()
+  out = _finish(_main(cut_dir))
+  resumed = int(re.search(r'Resumed from step (\d+)', out).group(1))
+  assert resumed == max(killed_at) and 0 < resumed < NUM_STEPS
+  assert f'step={NUM_STEPS}' in out.splitlines()[-1]
+
+  ref_ckpt, cut_ckpt = f'{ref_dir}/checkpoints', f'{cut_dir}/checkpoints'
+  # Every checkpoint written after the resume equals the uninterrupted run's:
+  # parameters, BatchNorm statistics, optimizer state, step, data position.
+  later = [s for s in range(resumed, NUM_STEPS + 1, EVERY)]
+  assert len(later) >= 2
+  for step in later:
+    a = checkpoint.read_state(ref_ckpt, step)
+    b = checkpoint.read_state(cut_ckpt, step)
+    assert int(b['step']) == step
+    paths = jax.tree_util.tree_leaves_with_path(a)
+    assert len(paths) == len(jax.tree.leaves(b)) > 10
+    for (path, x), y in zip(paths, jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(x),
+                                    err_msg=f'step {step} {path}')
+    assert (checkpoint.read_data_iterator_state(cut_ckpt, step) ==
+            checkpoint.read_data_iterator_state(ref_ckpt, step))
+
+
+def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
+                                                            tmp_path):
+  """The data position a checkpoint stores continues the same batch stream."""
+  ds = pipeline.create_train_dataset(
+      data.create_source(tiny_config, 'train'),
+      pipeline.train_transform(tiny_config), seed=0, batch_size=8,
+      num_threads=1)
+  reference = iter(ds)
+  expected = [next(reference) for _ in range(9)]
+
+  it = iter(ds)
+  for _ in range(5):
+    next(it)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every_steps=5, max_to_keep=2)
+  state = {'w': np.arange(3.0)}
+  assert ckpt.maybe_save(5, state, it)
+  next(it)  # the loop runs ahead while the save is written asynchronously
+  ckpt.close()
+
+  fresh = iter(ds)
+  _, restored = checkpoint.Checkpointer(str(tmp_path), 5, 2).restore_or_keep(
+      {'w': np.zeros(3)}, fresh)
+  for want in expected[5:]:
+    got = next(restored)
+    np.testing.assert_array_equal(got['image'], want['image'])
+    np.testing.assert_array_equal(got['label'], want['label'])

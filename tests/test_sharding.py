@@ -1,0 +1,71 @@
+"""A train step sharded 8 ways equals the same step on one device."""
+
+import jax
+import numpy as np
+import pytest
+
+from seg_jax import sharding, train
+from seg_jax.data import pipeline
+from seg_jax import data
+
+
+def _one_step(config, devices):
+  mesh = sharding.create_mesh((-1,), ('data',), devices=devices)
+  model = train.create_model(config)
+  tx = train.create_optimizer(config.train)
+  state = train.create_train_state(model, tx, jax.random.key(0),
+                                   (1, 32, 32, 3), mesh)
+  ds = pipeline.create_train_dataset(
+      data.create_source(config, 'train'), pipeline.train_transform(config),
+      seed=0, batch_size=config.train.global_batch_size, num_threads=1)
+  batch = next(iter(ds))
+  step = train.make_train_step(model, tx, config, mesh)
+  new_state, metrics = step(state, sharding.to_global(batch, mesh),
+                            jax.random.key(1))
+  return jax.device_get(new_state), float(metrics.loss.compute()), mesh
+
+
+def test_mesh_uses_all_eight_devices(tiny_config):
+  assert jax.device_count() == 8
+  mesh = sharding.create_mesh(tiny_config.mesh.shape, tiny_config.mesh.axes)
+  assert mesh.shape == {'data': 8}
+
+
+def test_sharded_step_matches_single_device(tiny_config):
+  tiny_config.train.learning_rate = 0.05  # a visible update
+  one, loss1, _ = _one_step(tiny_config, jax.devices()[:1])
+  eight, loss8, mesh8 = _one_step(tiny_config, jax.devices())
+  assert mesh8.shape == {'data': 8}
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  leaves1 = jax.tree_util.tree_leaves_with_path(one)
+  leaves8 = jax.tree.leaves(eight)
+  assert len(leaves1) == len(leaves8)
+  stats = [p for p, _ in leaves1 if 'batch_stats' in jax.tree_util.keystr(p)]
+  assert len(stats) > 0  # BatchNorm running statistics are compared too
+  for (path, a), b in zip(leaves1, leaves8):
+    np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_batch_is_split_over_data_axis(tiny_config):
+  mesh = sharding.create_mesh((-1,), ('data',))
+  batch = {'image': np.zeros((8, 4, 4, 3), np.uint8)}
+  arr = sharding.to_global(batch, mesh)['image']
+  assert arr.shape == (8, 4, 4, 3)
+  assert {s.data.shape for s in arr.addressable_shards} == {(1, 4, 4, 3)}
+
+
+@pytest.mark.parametrize('shape,axes,msg', [
+    ((3,), ('data',), 'needs 3 devices'),
+    ((-1, -1), ('data', 'model'), 'at most one entry'),
+    ((-1,), ('batch',), "include 'data'"),
+])
+def test_bad_mesh_config_errors(shape, axes, msg):
+  with pytest.raises(ValueError, match=msg):
+    sharding.create_mesh(shape, axes)
+
+
+def test_batch_not_divisible_errors():
+  mesh = sharding.create_mesh((-1,), ('data',))
+  with pytest.raises(ValueError, match='train.global_batch_size=12'):
+    sharding.check_batch_size(12, mesh)

@@ -1,0 +1,91 @@
+"""The training loop end to end on the tiny config, and config errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from seg_jax import checkpoint, train
+
+from conftest import REPO
+
+
+def test_train_and_evaluate_end_to_end(tiny_config, tmp_path):
+  tiny_config.train.num_steps = 9
+  result = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert result['step'] == 9
+  assert 0.0 <= result['miou'] <= 1.0
+  assert set(result) >= {'loss', 'pixel_accuracy', 'mean_accuracy',
+                         'iou/circle'}
+  steps = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 3,
+                                  3).all_steps()
+  assert steps == [3, 6, 9]
+  state = checkpoint.read_state(str(tmp_path / 'checkpoints'), 9)
+  assert int(state['step']) == 9
+  assert os.listdir(tmp_path / 'checkpoints' / '9' / 'data_iter') == [
+      'process_0-of-1.json']
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+  # A finished workdir resumes at its end and reports the same evaluation.
+  again = train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert again['step'] == 9
+  np.testing.assert_allclose(again['miou'], result['miou'], rtol=1e-6)
+
+
+def test_loss_decreases(tiny_config, tmp_path):
+  tiny_config.train.num_steps = 40
+  tiny_config.train.log_every_steps = 40
+  tiny_config.eval.every_steps = 40
+  tiny_config.checkpoint.every_steps = 40
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  it = iter(trainer.train_ds)
+  from seg_jax import sharding  # pylint: disable=g-import-not-at-top
+  losses = []
+  for _ in range(40):
+    batch = sharding.to_global(next(it), trainer.mesh)
+    trainer.state, m = trainer.train_step(trainer.state, batch,
+                                          trainer.step_rng)
+    losses.append(float(m.loss.compute()))
+  trainer.checkpointer.close()
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_bad_precision_and_optimizer(tiny_config):
+  tiny_config.train.precision = 'float8'
+  with pytest.raises(ValueError, match="train.precision='float8'"):
+    train.create_model(tiny_config)
+  tiny_config.train.optimizer = 'lamb'
+  with pytest.raises(ValueError, match="train.optimizer='lamb'"):
+    train.create_optimizer(tiny_config.train)
+
+
+def test_schedules(tiny_config):
+  cfg = tiny_config.train
+  cfg.num_steps, cfg.warmup_steps, cfg.learning_rate = 110, 10, 0.1
+  cfg.schedule, cfg.poly_power, cfg.end_learning_rate = 'poly', 0.9, 0.0
+  lr = train.create_learning_rate_fn(cfg)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(5)), 0.05, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(60)), 0.1 * 0.5**0.9, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(110)), 0.0, atol=1e-9)
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.main',
+       '--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}',
+       '--config.train.num_stepz=3'], cwd=REPO, capture_output=True,
+      text=True, timeout=120)
+  assert out.returncode != 0
+  assert 'num_stepz' in out.stderr
+
+
+def test_cli_help_lists_flags():
+  out = subprocess.run([sys.executable, '-m', 'seg_jax.main', '--help'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0
+  assert '--config' in out.stdout and '--workdir' in out.stdout
