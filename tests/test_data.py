@@ -27,11 +27,11 @@ def test_shapes_labels_borders_and_classes():
   assert values == {0, 1, 2, 3, 4, 255}
   # Every pixel next to a different class is on an ignored border.
   for label in labels:
-    inner = label != 255
     for a, b in ((label[1:], label[:-1]), (label[:, 1:], label[:, :-1])):
       both = (a != 255) & (b != 255)
       assert np.all(a[both] == b[both])
-    assert inner.mean() > 0.85
+  ignored = np.mean(labels == 255)
+  assert 0.02 < ignored < 0.2  # borders are thin: most pixels are labelled
 
 
 def test_shape_colour_does_not_decide_class():

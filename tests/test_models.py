@@ -36,14 +36,18 @@ def test_unet_output_matches_input_size(padding, upsample, hw):
   assert model.apply(variables, x).shape == (2, *hw, 3)
 
 
-def test_unet_same_padding_is_translation_aligned():
-  """Output pixel (i, j) depends on input pixel (i, j), not a shifted one."""
-  model = models.create_model('unet', 1, width=2, depth=2, batch_norm=False)
-  x = jnp.zeros((1, 20, 20, 1))
+@pytest.mark.parametrize('padding', ['SAME', 'VALID'])
+def test_unet_output_is_aligned_with_input(padding):
+  """Shifting the input by 4 pixels shifts the output by exactly 4 pixels
+  away from the borders: output pixel (i, j) belongs to input pixel (i, j)."""
+  model = models.create_model('unet', 2, width=2, depth=2, batch_norm=False,
+                              padding=padding)
+  x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
   variables = model.init(jax.random.key(0), x)
-  grad = jax.grad(lambda x: model.apply(variables, x)[0, 7, 11, 0])(x)
-  i, j = np.unravel_index(np.argmax(np.abs(grad[0, ..., 0])), (20, 20))
-  assert abs(i - 7) <= 1 and abs(j - 11) <= 1
+  full = model.apply(variables, x)
+  shifted = model.apply(variables, x[:, 4:, 4:])
+  np.testing.assert_allclose(shifted[:, 20:36, 20:36], full[:, 24:40, 24:40],
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_create_model_errors():
@@ -55,7 +59,8 @@ def test_create_model_errors():
 
 def test_pixel_classifier_sees_one_pixel():
   model = models.create_model('pixel_classifier', 4)
-  x = jnp.zeros((1, 8, 8, 3))
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 3))
   variables = model.init(jax.random.key(0), x)
   grad = jax.grad(lambda x: model.apply(variables, x)[0, 3, 5].sum())(x)
-  assert np.count_nonzero(np.abs(grad).sum(-1)) == 1
+  nonzero = np.abs(grad[0]).sum(-1) > 0
+  assert nonzero[3, 5] and nonzero.sum() == 1

@@ -18,7 +18,7 @@ from seg_jax.data import pipeline
 
 from conftest import REPO
 
-NUM_STEPS = 300
+NUM_STEPS = 100
 EVERY = 10
 ARGS = [
     '--config=configs/unet_shapes_tiny.py',

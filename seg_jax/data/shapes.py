@@ -9,7 +9,7 @@ class is decided by shape alone. Object borders carry the ignore label.
 
 import numpy as np
 
-CLASS_NAMES = ('background', 'circle', 'square', 'triangle', 'cross')
+CLASS_NAMES = ('background', 'circle', 'ring', 'triangle', 'cross')
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]],
     np.uint8)
@@ -23,10 +23,10 @@ def _inside(kind, y, x, cy, cx, r, angle):
   u, v = c * dx + s * dy, -s * dx + c * dy  # coordinates in the shape frame
   if kind == 1:  # circle
     return dx * dx + dy * dy <= r * r
-  if kind == 2:  # square, half-side r / sqrt(2) so its area is near the circle's
-    h = r * 0.8
-    return (np.abs(u) <= h) & (np.abs(v) <= h)
-  if kind == 3:  # equilateral triangle inscribed in radius r
+  if kind == 2:  # ring: the background shows through its hole
+    d2 = dx * dx + dy * dy
+    return (d2 <= r * r) & (d2 >= (0.55 * r)**2)
+  if kind == 3:  # equilateral triangle of apothem 0.6 r
     # Three half-planes at 120 degree steps.
     inside = np.ones_like(u, bool)
     for k in range(3):
@@ -91,9 +91,9 @@ def make_example(seed, split, index, size=64, max_shapes=4, noise=0.06):
   label = np.zeros((size, size), np.uint8)
   for _ in range(rng.integers(1, max_shapes + 1)):
     kind = int(rng.integers(1, len(CLASS_NAMES)))
-    r = rng.uniform(0.13, 0.25) * size
+    r = rng.uniform(0.14, 0.26) * size
     cy, cx = rng.uniform(0.1 * size, 0.9 * size, 2)
-    mask = _inside(kind, y, x, cy, cx, r, rng.uniform(0, 2 * np.pi))
+    mask = _inside(kind, y, x, cy, cx, r, rng.uniform(-0.3, 0.3))
     image[mask] = _shading(rng, y, x, size)[mask]
     label[mask] = kind
   image = image + rng.normal(0.0, noise, image.shape)
