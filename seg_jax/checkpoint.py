@@ -42,10 +42,11 @@ class Checkpointer:
 
   def __init__(self, directory, every_steps, max_to_keep):
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=max_to_keep,
+        max_to_keep=max_to_keep,
         enable_async_checkpointing=True, create=True)
     self._manager = ocp.CheckpointManager(directory, options=options)
     self.directory = directory
+    self.every_steps = every_steps
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -81,18 +82,20 @@ class Checkpointer:
 
   def maybe_save(self, step, state, data_iter, force=False):
     """Saves if `step` is on the interval (or `force`); returns whether."""
-    if not force and not self._manager.should_save(step):
+    if not force and step % self.every_steps:
       return False
-    return self._save(step, state, data_iter, force)
+    return self._save(step, state, data_iter)
 
   def save_final(self, step, state, data_iter):
     """Saves `step` unless it is already saved, then waits for the write."""
     if step not in self._manager.all_steps() and step > 0:
-      self._save(step, state, data_iter, force=True)
+      self._save(step, state, data_iter)
     self._manager.wait_until_finished()
 
-  def _save(self, step, state, data_iter, force):
-    return self._manager.save(step, force=force, args=ocp.args.Composite(
+  def _save(self, step, state, data_iter):
+    # The interval is decided above; orbax's own policy would also save the
+    # first step it sees, so it is overridden.
+    return self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))))
 

@@ -4,6 +4,7 @@ Multi-host jobs call `jax.distributed.initialize()` first; on one machine
 nothing is needed.
 """
 
+import logging as pylogging
 import os
 
 import jax
@@ -27,7 +28,7 @@ class _QuietLibraries:
 
   def filter(self, record):
     noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
-    return record.levelno >= logging.WARNING or not noisy
+    return record.levelno >= pylogging.WARNING or not noisy
 
 
 def main(argv):
