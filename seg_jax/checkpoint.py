@@ -8,6 +8,7 @@ never restored from.
 """
 
 import json
+import os
 import pathlib
 
 import grain
@@ -41,6 +42,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, every_steps, max_to_keep):
+    directory = os.path.abspath(directory)  # orbax rejects relative paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=True, create=True)
@@ -88,6 +90,7 @@ class Checkpointer:
 
   def save_final(self, step, state, data_iter):
     """Saves `step` unless it is already saved, then waits for the write."""
+    self._manager.wait_until_finished()  # an in-flight save is not listed yet
     if step not in self._manager.all_steps() and step > 0:
       self._save(step, state, data_iter)
     self._manager.wait_until_finished()
@@ -111,7 +114,7 @@ def read_state(directory, step):
   For tools and tests that need the stored values without building a
   template (shapes and dtypes as saved, arrays on the default device).
   """
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
     return manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))['state']
 

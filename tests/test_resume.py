@@ -114,3 +114,26 @@ def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
     got = next(restored)
     np.testing.assert_array_equal(got['image'], want['image'])
     np.testing.assert_array_equal(got['label'], want['label'])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'seg_jax.main', f'--workdir={workdir}',
+       '--config=configs/unet_shapes_tiny.py',
+       '--config.train.num_steps=100000', '--config.checkpoint.every_steps=7',
+       '--config.eval.every_steps=100000'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while not os.path.isdir(os.path.join(workdir, 'checkpoints', '7')):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = int(re.search(r'Finished: step=(\d+)', out).group(1))
+  steps = checkpoint.Checkpointer(f'{workdir}/checkpoints', 7, 3).all_steps()
+  assert 7 <= stopped < 100000
+  assert max(steps) == stopped  # the step it stopped at is saved
+  assert not [f for f in os.listdir(f'{workdir}/checkpoints') if 'tmp' in f]

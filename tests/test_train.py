@@ -89,3 +89,11 @@ def test_cli_help_lists_flags():
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   # absl exits with status 1 after printing help; the text is what matters.
   assert '--config' in out.stdout and '--workdir' in out.stdout
+
+
+def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  tiny_config.train.num_steps = 3
+  result = train.train_and_evaluate(tiny_config, 'runs/rel')
+  assert result['step'] == 3
+  assert checkpoint.Checkpointer('runs/rel/checkpoints', 3, 3).all_steps() == [3]
