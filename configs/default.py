@@ -15,6 +15,8 @@ def get_config():
   c.model.name = 'unet'  # a key of seg_jax.models.MODELS
   c.model.num_classes = 21  # output classes; must match the dataset's
   c.model.kwargs = ml_collections.ConfigDict()  # model options, e.g. width=64
+  c.model.init_from = ''  # weights file (.safetensors, torch .pth) to start from
+  c.model.init_format = 'resnet50'  # its torchvision name, e.g. resnet101, vgg16
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'  # a key of seg_jax.data.DATASETS
@@ -48,6 +50,8 @@ def get_config():
   c.train.warmup_steps = 0  # linear warmup from 0 over this many steps
   c.train.weight_decay = 5e-4  # L2 for SGD, decoupled decay for AdamW
   c.train.grad_clip_norm = 0.0  # clip gradients to this global norm (0: off)
+  c.train.aux_loss_weight = 0.4  # weight of an auxiliary head's loss
+  c.train.class_weights = ()  # per-class loss weights (empty: all 1)
   c.train.precision = 'float32'  # 'float32' or 'bfloat16' (f32 params, loss)
   c.train.log_every_steps = 50  # train metrics written every this many steps
 

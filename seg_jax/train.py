@@ -1,5 +1,6 @@
 """Training: state, jitted train/eval steps, and the train_and_evaluate loop."""
 
+import functools
 import signal
 import time
 from typing import Any
@@ -75,18 +76,51 @@ def create_optimizer(cfg):
   return tx
 
 
-def create_train_state(model, tx, rng, input_shape, mesh):
-  """Initialises parameters and optimizer state, replicated on the mesh."""
+def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None):
+  """Initialises parameters and optimizer state, replicated on the mesh.
 
-  def init_fn(rng):
-    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32),
-                           train=False)
+  Args:
+    model: the flax module.
+    tx: the optax optimizer.
+    rng: initialisation key.
+    input_shape: (1, H, W, 3) example input shape.
+    mesh: device mesh.
+    init_fn: optional host function variables -> variables applied after
+      initialisation (e.g. loading pretrained weights).
+  """
+  repl = sharding.replicated(mesh)
+  variables = jax.jit(
+      lambda rng: model.init(rng, jnp.zeros(input_shape, jnp.float32),
+                             train=False), out_shardings=repl)(rng)
+  if init_fn is not None:
+    variables = init_fn(jax.device_get(variables))
+
+  def build(variables):
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params))
 
-  return jax.jit(init_fn, out_shardings=sharding.replicated(mesh))(rng)
+  return jax.jit(build, out_shardings=repl)(variables)
+
+
+def pretrained_init_fn(config):
+  """The `init_fn` loading `config.model.init_from`, or None."""
+  path, fmt = config.model.init_from, config.model.init_format
+  if not path:
+    return None
+  from seg_jax.models import convert, weights  # pylint: disable=g-import-not-at-top
+
+  def init_fn(variables):
+    tensors = weights.load_weights(path)
+    pretrained = convert.from_torchvision(fmt, tensors)
+    variables, n, skipped = convert.load_pretrained(
+        variables, pretrained, f'model.init_from={path}')
+    logging.info('Loaded %d tensors from %s (%s); kept fresh: %s', n, path,
+                 fmt, skipped or 'none')
+    return variables
+
+  return init_fn
 
 
 def _normalize(images, mean, std):
@@ -101,6 +135,13 @@ def make_train_step(model, tx, config, mesh):
   BatchNorm statistics under jit are global over the sharded batch.
   """
   mean, std, ignore = config.data.mean, config.data.std, config.data.ignore_label
+  aux_weight = config.train.aux_loss_weight
+  weights = tuple(config.train.class_weights) or None
+  if weights and len(weights) != config.model.num_classes:
+    raise ValueError(f'train.class_weights has {len(weights)} entries; '
+                     f'model.num_classes={config.model.num_classes}.')
+  ce = functools.partial(losses.cross_entropy, class_weights=weights,
+                         ignore_label=ignore)
 
   def train_step(state, batch, rng):
     images = _normalize(batch['image'], mean, std)
@@ -108,11 +149,15 @@ def make_train_step(model, tx, config, mesh):
     dropout_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-      logits, updates = model.apply(
+      outputs, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, images,
           train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-      return losses.cross_entropy(logits, labels, ignore_label=ignore), (
-          logits, updates)
+      # Models with an auxiliary head return (logits, aux_logits) in training.
+      logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
+      loss = ce(logits, labels)
+      if aux is not None:
+        loss += aux_weight * ce(aux, labels)
+      return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
@@ -239,7 +284,8 @@ class Trainer:
     tx = create_optimizer(config.train)
     crop = pipeline.transforms.pair(config.data.crop_size)
     self.state = create_train_state(
-        model, tx, jax.random.key(config.seed), (1, *crop, 3), self.mesh)
+        model, tx, jax.random.key(config.seed), (1, *crop, 3), self.mesh,
+        pretrained_init_fn(config))
     self.train_step = make_train_step(model, tx, config, self.mesh)
     self.eval_step = make_eval_step(model, config, self.mesh)
     self.step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)

@@ -1,13 +1,28 @@
 """Segmentation models by name: `create_model(name, num_classes, **kwargs)`."""
 
+import functools
 import inspect
 
-from seg_jax.models import baseline, unet
+from seg_jax.models import baseline, deeplab, fcn, segnet, unet
+
+_p = functools.partial
 
 # Name -> constructor taking (num_classes, **kwargs). A plain dict: adding a
 # model is one line here, and an unknown name fails at config time.
 MODELS = {
+    'fcn32s': _p(fcn.FCNVGG, stride=32),
+    'fcn16s': _p(fcn.FCNVGG, stride=16),
+    'fcn8s': _p(fcn.FCNVGG, stride=8),
+    'fcn_resnet50': _p(fcn.FCNResNet, depth=50),
+    'fcn_resnet101': _p(fcn.FCNResNet, depth=101),
     'unet': unet.UNet,
+    'deeplabv3_resnet50': _p(deeplab.DeepLabV3, depth=50),
+    'deeplabv3_resnet101': _p(deeplab.DeepLabV3, depth=101),
+    'deeplabv3plus_resnet50': _p(deeplab.DeepLabV3, depth=50, plus=True,
+                                 output_stride=16),
+    'deeplabv3plus_resnet101': _p(deeplab.DeepLabV3, depth=101, plus=True,
+                                  output_stride=16),
+    'segnet': segnet.SegNet,
     'pixel_classifier': baseline.PixelClassifier,
 }
 
@@ -29,8 +44,9 @@ def create_model(name, num_classes, **kwargs):
                      f'{sorted(MODELS)}.')
   ctor = MODELS[name]
   fields = inspect.signature(ctor).parameters
-  unknown = sorted(set(kwargs) - set(fields))
+  fixed = set(ctor.keywords) if isinstance(ctor, functools.partial) else set()
+  unknown = sorted(set(kwargs) - (set(fields) - fixed))
   if unknown:
     raise ValueError(f'model {name!r} does not take option(s) {unknown}; it '
-                     f'takes {sorted(set(fields) - {"num_classes", "parent", "name"})}.')
+                     f'takes {sorted(set(fields) - fixed - {"num_classes", "parent", "name"})}.')
   return ctor(num_classes=num_classes, **kwargs)

@@ -1,0 +1,120 @@
+"""Building blocks shared by the models: conv-BN-ReLU, bilinear resizing,
+bilinear-initialised transposed convolutions, max-pooling with indices."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def bilinear_kernel(size, channels):
+  """(size, size, channels, channels) bilinear upsampling kernel.
+
+  Diagonal over channels (each class upsampled on its own), as FCN's
+  `upsample_filt`; a transposed convolution of stride `size // 2` with it is
+  exact bilinear interpolation away from the borders.
+  """
+  factor = (size + 1) // 2
+  center = factor - 1 if size % 2 == 1 else factor - 0.5
+  og = np.arange(size)
+  filt = 1 - np.abs(og - center) / factor
+  filt2d = filt[:, None] * filt[None, :]
+  kernel = np.zeros((size, size, channels, channels), np.float32)
+  kernel[:, :, np.arange(channels), np.arange(channels)] = filt2d[..., None]
+  return kernel
+
+
+def bilinear_init(key, shape, dtype=jnp.float32):
+  del key
+  assert shape[0] == shape[1] and shape[2] == shape[3], shape
+  return jnp.asarray(bilinear_kernel(shape[0], shape[2]), dtype)
+
+
+class BilinearConvTranspose(nn.Module):
+  """Caffe-style deconvolution (no padding, no bias) initialised bilinear.
+
+  Output size is (in - 1) * stride + kernel. With `fixed`, the kernel gets no
+  gradient (FCN's final upsampling); it is still a parameter, as in caffe.
+  """
+  features: int
+  kernel: int
+  stride: int
+  fixed: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param('kernel', bilinear_init,
+                   (self.kernel, self.kernel, x.shape[-1], self.features))
+    if self.fixed:
+      k = jax.lax.stop_gradient(k)
+    return jax.lax.conv_transpose(
+        x.astype(self.dtype), k.astype(self.dtype), (self.stride, self.stride),
+        'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def resize_bilinear(x, height, width):
+  """Bilinear resize (half-pixel centres, as torch align_corners=False)."""
+  if x.shape[1:3] == (height, width):
+    return x
+  if x.shape[1] == 1 and x.shape[2] == 1:
+    return jnp.broadcast_to(x, (x.shape[0], height, width, x.shape[3]))
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]),
+                          'bilinear', antialias=False)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) + BatchNorm (+ ReLU), torchvision's usual triple."""
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  dilation: int = 1
+  relu: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train):
+    pad = self.dilation * (self.kernel - 1) // 2
+    x = nn.Conv(self.features, (self.kernel, self.kernel),
+                strides=(self.stride, self.stride), padding=((pad, pad),) * 2,
+                kernel_dilation=(self.dilation,) * 2, use_bias=False,
+                dtype=self.dtype, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                     epsilon=1e-5, dtype=self.dtype, name='bn')(x)
+    return nn.relu(x) if self.relu else x
+
+
+def max_pool_with_indices(x):
+  """2x2/2 max-pooling that also returns which of the 4 inputs won.
+
+  x: (N, H, W, C) with even H, W.  Returns (pooled (N, H/2, W/2, C),
+  indices (N, H/2, W/2, C) in 0..3, row-major within the window).
+  """
+  n, h, w, c = x.shape
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+  windows = windows.reshape(n, h // 2, w // 2, c, 4)
+  return windows.max(-1), jnp.argmax(windows, -1)
+
+
+def max_unpool(x, indices):
+  """Inverse of `max_pool_with_indices`: each value back to its position,
+  zeros elsewhere.  x, indices: (N, h, w, C) -> (N, 2h, 2w, C)."""
+  n, h, w, c = x.shape
+  spread = jax.nn.one_hot(indices, 4, dtype=x.dtype) * x[..., None]
+  spread = spread.reshape(n, h, w, c, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+  return spread.reshape(n, 2 * h, 2 * w, c)
+
+
+def max_pool_ceil(x):
+  """2x2/2 max-pooling with caffe's ceil rounding (odd sizes keep the edge)."""
+  ph, pw = x.shape[1] % 2, x.shape[2] % 2
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)),
+                constant_values=-jnp.inf)
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1),) * 2)

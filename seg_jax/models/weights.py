@@ -1,0 +1,109 @@
+"""Reading weight files without executing code: safetensors and torch
+state-dict files (`torch.save` zip archives), into numpy arrays.
+
+A torch file is a pickle; `torch.load` without `weights_only` runs whatever
+the pickle names. Here the pickle may only name tensors, storages and
+ordered dicts; anything else is refused with the name it asked for.
+"""
+
+import collections
+import json
+import os
+import pickle
+import struct
+import zipfile
+
+import ml_dtypes
+import numpy as np
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+_TORCH_STORAGES = {
+    'DoubleStorage': np.float64, 'FloatStorage': np.float32,
+    'HalfStorage': np.float16, 'BFloat16Storage': ml_dtypes.bfloat16,
+    'LongStorage': np.int64, 'IntStorage': np.int32, 'ShortStorage': np.int16,
+    'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+}
+
+
+def load_safetensors(path):
+  """{name: numpy array} from a .safetensors file."""
+  with open(path, 'rb') as f:
+    (n,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(n))
+    data = f.read()
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype '
+                       f'{info["dtype"]}.')
+    start, end = info['data_offsets']
+    out[name] = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[
+        info['dtype']]).reshape(info['shape']).copy()
+  return out
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+  del unused
+  if not size:
+    return storage[offset].copy()
+  item = storage.itemsize
+  return np.lib.stride_tricks.as_strided(
+      storage[offset:], tuple(size), tuple(s * item for s in stride)).copy()
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+  """Unpickles a torch state dict; refuses every other global."""
+
+  def __init__(self, file, archive, prefix, path):
+    super().__init__(file)
+    self._archive, self._prefix, self._path = archive, prefix, path
+
+  def find_class(self, module, name):
+    if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+      return _rebuild_tensor
+    if (module, name) == ('collections', 'OrderedDict'):
+      return collections.OrderedDict
+    if module == 'torch' and name in _TORCH_STORAGES:
+      return _TORCH_STORAGES[name]
+    raise pickle.UnpicklingError(
+        f'{self._path}: refusing to load {module}.{name}; only tensors and '
+        'dicts are read. Save a plain state_dict or use safetensors.')
+
+  def persistent_load(self, pid):
+    _, dtype, key, _, numel = pid
+    raw = self._archive.read(f'{self._prefix}/data/{key}')
+    return np.frombuffer(raw, dtype)[:numel]
+
+
+def load_torch_state_dict(path):
+  """{name: numpy array} from a `torch.save(model.state_dict(), path)` file."""
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f'{path}: not a torch zip archive (torch >= 1.6 format); '
+                     're-save it or convert it to safetensors.')
+  with zipfile.ZipFile(path) as archive:
+    pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+    if len(pkl) != 1:
+      raise ValueError(f'{path}: expected one data.pkl in the archive.')
+    prefix = pkl[0][:-len('/data.pkl')]
+    with archive.open(pkl[0]) as f:
+      obj = _StateDictUnpickler(f, archive, prefix, path).load()
+  if isinstance(obj, dict) and 'state_dict' in obj:
+    obj = obj['state_dict']
+  if not isinstance(obj, dict):
+    raise ValueError(f'{path}: holds a {type(obj).__name__}, not a state dict.')
+  return {k: np.asarray(v) for k, v in obj.items()}
+
+
+def load_weights(path):
+  """{name: numpy array} from a .safetensors or torch state-dict file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'model.init_from={path!r}: no such file.')
+  if path.endswith('.safetensors'):
+    return load_safetensors(path)
+  return load_torch_state_dict(path)

@@ -1,0 +1,69 @@
+"""Model summary: `python -m seg_jax.summary --config=configs/x.py`.
+
+Prints parameters per module and ends with one line
+`params=<int> gflops=<float>`: trainable parameters and forward FLOPs per
+image at the config's crop size, from XLA's cost analysis of the compiled
+forward pass.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Configuration file.',
+                                lock_config=True)
+flags.DEFINE_integer('depth', 1, 'Module nesting depth of the table.')
+
+
+def count_params(params, depth):
+  """{module path (up to `depth` levels): parameter count}, in tree order."""
+  counts = collections.OrderedDict()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    keys = [p.key for p in path[:-1]][:depth]
+    name = '/'.join(keys) or '(top)'
+    counts[name] = counts.get(name, 0) + int(np.prod(leaf.shape))
+  return counts
+
+
+def forward_gflops(model, variables, shape):
+  """Forward GFLOPs for one input of `shape`, from XLA's cost analysis."""
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  compiled = fn.lower(variables, jnp.zeros(shape, jnp.float32)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) / 1e9
+
+
+def summarize(config, depth=2):
+  """(table text, total params, forward GFLOPs per image)."""
+  from seg_jax import train  # pylint: disable=g-import-not-at-top
+  from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  model = train.create_model(config)
+  shape = (1, *transforms.pair(config.data.crop_size), 3)
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(0), jnp.zeros(shape), train=False))()
+  counts = count_params(variables['params'], depth)
+  total = sum(counts.values())
+  width = max(len(k) for k in counts) + 2
+  lines = [f'{config.model.name} at {shape[1]}x{shape[2]}, '
+           f'{config.model.num_classes} classes',
+           f'{"module":<{width}}{"params":>14}']
+  lines += [f'{k:<{width}}{v:>14,}' for k, v in counts.items()]
+  return '\n'.join(lines), total, forward_gflops(model, variables, shape)
+
+
+def main(argv):
+  del argv
+  table, total, gflops = summarize(FLAGS.config, FLAGS.depth)
+  print(table)
+  print(f'params={total} gflops={gflops:.3f}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
