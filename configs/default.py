@@ -21,8 +21,8 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'  # a key of seg_jax.data.DATASETS
   c.data.root = ''  # dataset folder (unused by 'shapes')
-  c.data.crop_size = 512  # training crop, int or (height, width)
-  c.data.eval_pad_size = 0  # eval images padded to this (0: crop_size)
+  c.data.crop_size = (512, 512)  # training crop (height, width)
+  c.data.eval_pad_size = ()  # eval images padded to (height, width); (): crop
   c.data.ignore_label = 255  # label excluded from loss and metrics
   c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
   c.data.flip = True  # random horizontal flip for training

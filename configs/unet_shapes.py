@@ -14,7 +14,7 @@ def get_config():
   c.model.kwargs = dict(width=16, depth=3, batch_norm=True)
   c.data.name = 'shapes'
   c.data.shapes.image_size = 48
-  c.data.crop_size = 48
+  c.data.crop_size = (48, 48)
   c.data.scale_range = (1.0, 1.0)
   # Small batches, many steps: on a 2-core CPU this reaches the highest mIoU
   # per minute (about 11 steps/s).

@@ -13,7 +13,7 @@ def get_config():
   c.data.shapes.image_size = 32
   c.data.shapes.num_train = 64
   c.data.shapes.num_val = 21
-  c.data.crop_size = 32
+  c.data.crop_size = (32, 32)
   c.data.num_threads = 1
   c.train.global_batch_size = 8
   c.train.num_steps = 6

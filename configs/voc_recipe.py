@@ -13,8 +13,8 @@ def get_config():
   c.model.num_classes = 21
   c.data.name = 'voc'
   c.data.root = 'data/VOCdevkit/VOC2012'  # set to your copy
-  c.data.crop_size = 512
-  c.data.eval_pad_size = 512  # VOC images are at most 500x500
+  c.data.crop_size = (512, 512)
+  c.data.eval_pad_size = (512, 512)  # VOC images are at most 500x500
   c.data.scale_range = (0.5, 2.0)
   c.data.worker_count = 4
   c.train.global_batch_size = 16

@@ -31,9 +31,10 @@ def test_unet_paper_valid_geometry():
 def test_unet_output_matches_input_size(padding, upsample, hw):
   model = models.create_model('unet', 3, width=2, depth=3, padding=padding,
                               upsample=upsample)
-  x = jnp.ones((2, *hw, 3))
-  variables = model.init(jax.random.key(0), x)
-  assert model.apply(variables, x).shape == (2, *hw, 3)
+  x = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+  assert out.shape == (2, *hw, 3)
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID'])

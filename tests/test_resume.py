@@ -57,7 +57,6 @@ def _kill_after_first_checkpoint(workdir):
   proc.wait()
 
 
-@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   ref_dir, cut_dir = str(tmp_path / 'ref'), str(tmp_path / 'cut')
   ref = _main(ref_dir)
@@ -116,7 +115,6 @@ def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
     np.testing.assert_array_equal(got['label'], want['label'])
 
 
-@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path)
   proc = subprocess.Popen(

@@ -44,7 +44,10 @@ def create_model(name, num_classes, **kwargs):
                      f'{sorted(MODELS)}.')
   ctor = MODELS[name]
   fields = inspect.signature(ctor).parameters
-  fixed = set(ctor.keywords) if isinstance(ctor, functools.partial) else set()
+  # What the name itself fixes (ResNet depth, FCN stride, v3+) is not an
+  # option; defaults such as output_stride are.
+  fixed = ({'depth', 'stride', 'plus'} & set(ctor.keywords)
+           if isinstance(ctor, functools.partial) else set())
   unknown = sorted(set(kwargs) - (set(fields) - fixed))
   if unknown:
     raise ValueError(f'model {name!r} does not take option(s) {unknown}; it '

@@ -36,17 +36,31 @@ def _conv_bias(ours, key):
   yield ('params', *ours, 'bias'), f'{key}.bias', None
 
 
+def _stacked(mapping):
+  """Turns per-block triples into one triple per leaf whose torch key is the
+  list of the blocks' keys (stacked on a leading axis, as nn.scan holds)."""
+  first, *_ = mapping
+  return [(path, [m[i][1] for m in mapping], fn)
+          for i, (path, _, fn) in enumerate(first)]
+
+
 def _resnet(depth, prefix):
   ours = ('backbone',)
   yield from _conv_bn((*ours, 'conv1'), f'{prefix}conv1', f'{prefix}bn1')
+
+  def block(o, t, downsample):
+    for j in (1, 2, 3):
+      yield from _conv_bn((*o, f'conv{j}'), f'{t}conv{j}', f'{t}bn{j}')
+    if downsample:
+      yield from _conv_bn((*o, 'downsample'), f'{t}downsample.0',
+                          f'{t}downsample.1')
+
   for i, blocks in enumerate(STAGE_SIZES[depth]):
-    for b in range(blocks):
-      o, t = (*ours, f'layer{i + 1}_{b}'), f'{prefix}layer{i + 1}.{b}.'
-      for j in (1, 2, 3):
-        yield from _conv_bn((*o, f'conv{j}'), f'{t}conv{j}', f'{t}bn{j}')
-      if b == 0:
-        yield from _conv_bn((*o, 'downsample'), f'{t}downsample.0',
-                            f'{t}downsample.1')
+    t = f'{prefix}layer{i + 1}.'
+    yield from block((*ours, f'layer{i + 1}_0'), f'{t}0.', True)
+    rest = (*ours, f'layer{i + 1}_rest', 'block')
+    yield from _stacked([list(block(rest, f'{t}{b}.', False))
+                         for b in range(1, blocks)])
 
 
 def _fcn_head(ours, key):
@@ -128,11 +142,12 @@ def from_torchvision(name, state_dict):
         for k, v in state_dict.items()}
   has_aux = any(k.startswith('aux_classifier.') for k in sd)
   mapping, ignored_prefixes = _mapping(name, has_aux)
-  missing = [t for _, t, _ in mapping if t not in sd]
+  keys = lambda t: t if isinstance(t, list) else [t]
+  missing = [k for _, t, _ in mapping for k in keys(t) if k not in sd]
   if missing:
     raise ValueError(f'{name}: state dict lacks {len(missing)} keys, e.g. '
                      f'{missing[:3]}; is it really a torchvision {name}?')
-  used = {t for _, t, _ in mapping}
+  used = {k for _, t, _ in mapping for k in keys(t)}
   unexpected = [k for k in sd if k not in used and
                 not k.endswith(_IGNORED_SUFFIXES) and
                 not k.startswith(ignored_prefixes)]
@@ -141,11 +156,13 @@ def from_torchvision(name, state_dict):
                      f'mapping does not use, e.g. {unexpected[:3]}.')
   variables = {}
   for path, key, fn in mapping:
-    value = sd[key].astype(np.float32)
+    fn = fn or (lambda x: x)
+    value = np.stack([fn(sd[k].astype(np.float32)) for k in key]) if (
+        isinstance(key, list)) else fn(sd[key].astype(np.float32))
     node = variables
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = fn(value) if fn else value
+    node[path[-1]] = value
   return variables
 
 

@@ -47,10 +47,38 @@ def stage_dilations(output_stride):
   return replace
 
 
+class _RepeatedBlock(nn.Module):
+  """One identity-shortcut Bottleneck as a scan body: (x, None) -> (x, None)."""
+  features: int
+  dilation: int
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Bottleneck(self.features, 1, self.dilation, dtype=self.dtype,
+                      name='block')(x, self.train), None
+
+
+def repeated_blocks(n, features, dilation, train, dtype, name):
+  """`n` identical Bottlenecks under `nn.scan`: parameters stacked on a
+  leading axis, compiled once however deep the stage (ResNet-101's layer3
+  has 22), so compile time does not grow with depth."""
+  scan = nn.scan(_RepeatedBlock, variable_axes={'params': 0, 'batch_stats': 0},
+                 split_rngs={'params': True, 'dropout': True}, length=n)
+  return scan(features, dilation, train, dtype, name=name)
+
+
 class ResNet(nn.Module):
   """ResNet trunk.  Returns a dict of features: 'stem' (stride 4 after
   pooling), 'layer1' (stride 4, 4 * width ch), 'layer2' (8), 'layer3',
-  'layer4'.  `width` is the stem's channels (64 in ResNet-50/101)."""
+  'layer4'.  `width` is the stem's channels (64 in ResNet-50/101).
+
+  Parameters: stage i's first block is `layer{i}_0`; its other blocks share
+  one scanned module `layer{i}_rest` with stacked parameters (unrolled
+  `layer4_{b}` blocks instead where multi-grid gives them different
+  dilations).
+  """
   depth: int = 50
   output_stride: int = 32
   multi_grid: Sequence[int] | None = None
@@ -62,7 +90,31 @@ class ResNet(nn.Module):
   def __call__(self, x, train):
     if self.depth not in STAGE_SIZES:
       raise ValueError(f'ResNet depth={self.depth}; use 50 or 101.')
-    x = x.astype(self.dtype)
+    x = self._stem(x.astype(self.dtype), train)
+    feats = {'stem': x}
+    replace = stage_dilations(self.output_stride)
+    dilation = 1
+    for i, blocks in enumerate(STAGE_SIZES[self.depth]):
+      stride, previous = (1 if i == 0 else 2), dilation
+      if i > 0 and replace[i - 1]:
+        dilation, stride = dilation * stride, 1
+      features = self.width * 2**i
+      grid = self.multi_grid if i == 3 and self.multi_grid else None
+      # torchvision: the first block keeps the previous stage's dilation.
+      first = dilation * grid[0] if grid else previous
+      x = Bottleneck(features, stride, first, downsample=True,
+                     dtype=self.dtype, name=f'layer{i + 1}_0')(x, train)
+      if grid:
+        for b in range(1, blocks):
+          x = Bottleneck(features, 1, dilation * grid[b % len(grid)],
+                         dtype=self.dtype, name=f'layer{i + 1}_{b}')(x, train)
+      else:
+        x, _ = repeated_blocks(blocks - 1, features, dilation, train,
+                               self.dtype, f'layer{i + 1}_rest')(x, None)
+      feats[f'layer{i + 1}'] = x
+    return feats
+
+  def _stem(self, x, train):
     if self.deep_stem:  # ResNet-C stem: three 3x3 convs
       x = ConvBN(self.width // 2, 3, 2, dtype=self.dtype, name='stem1')(
           x, train)
@@ -70,27 +122,4 @@ class ResNet(nn.Module):
       x = ConvBN(self.width, 3, dtype=self.dtype, name='stem3')(x, train)
     else:
       x = ConvBN(self.width, 7, 2, dtype=self.dtype, name='conv1')(x, train)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    feats = {'stem': x}
-    replace = stage_dilations(self.output_stride)
-    dilation, in_features = 1, self.width
-    for i, blocks in enumerate(STAGE_SIZES[self.depth]):
-      stride = 1 if i == 0 else 2
-      previous = dilation
-      if i > 0 and replace[i - 1]:
-        dilation, stride = dilation * stride, 1
-      grid = (self.multi_grid if i == 3 and self.multi_grid else
-              (1,) * blocks)
-      for b in range(blocks):
-        # torchvision: the first block keeps the previous dilation.
-        d = previous if b == 0 else dilation
-        if i == 3 and self.multi_grid:
-          d = dilation * grid[b % len(grid)]
-        features = self.width * 2**i
-        x = Bottleneck(features, stride if b == 0 else 1, d,
-                       downsample=(b == 0 and (stride != 1 or
-                                               in_features != features * 4)),
-                       dtype=self.dtype, name=f'layer{i + 1}_{b}')(x, train)
-        in_features = features * 4
-      feats[f'layer{i + 1}'] = x
-    return feats
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -1,0 +1,107 @@
+"""Parity with torchvision: the same weights give the same logits.
+
+Needs torch and torchvision (optional; skipped when absent). Models are
+randomly initialised — no download — with their BatchNorm statistics
+randomised too, so the eval-mode comparison covers every mapped tensor.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+tv_seg = pytest.importorskip('torchvision.models.segmentation')
+tv_models = pytest.importorskip('torchvision.models')
+
+from seg_jax import models  # noqa: E402
+from seg_jax.models import convert, weights  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _randomize_bn(module, seed=0):
+  g = torch.Generator().manual_seed(seed)
+  for m in module.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+      m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+      m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+      m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def _torch_logits(tmodel, x):
+  with torch.no_grad():
+    return tmodel(torch.from_numpy(x).permute(0, 3, 1, 2))['out'].permute(
+        0, 2, 3, 1).numpy()
+
+
+def _relative_error(a, b):
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize('name', ['fcn_resnet50', 'deeplabv3_resnet50'])
+@pytest.mark.parametrize('aux', [False, True])
+def test_logits_match_torchvision(name, aux):
+  torch.manual_seed(0)
+  tmodel = getattr(tv_seg, name)(weights=None, weights_backbone=None,
+                                 num_classes=21, aux_loss=aux).eval()
+  _randomize_bn(tmodel)
+  x = np.random.default_rng(0).normal(size=(2, 97, 131, 3)).astype(np.float32)
+  expected = _torch_logits(tmodel, x)
+
+  variables = convert.from_torchvision(name, tmodel.state_dict())
+  model = models.create_model(name, 21, aux_head=aux)
+  init = model.init(jax.random.key(0), jnp.zeros((1, 97, 131, 3)))
+  variables, n, skipped = convert.load_pretrained(init, variables)
+  assert not skipped and n == len(jax.tree.leaves(init))
+  got = np.asarray(model.apply(variables, jnp.asarray(x), train=False))
+  assert got.shape == expected.shape
+  assert _relative_error(got, expected) < 1e-4
+
+
+@pytest.mark.parametrize('arch', ['resnet50', 'vgg16'])
+def test_imagenet_backbones_load(arch):
+  torch.manual_seed(0)
+  tmodel = getattr(tv_models, arch)(weights=None).eval()
+  _randomize_bn(tmodel)
+  pretrained = convert.from_torchvision(arch, tmodel.state_dict())
+  name = 'deeplabv3_resnet50' if arch == 'resnet50' else 'fcn8s'
+  model = models.create_model(name, 21)
+  init = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                           jnp.zeros((1, 64, 64, 3))))
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  variables, n, _ = convert.load_pretrained(init, pretrained)
+  assert n == len(jax.tree.leaves(pretrained))
+  if arch == 'resnet50':  # backbone features equal torchvision's
+    x = np.random.default_rng(1).normal(size=(1, 64, 64, 3)).astype(
+        np.float32)
+    from seg_jax.models import resnet  # pylint: disable=g-import-not-at-top
+    ours = resnet.ResNet(50, 32).apply(
+        {'params': variables['params']['backbone'],
+         'batch_stats': variables['batch_stats']['backbone']},
+        jnp.asarray(x), train=False)['layer4']
+    body = torch.nn.Sequential(*list(tmodel.children())[:-2])
+    with torch.no_grad():
+      ref = body(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(
+          0, 2, 3, 1).numpy()
+    assert _relative_error(np.asarray(ours), ref) < 1e-4
+  else:  # fc6 as a 7x7 conv equals the Linear layer on the flattened pool5
+    w = tmodel.classifier[0].weight.detach().numpy()
+    feat = np.random.default_rng(2).normal(size=(1, 7, 7, 512)).astype(
+        np.float32)
+    linear = w @ feat.transpose(0, 3, 1, 2).reshape(-1)
+    conv = np.einsum('hwio,hwi->o', variables['params']['fc6']['kernel'],
+                     feat[0])
+    np.testing.assert_allclose(conv, linear, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_file_loads_without_torch_unpickling(tmp_path):
+  tmodel = tv_models.resnet50(weights=None)
+  path = str(tmp_path / 'r50.pth')
+  torch.save(tmodel.state_dict(), path)
+  tensors = weights.load_torch_state_dict(path)
+  sd = tmodel.state_dict()
+  assert set(tensors) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(tensors[k], v.numpy())
