@@ -51,3 +51,59 @@ def test_missing_file_and_wrong_names(tmp_path):
     convert.from_torchvision('resnet50', {'conv1.weight': np.zeros((64, 3, 7, 7))})
   with pytest.raises(ValueError, match='unsupported name'):
     convert.from_torchvision('alexnet', {})
+
+
+def _write_safetensors(path, tensors):
+  header, blobs, offset = {}, [], 0
+  for name, arr in tensors.items():
+    raw = np.ascontiguousarray(arr, np.float32).tobytes()
+    header[name] = {'dtype': 'F32', 'shape': list(arr.shape),
+                    'data_offsets': [offset, offset + len(raw)]}
+    blobs.append(raw)
+    offset += len(raw)
+  head = json.dumps(header).encode()
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(head)) + head + b''.join(blobs))
+
+
+def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
+  """A torchvision-layout ImageNet ResNet-50 file lands in the backbone of a
+  DeepLab model through `model.init_from`; the head keeps its init."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from seg_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  mapping, _ = convert._mapping('resnet50', False)  # pylint: disable=protected-access
+  tiny_config.model.name, tiny_config.model.kwargs = 'deeplabv3_resnet50', {}
+  model = train.create_model(tiny_config)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+  tensors, expected = {}, {}
+  for path, key, fn in mapping:
+    node = shapes
+    for p in path:
+      node = node[p]
+    value = rng.normal(size=node.shape).astype(np.float32)
+    expected[path] = value
+    to_torch = (lambda w: w.transpose(3, 2, 0, 1)) if fn else (lambda w: w)
+    if isinstance(key, list):
+      for i, k in enumerate(key):
+        tensors[k] = to_torch(value[i])
+    else:
+      tensors[key] = to_torch(value)
+  tensors['fc.weight'] = np.zeros((1000, 2048), np.float32)  # ignored
+  path = str(tmp_path / 'resnet50.safetensors')
+  _write_safetensors(path, tensors)
+  tiny_config.model.init_from, tiny_config.model.init_format = path, 'resnet50'
+  mesh = sharding.create_mesh((-1,), ('data',))
+  state = train.create_train_state(
+      model, train.create_optimizer(tiny_config.train), jax.random.key(0),
+      (1, 32, 32, 3), mesh, train.pretrained_init_fn(tiny_config))
+  got = {'params': state.params, 'batch_stats': state.batch_stats}
+  # torchvision's ResNet-50: 53 convs + 53 BatchNorms x 4 tensors (+ fc).
+  assert len(tensors) == 265 + 1
+  for p, value in expected.items():
+    node = got
+    for k in p:
+      node = node[k]
+    np.testing.assert_array_equal(np.asarray(node), value, err_msg=str(p))
+  assert 'aspp' in state.params and 'aspp' not in expected

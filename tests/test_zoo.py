@@ -169,9 +169,9 @@ def test_config_builds_its_model(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
   model = train.create_model(config)  # validates name and kwargs
-  assert isinstance(model, models.MODELS[config.model.name].func
-                    if hasattr(models.MODELS[config.model.name], 'func')
-                    else models.MODELS[config.model.name])
+  ctor = models.MODELS[config.model.name]
+  assert isinstance(model, getattr(ctor, 'func', ctor))
+  assert model.num_classes == config.model.num_classes
   lr = train.create_learning_rate_fn(config.train)
   expected = 0.0 if config.train.warmup_steps else config.train.learning_rate
   np.testing.assert_allclose(float(lr(0)), expected, rtol=1e-6)

@@ -37,7 +37,8 @@ def create_model(name, num_classes, **kwargs):
 
   Returns:
     A `flax.linen.Module`; `apply(variables, x, train=bool)` maps NHWC float
-    images to logits (N, H, W, num_classes) at input resolution.
+    images to logits (N, H, W, num_classes) at input resolution. Built with
+    `aux_head=True`, training returns (logits, aux_logits).
   """
   if name not in MODELS:
     raise ValueError(f'Unknown model.name={name!r}; choose one of '

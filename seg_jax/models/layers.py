@@ -1,7 +1,6 @@
 """Building blocks shared by the models: conv-BN-ReLU, bilinear resizing,
 bilinear-initialised transposed convolutions, max-pooling with indices."""
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -115,6 +114,3 @@ def max_pool_ceil(x):
     x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)),
                 constant_values=-jnp.inf)
   return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
-conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1),) * 2)
