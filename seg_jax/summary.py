@@ -7,6 +7,7 @@ forward pass.
 """
 
 import collections
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,13 @@ def forward_gflops(model, variables, shape):
 
 def summarize(config, depth=2):
   """(table text, total params, forward GFLOPs per image)."""
-  from seg_jax import train  # pylint: disable=g-import-not-at-top
+  from seg_jax import models, train  # pylint: disable=g-import-not-at-top
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  if 'scan_blocks' in inspect.signature(
+      models.MODELS[config.model.name]).parameters:
+    # XLA's cost analysis counts a scanned (looped) block once: unroll.
+    config.model.kwargs = {**config.model.kwargs, 'scan_blocks': False}
   model = train.create_model(config)
   shape = (1, *transforms.pair(config.data.crop_size), 3)
   variables = jax.jit(lambda: model.init(

@@ -201,3 +201,42 @@ def test_summary_cli_last_line(tmp_path):
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('params=482805 gflops=')
   assert float(last.split('gflops=')[1]) > 0.1
+
+
+@pytest.mark.parametrize('kwargs', [{'multi_grid': (1, 2, 4)},
+                                    {'deep_stem': True},
+                                    {'output_stride': 16}])
+def test_resnet_options(kwargs):
+  base = models.create_model('deeplabv3_resnet50', 21)
+  model = models.create_model('deeplabv3_resnet50', 21, **kwargs)
+  x = jax.ShapeDtypeStruct((1, 65, 97, 3), jnp.float32)
+  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x), v, x)
+  assert out.shape == (1, 65, 97, 21)
+  delta = _params(model) - _params(base)
+  # A deep stem swaps the 7x7 conv (9,408 + BN 128) for three 3x3 convs.
+  expected = ((3 * 9 * 32 + 64) + (32 * 9 * 32 + 64) + (32 * 9 * 64 + 128)
+              - (3 * 49 * 64 + 128)) if 'deep_stem' in kwargs else 0
+  assert delta == expected
+  if 'multi_grid' in kwargs:  # the last stage is unrolled, one block each
+    assert {'layer4_0', 'layer4_1', 'layer4_2'} <= set(v['params']['backbone'])
+
+
+def test_summary_flops_count_every_scanned_block(tiny_config):
+  """XLA counts a loop body once; the summary unrolls ResNet stages, so
+  ResNet-101 reports more FLOPs than ResNet-50 by its extra 17 blocks."""
+  from seg_jax import summary  # pylint: disable=g-import-not-at-top
+  flops = {}
+  for name in ('fcn_resnet50', 'fcn_resnet101'):
+    tiny_config.model.name, tiny_config.model.kwargs = name, {'width': 8}
+    _, _, flops[name] = summary.summarize(tiny_config)
+  scanned = models.create_model('fcn_resnet101', 5, width=8)
+  v = jax.eval_shape(lambda: scanned.init(jax.random.key(0),
+                                          jnp.zeros((1, 32, 32, 3))))
+  looped = summary.forward_gflops(scanned, v, (1, 32, 32, 3))
+  assert flops['fcn_resnet101'] > 1.3 * looped
+  # layer3 at stride 8: 17 more blocks of (1x1 128->32, 3x3 32->32,
+  # 1x1 32->128) MACs on a 4x4 map.
+  per_block = 2 * 16 * (128 * 32 + 9 * 32 * 32 + 32 * 128)
+  np.testing.assert_allclose(flops['fcn_resnet101'] - flops['fcn_resnet50'],
+                             17 * per_block / 1e9, rtol=0.1)

@@ -60,13 +60,15 @@ class DeepLabV3(nn.Module):
   deep_stem: bool = False
   plus: bool = False
   width: int = 64
+  scan_blocks: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train=False):
     h, w = x.shape[1:3]
     feats = resnet.ResNet(self.depth, self.output_stride, self.multi_grid,
-                          self.deep_stem, self.width, dtype=self.dtype,
+                          self.deep_stem, self.width, self.scan_blocks,
+                          dtype=self.dtype,
                           name='backbone')(x, train)
     out = ASPP(aspp_rates(self.output_stride), dtype=self.dtype,
                name='aspp')(feats['layer4'], train)

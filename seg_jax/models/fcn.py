@@ -97,6 +97,7 @@ class FCNResNet(nn.Module):
   aux_head: bool = False
   deep_stem: bool = False
   width: int = 64
+  scan_blocks: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,6 +105,7 @@ class FCNResNet(nn.Module):
     h, w = x.shape[1:3]
     feats = resnet.ResNet(self.depth, self.output_stride,
                           deep_stem=self.deep_stem, width=self.width,
+                          scan_blocks=self.scan_blocks,
                           dtype=self.dtype, name='backbone')(x, train)
     out = FCNHead(self.num_classes, self.dtype, name='head')(
         feats['layer4'], train)

@@ -77,13 +77,15 @@ class ResNet(nn.Module):
   Parameters: stage i's first block is `layer{i}_0`; its other blocks share
   one scanned module `layer{i}_rest` with stacked parameters (unrolled
   `layer4_{b}` blocks instead where multi-grid gives them different
-  dilations).
+  dilations, or with `scan_blocks=False`: same computation, and XLA's cost
+  analysis, which counts a loop body once, then sees every block).
   """
   depth: int = 50
   output_stride: int = 32
   multi_grid: Sequence[int] | None = None
   deep_stem: bool = False
   width: int = 64
+  scan_blocks: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,10 +106,11 @@ class ResNet(nn.Module):
       first = dilation * grid[0] if grid else previous
       x = Bottleneck(features, stride, first, downsample=True,
                      dtype=self.dtype, name=f'layer{i + 1}_0')(x, train)
-      if grid:
+      if grid or not self.scan_blocks:
         for b in range(1, blocks):
-          x = Bottleneck(features, 1, dilation * grid[b % len(grid)],
-                         dtype=self.dtype, name=f'layer{i + 1}_{b}')(x, train)
+          d = dilation * grid[b % len(grid)] if grid else dilation
+          x = Bottleneck(features, 1, d, dtype=self.dtype,
+                         name=f'layer{i + 1}_{b}')(x, train)
       else:
         x, _ = repeated_blocks(blocks - 1, features, dilation, train,
                                self.dtype, f'layer{i + 1}_rest')(x, None)
