@@ -79,11 +79,7 @@ class DeepLabV3(nn.Module):
     out = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
                   name='classifier')(out)
     out = layers.resize_bilinear(out, h, w).astype(jnp.float32)
-    if not self.aux_head or not (train or self.is_initializing()):
-      return out
-    aux = fcn.FCNHead(self.num_classes, self.dtype, name='aux')(
-        feats['layer3'], train)
-    return out, layers.resize_bilinear(aux, h, w).astype(jnp.float32)
+    return fcn.with_aux_head(self, out, feats['layer3'], train)
 
   def _decoder(self, x, low, train):
     low = layers.ConvBN(48, 1, dtype=self.dtype, name='low_proj')(low, train)

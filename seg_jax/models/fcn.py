@@ -84,6 +84,17 @@ class FCNHead(nn.Module):
                    name='classifier')(x)
 
 
+def with_aux_head(module, out, layer3, train):
+  """`out`, or (out, aux logits) from torchvision's auxiliary FCNHead on
+  layer3 when `module.aux_head`; the head runs in training (and at init, so
+  its parameters exist), not in evaluation. Call inside `module`'s compact
+  `__call__`."""
+  if not module.aux_head or not (train or module.is_initializing()):
+    return out
+  aux = FCNHead(module.num_classes, module.dtype, name='aux')(layer3, train)
+  return out, layers.resize_bilinear(aux, *out.shape[1:3]).astype(jnp.float32)
+
+
 class FCNResNet(nn.Module):
   """torchvision `fcn_resnet50/101`: dilated ResNet (output stride 8 by
   default) + FCNHead, bilinear upsampling to the input size.
@@ -110,10 +121,4 @@ class FCNResNet(nn.Module):
     out = FCNHead(self.num_classes, self.dtype, name='head')(
         feats['layer4'], train)
     out = layers.resize_bilinear(out, h, w).astype(jnp.float32)
-    if not self.aux_head:
-      return out
-    if not (train or self.is_initializing()):
-      return out
-    aux = FCNHead(self.num_classes, self.dtype, name='aux')(
-        feats['layer3'], train)
-    return out, layers.resize_bilinear(aux, h, w).astype(jnp.float32)
+    return with_aux_head(self, out, feats['layer3'], train)
