@@ -1,6 +1,7 @@
 """DeepLab v3+ on a dilated ResNet-101 (output stride 16), Cityscapes.
 
-mmsegmentation's Cityscapes schedule: 512x1024 crops, scale 0.5-2.0, batch 8,
+mmsegmentation's Cityscapes schedule: 512x1024 crops (cat_max_ratio 0.75),
+scale 0.5-2.0, flip, photometric distortion, batch 8,
 SGD lr 0.01 poly, 80k steps; evaluation on the full 1024x2048 images.
 Start from ImageNet ResNet-101 weights: --config.model.init_from=/path/resnet101.pth
 """
@@ -19,6 +20,8 @@ def get_config():
   c.data.crop_size = (512, 1024)
   c.data.eval_pad_size = (1024, 2048)
   c.data.scale_range = (0.5, 2.0)
+  c.data.cat_max_ratio = 0.75
+  c.data.photometric.enabled = True
   c.data.worker_count = 4
   c.train.global_batch_size = 8
   c.train.num_steps = 80000

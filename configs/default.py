@@ -20,12 +20,23 @@ def get_config():
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shapes'  # a key of seg_jax.data.DATASETS
-  c.data.root = ''  # dataset folder (unused by 'shapes')
+  c.data.root = ''  # dataset folder (unused by 'shapes' and 'tfds')
+  c.data.train_split = 'train'  # split trained on, e.g. VOC's 'train_aug'
+  c.data.val_split = 'val'  # split evaluated on
+  c.data.on_bad_sample = 'raise'  # 'raise', or 'skip' (and count) bad files
   c.data.crop_size = (512, 512)  # training crop (height, width)
-  c.data.eval_pad_size = ()  # eval images padded to (height, width); (): crop
+  c.data.eval_pad_size = ()  # eval labels padded to (height, width); (): crop
+  c.data.eval_scale = 1.0  # eval images resized by this; logits resized back
   c.data.ignore_label = 255  # label excluded from loss and metrics
   c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
   c.data.flip = True  # random horizontal flip for training
+  c.data.cat_max_ratio = 1.0  # <1: re-draw crops one class covers beyond this
+  c.data.photometric = ml_collections.ConfigDict()  # colour distortion
+  c.data.photometric.enabled = False  # brightness/contrast/saturation/hue
+  c.data.photometric.brightness_delta = 32.0  # +-, 0..255 scale
+  c.data.photometric.contrast_range = (0.5, 1.5)  # multiplicative factor
+  c.data.photometric.saturation_range = (0.5, 1.5)  # factor vs. grey
+  c.data.photometric.hue_delta = 36.0  # +- degrees of hue rotation
   c.data.mean = (123.675, 116.28, 103.53)  # per-channel mean, 0..255 scale
   c.data.std = (58.395, 57.12, 57.375)  # per-channel std, 0..255 scale
   c.data.worker_count = 0  # grain worker processes (0: in the main process)
@@ -37,6 +48,14 @@ def get_config():
   c.data.shapes.image_size = 64  # square image side in pixels
   c.data.shapes.max_shapes = 4  # at most this many instances per image
   c.data.shapes.seed = 0  # generation seed (independent of c.seed)
+  c.data.tfds = ml_collections.ConfigDict()  # data.name='tfds' (ArrayRecord)
+  c.data.tfds.name = ''  # TFDS name, e.g. 'oxford_iiit_pet'
+  c.data.tfds.data_dir = ''  # TFDS data_dir ('': TFDS's default)
+  c.data.tfds.image_key = 'image'  # feature holding the RGB image
+  c.data.tfds.label_key = 'segmentation_mask'  # feature holding the mask
+  c.data.tfds.label_offset = 0  # added to raw mask values (pets: -1)
+  c.data.tfds.ignore_values = ()  # raw mask values that become 255
+  c.data.tfds.class_names = ()  # names ((): class_0..); count = num_classes
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 16  # examples per step over all devices

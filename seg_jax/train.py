@@ -144,7 +144,10 @@ def make_train_step(model, tx, config, mesh):
                          ignore_label=ignore)
 
   def train_step(state, batch, rng):
-    images = _normalize(batch['image'], mean, std)
+    images = batch['image']
+    if 'colour' in batch:  # per-example photometric distortion
+      images = pipeline.transforms.apply_colour(images, batch['colour'])
+    images = _normalize(images, mean, std)
     labels = batch['label'].astype(jnp.int32)
     dropout_rng = jax.random.fold_in(rng, state.step)
 
@@ -184,6 +187,9 @@ def make_eval_step(model, config, mesh):
     logits = model.apply({'params': state.params,
                           'batch_stats': state.batch_stats}, images,
                          train=False)
+    if logits.shape[1:3] != labels.shape[1:]:  # data.eval_scale != 1
+      logits = jax.image.resize(
+          logits, (*labels.shape, logits.shape[-1]), 'bilinear')
     loss = losses.cross_entropy(logits, labels, ignore_label=ignore)
     return seg_metrics.SegMetrics.single_from_model_output(
         loss=loss, logits=logits, labels=labels)
@@ -276,10 +282,12 @@ class Trainer:
     train_source = data.create_source(config, 'train')
     self.eval_source = data.create_source(config, 'val')
     self.class_names = list(train_source.class_names)
+    self.skips = pipeline.SkipCounter()  # bad records skipped by this host
     self.train_ds = pipeline.create_train_dataset(
         train_source, pipeline.train_transform(config), seed=config.seed,
         batch_size=local_batch, worker_count=config.data.worker_count,
-        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+        num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+        skip_counter=self.skips)
     model = create_model(config)
     tx = create_optimizer(config.train)
     crop = pipeline.transforms.pair(config.data.crop_size)
@@ -297,7 +305,8 @@ class Trainer:
     """Metrics over the whole val split, each example exactly once."""
     eval_ds, _ = pipeline.create_eval_dataset(
         self.eval_source, pipeline.eval_transform(self.config),
-        global_batch_size=self.config.eval.global_batch_size)
+        global_batch_size=self.config.eval.global_batch_size,
+        skip_counter=self.skips)
     merged = evaluate(self.eval_step, self.state, eval_ds, self.mesh)
     return seg_metrics.summarize(merged, self.class_names)
 
@@ -347,6 +356,8 @@ class Trainer:
                if not k.startswith('iou/')}
     scalars['train/learning_rate'] = float(
         create_learning_rate_fn(self.config.train)(step - 1))
+    if self.skips.count:
+      scalars['data/skipped_samples'] = self.skips.count
     writer.write_scalars(step, scalars)
     return None
 

@@ -169,3 +169,136 @@ def test_train_transform_rescale_keeps_aspect_and_label_values():
   valid = out['label'] != 255
   assert valid.sum() == 80 * 120
   assert set(np.unique(out['label'][valid])) == set(range(6))
+
+
+def _neutral(**kw):
+  """A Photometric that changes nothing except what `kw` sets."""
+  args = dict(brightness_delta=0.0, contrast_range=(1.0, 1.0),
+              saturation_range=(1.0, 1.0), hue_delta=0.0)
+  args.update(kw)
+  return transforms.Photometric(**args)
+
+
+def test_photometric_brightness_and_contrast_are_exact():
+  x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), np.uint8)
+  offsets, factors = [], []
+  for seed in range(40):
+    m = _neutral(brightness_delta=32.0).sample(np.random.default_rng(seed))
+    np.testing.assert_allclose(m[:, :3], np.eye(3), atol=1e-7)
+    assert m[0, 3] == m[1, 3] == m[2, 3] and abs(m[0, 3]) <= 32
+    offsets.append(float(m[0, 3]))
+    c = _neutral(contrast_range=(0.5, 1.5)).sample(np.random.default_rng(seed))
+    k = c[0, 0]
+    np.testing.assert_allclose(c, np.diag([k, k, k, 0])[:3], atol=1e-7)
+    assert 0.5 <= k <= 1.5
+    factors.append(float(k))
+    out = transforms.apply_colour(x, np.stack([c, c]))
+    np.testing.assert_allclose(out, np.clip(x * k, 0, 255), rtol=1e-6,
+                               atol=1e-4)
+  # Each operation is applied with probability one half.
+  assert 10 < sum(o != 0 for o in offsets) < 30
+  assert 10 < sum(k != 1 for k in factors) < 30
+
+
+def test_photometric_saturation_and_hue_keep_grey_and_luma():
+  grey = np.full((1, 2, 2, 3), 117, np.uint8)
+  colour = np.array([[[[200, 30, 90], [10, 220, 60]]]], np.uint8)
+  for seed in range(20):
+    rng = np.random.default_rng(seed)
+    m = transforms.Photometric(brightness_delta=0.0,
+                               contrast_range=(1.0, 1.0)).sample(rng)
+    # Grey has no chroma: saturation and hue leave it as it is.
+    np.testing.assert_allclose(transforms.apply_colour(grey, m[None]), grey,
+                               atol=1e-3)
+    # Both keep luma (Y of YIQ) where nothing clips.
+    out = transforms.apply_colour(colour.astype(np.float32) * 0.5 + 60,
+                                  m[None])
+    luma = np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(out @ luma, (colour * 0.5 + 60) @ luma,
+                               atol=1e-3)
+  desat = _neutral(saturation_range=(0.0, 0.0))
+  m = next(m for m in (desat.sample(np.random.default_rng(s))
+                       for s in range(10)) if not np.allclose(m[:, :3],
+                                                              np.eye(3)))
+  out = transforms.apply_colour(colour, m[None])
+  np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)
+  np.testing.assert_allclose(out[..., 1], out[..., 2], atol=1e-3)
+
+
+def test_photometric_numpy_and_jax_agree():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  x = rng.integers(0, 256, (3, 4, 5, 3), np.uint8)
+  m = np.stack([transforms.Photometric().sample(np.random.default_rng(s))
+                for s in range(3)])
+  np.testing.assert_allclose(
+      np.asarray(transforms.apply_colour(jnp.asarray(x), jnp.asarray(m))),
+      transforms.apply_colour(x, m), rtol=1e-5, atol=1e-3)
+
+
+def test_cat_max_ratio_redraws_dominated_crops():
+  label = np.zeros((40, 40), np.uint8)
+  label[:, 30:] = 1  # class 0 covers 75% of the image
+  ex = {'image': np.zeros((40, 40, 3), np.uint8), 'label': label}
+  def share(t, seed):
+    crop = t.random_map(ex, np.random.default_rng(seed))['label']
+    return np.bincount(crop.ravel(), minlength=2).max() / crop.size
+  plain = transforms.TrainTransform(crop_size=(10, 10), flip=False)
+  capped = transforms.TrainTransform(crop_size=(10, 10), flip=False,
+                                     cat_max_ratio=0.75)
+  plain_shares = [share(plain, s) for s in range(50)]
+  capped_shares = [share(capped, s) for s in range(50)]
+  # 5 of the 31 crop positions pass: 16% of plain crops, and
+  # 1 - (26/31)^10 = 83% of capped ones (seeds fixed: deterministic).
+  assert sum(s < 0.75 for s in plain_shares) < 15
+  assert sum(s < 0.75 for s in capped_shares) > 33
+
+
+def test_eval_transform_scale_keeps_full_label():
+  ex = {'image': np.full((30, 40, 3), 9, np.uint8),
+        'label': np.arange(1200).reshape(30, 40).astype(np.uint8) % 7}
+  out = transforms.EvalTransform(pad_size=(32, 48), scale=0.5).map(ex)
+  assert out['image'].shape == (16, 24, 3)
+  np.testing.assert_array_equal(out['label'][:30, :40], ex['label'])
+  assert np.all(out['label'][30:] == 255) and np.all(out['label'][:, 40:] == 255)
+  assert np.all(out['image'][:15, :20] == 9)
+  with pytest.raises(ValueError, match='larger than data.eval_pad_size'):
+    transforms.EvalTransform(pad_size=(16, 48)).map(ex)
+
+
+def _jpeg_folder(root, n=12):
+  """A `folder` dataset of n 40x48 JPEG + PNG pairs (3 classes)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for sub in ('images/train', 'masks/train'):
+    (root / sub).mkdir(parents=True)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(
+        root / 'images' / 'train' / f'{i:03d}.jpg')
+    Image.fromarray(rng.integers(0, 3, (40, 48), np.uint8)).save(
+        root / 'masks' / 'train' / f'{i:03d}.png')
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_file_dataset_same_seed_same_batches_and_exact_resume(
+    tiny_config, tmp_path, workers):
+  """JPEG/PNG decoding, rescale, crop, flip and colour draws: a restored
+  loader continues exactly where the uninterrupted one goes."""
+  _jpeg_folder(tmp_path)
+  tiny_config.data.name, tiny_config.data.root = 'folder', str(tmp_path)
+  tiny_config.model.num_classes = 3
+  tiny_config.data.crop_size = (24, 24)
+  tiny_config.data.scale_range = (0.5, 1.5)
+  tiny_config.data.photometric.enabled = True
+  tiny_config.train.global_batch_size = 4
+  reference = _take(iter(_train_ds(tiny_config, workers)), 8)
+  assert reference[0]['colour'].shape == (4, 3, 4)
+  it = iter(_train_ds(tiny_config, workers))
+  first = _take(it, 5)  # past the first epoch (3 batches)
+  state = json.loads(json.dumps(it.get_state()))
+  restored = iter(_train_ds(tiny_config, workers))
+  restored.set_state(state)
+  rest = _take(restored, 3)
+  _assert_same_batches(first + rest, reference)
+  for x, y in zip(first + rest, reference):
+    np.testing.assert_array_equal(x['colour'], y['colour'])

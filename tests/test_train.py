@@ -97,3 +97,49 @@ def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
   result = train.train_and_evaluate(tiny_config, 'runs/rel')
   assert result['step'] == 3
   assert checkpoint.Checkpointer('runs/rel/checkpoints', 3, 3).all_steps() == [3]
+
+
+def test_identity_colour_matrix_leaves_the_step_unchanged(tiny_config,
+                                                          tmp_path):
+  """The photometric path on device: identity matrices change nothing, a
+  brightness offset changes the loss."""
+  from seg_jax import sharding  # pylint: disable=g-import-not-at-top
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  batch = next(iter(trainer.train_ds))
+  n = batch['image'].shape[0]
+  plain = sharding.to_global(batch, trainer.mesh)
+  eye = np.tile(np.eye(3, 4, dtype=np.float32), (n, 1, 1))
+  bright = eye.copy()
+  bright[:, :, 3] = 60.0
+  state0 = trainer.state
+  outs = []
+  for b in (plain, {**plain, 'colour': eye}, {**plain, 'colour': bright}):
+    state = jax.tree.map(lambda x: x.copy(), state0)  # the step donates it
+    state, m = trainer.train_step(state, sharding.to_global(b, trainer.mesh),
+                                  trainer.step_rng)
+    outs.append((float(m.loss.compute()), state.params))
+  trainer.checkpointer.close()
+  assert outs[0][0] == outs[1][0]
+  jax.tree.map(np.testing.assert_array_equal, outs[0][1], outs[1][1])
+  assert outs[2][0] != outs[0][0]
+
+
+def test_eval_scale_scores_every_full_resolution_pixel(tiny_config,
+                                                       tmp_path):
+  """With data.eval_scale=0.5 the model sees 16x16 images but every pixel
+  of the 32x32 labels is counted."""
+  from seg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tiny_config.data.eval_scale = 0.5
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  eval_ds, _ = pipeline.create_eval_dataset(
+      trainer.eval_source, pipeline.eval_transform(tiny_config),
+      global_batch_size=tiny_config.eval.global_batch_size)
+  first = next(iter(eval_ds))
+  assert first['image'].shape[1:3] == (16, 16)
+  assert first['label'].shape[1:] == (32, 32)
+  merged = train.evaluate(trainer.eval_step, trainer.state, eval_ds,
+                          trainer.mesh)
+  trainer.checkpointer.close()
+  labelled = sum(int(np.sum(trainer.eval_source[i]['label'] != 255))
+                 for i in range(len(trainer.eval_source)))
+  assert int(np.asarray(merged.confusion.matrix).sum()) == labelled

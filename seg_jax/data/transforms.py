@@ -5,6 +5,12 @@ device: normalisation happens inside the jitted step, which moves 4x fewer
 bytes host-to-device. Random transforms take the per-record
 `np.random.Generator` grain derives from (seed, record index), so an
 example's augmentation does not depend on worker count or on resumption.
+
+Photometric distortion is drawn here per example but applied on the device:
+brightness, contrast, saturation and hue are each linear in RGB, so the
+drawn distortion is one (3, 4) affine colour matrix ('colour' in the
+example) that the train step applies to the whole batch at once. This keeps
+the host, usually the bottleneck, to decoding and geometry.
 """
 
 import dataclasses
@@ -13,7 +19,15 @@ import grain
 import numpy as np
 from PIL import Image
 
+from seg_jax.data import files
 from seg_jax.metrics import IGNORE_LABEL
+
+# ITU-R 601 luma weights (grey level used by the saturation change).
+_LUMA = np.array([0.299, 0.587, 0.114])
+# RGB <-> YIQ: a hue change is a rotation of the (I, Q) chroma plane.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                 [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
 
 
 def pair(size):
@@ -45,8 +59,87 @@ def pad_to(example, height, width, image_fill=0, ignore_label=IGNORE_LABEL):
 
 
 @dataclasses.dataclass(frozen=True)
+class Photometric:
+  """Random brightness, contrast, saturation and hue, each with p = 0.5.
+
+  The standard segmentation recipe's photometric distortion: brightness adds
+  U(-brightness_delta, brightness_delta), contrast and saturation scale by a
+  factor from their ranges (contrast before or after the colour changes, at
+  random), hue rotates by U(-hue_delta, hue_delta) degrees. Values are on
+  the 0..255 scale; the result is clipped to it once, on device.
+  """
+  brightness_delta: float = 32.0
+  contrast_range: tuple = (0.5, 1.5)
+  saturation_range: tuple = (0.5, 1.5)
+  hue_delta: float = 36.0
+
+  def sample(self, rng):
+    """A random (3, 4) float32 matrix [A | b]: rgb' = A @ rgb + b."""
+    a, b = np.eye(3), np.zeros(3)
+
+    def then(m, c=0.0):  # compose: new = m @ old + c
+      nonlocal a, b
+      a, b = m @ a, m @ b + c
+
+    draws = rng.random(5)
+    if draws[0] < 0.5:
+      then(np.eye(3), rng.uniform(-self.brightness_delta,
+                                  self.brightness_delta))
+    contrast_first = draws[1] < 0.5
+    contrast = (rng.uniform(*self.contrast_range) if draws[2] < 0.5
+                else None)
+    if contrast is not None and contrast_first:
+      then(contrast * np.eye(3))
+    if draws[3] < 0.5:
+      s = rng.uniform(*self.saturation_range)
+      then(s * np.eye(3) + (1 - s) * np.outer(np.ones(3), _LUMA))
+    if draws[4] < 0.5:
+      t = np.deg2rad(rng.uniform(-self.hue_delta, self.hue_delta))
+      rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)],
+                      [0, np.sin(t), np.cos(t)]])
+      then(_YIQ_INV @ rot @ _YIQ)
+    if contrast is not None and not contrast_first:
+      then(contrast * np.eye(3))
+    return np.concatenate([a, b[:, None]], 1).astype(np.float32)
+
+
+def apply_colour(images, colour):
+  """Applies per-example (N, 3, 4) colour matrices to (N, H, W, 3) images.
+
+  Works on numpy or jax arrays; returns float values clipped to 0..255.
+  """
+  xp = np if isinstance(images, np.ndarray) else _jnp()
+  x = images.astype(xp.float32)
+  out = xp.einsum('nhwc,ndc->nhwd', x, colour[:, :, :3])
+  return xp.clip(out + colour[:, None, None, :, 3], 0.0, 255.0)
+
+
+def _jnp():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp
+
+
+def _crop_origin(label, crop_h, crop_w, rng, cat_max_ratio, ignore_label):
+  """Random crop corner; with cat_max_ratio < 1, retries (up to 10 times)
+  until no single class covers more than that share of the labelled crop
+  pixels and at least two classes are present."""
+  h, w = label.shape
+  for _ in range(10 if cat_max_ratio < 1.0 else 1):
+    top = int(rng.integers(0, h - crop_h + 1))
+    left = int(rng.integers(0, w - crop_w + 1))
+    if cat_max_ratio >= 1.0:
+      break
+    crop = label[top:top + crop_h, left:left + crop_w]
+    counts = np.bincount(crop[crop != ignore_label].ravel())
+    counts = counts[counts > 0]
+    if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+      break
+  return top, left
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-  """Random rescale (aspect kept), pad, random crop, horizontal flip.
+  """Random rescale (aspect kept), pad, random crop, flip, colour draw.
 
   Attributes:
     crop_size: output (height, width) or one int.
@@ -55,14 +148,22 @@ class TrainTransform(grain.transforms.RandomMap):
     mean: per-channel fill for padded image pixels (the dataset mean, so
       padding normalises to 0); padded labels are `ignore_label`.
     ignore_label: label of padded pixels.
+    cat_max_ratio: below 1, re-draw crops (up to 10 times) that one class
+      dominates beyond this share.
+    photometric: a `Photometric` to draw a per-example 'colour' matrix, or
+      None for none.
   """
   crop_size: tuple = (512, 512)
   scale_range: tuple = (1.0, 1.0)
   flip: bool = True
   mean: tuple = (0, 0, 0)
   ignore_label: int = IGNORE_LABEL
+  cat_max_ratio: float = 1.0
+  photometric: Photometric | None = None
 
   def random_map(self, element, rng):
+    if files.is_skipped(element):
+      return element
     crop_h, crop_w = pair(self.crop_size)
     low, high = self.scale_range
     if (low, high) != (1.0, 1.0):
@@ -72,33 +173,51 @@ class TrainTransform(grain.transforms.RandomMap):
                        max(int(w * scale + 0.5), 1))
     fill = np.asarray(self.mean, np.float32).round().astype(np.uint8)
     element = pad_to(element, crop_h, crop_w, fill, self.ignore_label)
-    h, w = element['label'].shape
-    top = int(rng.integers(0, h - crop_h + 1))
-    left = int(rng.integers(0, w - crop_w + 1))
+    top, left = _crop_origin(element['label'], crop_h, crop_w, rng,
+                             self.cat_max_ratio, self.ignore_label)
     image = element['image'][top:top + crop_h, left:left + crop_w]
     label = element['label'][top:top + crop_h, left:left + crop_w]
     if self.flip and rng.random() < 0.5:
       image, label = image[:, ::-1], label[:, ::-1]
-    return {'image': np.ascontiguousarray(image),
-            'label': np.ascontiguousarray(label)}
+    out = {'image': np.ascontiguousarray(image),
+           'label': np.ascontiguousarray(label)}
+    if self.photometric is not None:
+      out['colour'] = self.photometric.sample(rng)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-  """Keeps the full image; pads bottom/right to `pad_size` (label -> ignore).
+  """Keeps the full label; pads bottom/right to `pad_size` (label -> ignore).
 
   Padding with the ignore label leaves metrics computed at the original
-  resolution over the original pixels only.
+  resolution over the original pixels only. With `scale` != 1 the image
+  (not the label) is resized by `scale` and padded to `pad_size * scale`;
+  the eval step resizes the logits back to the label's size.
   """
   pad_size: tuple = (0, 0)
   mean: tuple = (0, 0, 0)
   ignore_label: int = IGNORE_LABEL
+  scale: float = 1.0
 
   def map(self, element):
+    if files.is_skipped(element):
+      return element
     h, w = pair(self.pad_size)
     fill = np.asarray(self.mean, np.float32).round().astype(np.uint8)
-    element = pad_to(element, h, w, fill, self.ignore_label)
-    if element['label'].shape != (h, w):
+    if element['label'].shape[0] > h or element['label'].shape[1] > w:
       raise ValueError(f'eval example of size {element["label"].shape} is '
                        f'larger than data.eval_pad_size={(h, w)}; raise it.')
-    return {'image': element['image'], 'label': element['label']}
+    label = pad_to(element, h, w, fill, self.ignore_label)['label']
+    if self.scale != 1.0:
+      ih, iw = element['label'].shape
+      element = resize(element, max(int(ih * self.scale + 0.5), 1),
+                       max(int(iw * self.scale + 0.5), 1))
+      h, w = scaled_size((h, w), self.scale)
+    image = pad_to(element, h, w, fill, self.ignore_label)['image']
+    return {'image': image, 'label': label}
+
+
+def scaled_size(size, scale):
+  """(h, w) * scale, rounded: the image size the model sees at eval."""
+  return tuple(max(int(s * scale + 0.5), 1) for s in pair(size))

@@ -1,0 +1,359 @@
+"""Public datasets in their published on-disk layouts, and user folders.
+
+Every builder returns a random-access source (`len`, `__getitem__`) whose
+records are {'image': (H, W, 3) uint8, 'label': (H, W) uint8 train ids,
+255 = ignore}, with `class_names` and `palette`. Raw mask values are mapped
+through a per-dataset table; a raw value the dataset does not define is an
+error naming the file, never a silent label.
+"""
+
+import glob
+import os
+
+import numpy as np
+
+from seg_jax.data import files
+from seg_jax.metrics import IGNORE_LABEL
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def color_map(n):
+  """The VOC colour map: n distinct (n, 3) uint8 colours from index bits."""
+  cmap = np.zeros((n, 3), np.uint8)
+  for i in range(n):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    cmap[i] = (r, g, b)
+  return cmap
+
+
+# --- Pascal VOC 2012 ------------------------------------------------------
+
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat',
+               'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable',
+               'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep',
+               'sofa', 'train', 'tvmonitor')
+VOC_PALETTE = color_map(len(VOC_CLASSES))
+
+
+def voc(root, split, on_bad_sample='raise'):
+  """Pascal VOC 2012 segmentation.
+
+  Args:
+    root: `VOCdevkit/VOC2012` (or `VOCdevkit`, holding `VOC2012/`).
+    split: 'train', 'val', 'trainval' (ImageSets/Segmentation lists, masks
+      from SegmentationClass/), or 'train_aug': the 10,582 SBD-augmented
+      training ids, masks from SegmentationClassAug/, list
+      ImageSets/Segmentation/train_aug.txt (or aug.txt).
+    on_bad_sample: 'raise' or 'skip'.
+  """
+  files.check_root(root, 'voc', 'point it at VOCdevkit/VOC2012')
+  if os.path.isdir(os.path.join(root, 'VOC2012')):
+    root = os.path.join(root, 'VOC2012')
+  lists = os.path.join(root, 'ImageSets', 'Segmentation')
+  if split == 'train_aug':
+    masks = os.path.join(root, 'SegmentationClassAug')
+    if not os.path.isdir(masks):
+      raise FileNotFoundError(
+          f'voc: {masks} does not exist. The train_aug split needs the SBD '
+          'masks converted to VOC indices in SegmentationClassAug/; without '
+          "them use data.train_split='train'.")
+    candidates = [os.path.join(lists, n) for n in ('train_aug.txt', 'aug.txt')]
+    list_file = next((p for p in candidates if os.path.isfile(p)),
+                     candidates[0])
+  else:
+    masks = os.path.join(root, 'SegmentationClass')
+    list_file = os.path.join(lists, f'{split}.txt')
+  ids = files.read_list(list_file, 'voc')
+  pairs = [(os.path.join(root, 'JPEGImages', f'{i}.jpg'),
+            os.path.join(masks, f'{i}.png')) for i in ids]
+  # Masks are palette PNGs: indices 0..20, 255 on object boundaries.
+  return files.FileSource(f'voc/{split}', pairs, VOC_CLASSES, VOC_PALETTE,
+                          files.label_table(len(VOC_CLASSES)), on_bad_sample,
+                          origin=list_file)
+
+
+# --- Cityscapes -----------------------------------------------------------
+
+# (label id, train id, name, colour) of the 19 evaluated classes.
+CITYSCAPES_LABELS = (
+    (7, 0, 'road', (128, 64, 128)), (8, 1, 'sidewalk', (244, 35, 232)),
+    (11, 2, 'building', (70, 70, 70)), (12, 3, 'wall', (102, 102, 156)),
+    (13, 4, 'fence', (190, 153, 153)), (17, 5, 'pole', (153, 153, 153)),
+    (19, 6, 'traffic light', (250, 170, 30)),
+    (20, 7, 'traffic sign', (220, 220, 0)),
+    (21, 8, 'vegetation', (107, 142, 35)), (22, 9, 'terrain', (152, 251, 152)),
+    (23, 10, 'sky', (70, 130, 180)), (24, 11, 'person', (220, 20, 60)),
+    (25, 12, 'rider', (255, 0, 0)), (26, 13, 'car', (0, 0, 142)),
+    (27, 14, 'truck', (0, 0, 70)), (28, 15, 'bus', (0, 60, 100)),
+    (31, 16, 'train', (0, 80, 100)), (32, 17, 'motorcycle', (0, 0, 230)),
+    (33, 18, 'bicycle', (119, 11, 32)))
+CITYSCAPES_CLASSES = tuple(name for _, _, name, _ in CITYSCAPES_LABELS)
+CITYSCAPES_PALETTE = np.array([c for *_, c in CITYSCAPES_LABELS], np.uint8)
+
+
+def cityscapes_table():
+  """labelIds 0..33 -> the 19 train ids, every other id -> 255."""
+  mapping = {i: IGNORE_LABEL for i in range(34)}
+  mapping.update({label_id: train_id
+                  for label_id, train_id, _, _ in CITYSCAPES_LABELS})
+  return files.label_table(19, mapping)
+
+
+def cityscapes(root, split, on_bad_sample='raise'):
+  """Cityscapes fine annotations: leftImg8bit/ + gtFine/*_labelIds.png.
+
+  Args:
+    root: folder holding `leftImg8bit/` and `gtFine/`.
+    split: 'train', 'val' or 'test' (a folder of each).
+  """
+  files.check_root(root, 'cityscapes',
+                   'it must hold leftImg8bit/ and gtFine/')
+  image_dir = os.path.join(root, 'leftImg8bit', split)
+  if not os.path.isdir(image_dir):
+    raise FileNotFoundError(f'cityscapes: {image_dir} does not exist; '
+                            f'is split {split!r} unpacked under {root}?')
+  images = sorted(glob.glob(os.path.join(image_dir, '*',
+                                         '*_leftImg8bit.png')))
+  if not images:
+    raise ValueError(f'cityscapes: no *_leftImg8bit.png under {image_dir}.')
+  pairs = []
+  for path in images:
+    city = os.path.basename(os.path.dirname(path))
+    stem = os.path.basename(path)[:-len('_leftImg8bit.png')]
+    pairs.append((path, os.path.join(root, 'gtFine', split, city,
+                                     f'{stem}_gtFine_labelIds.png')))
+  return files.FileSource(f'cityscapes/{split}', pairs, CITYSCAPES_CLASSES,
+                          CITYSCAPES_PALETTE, cityscapes_table(),
+                          on_bad_sample, origin=image_dir)
+
+
+# --- ADE20K (SceneParsing, 150 classes) -----------------------------------
+
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed',
+    'windowpane', 'grass', 'cabinet', 'sidewalk', 'person', 'earth', 'door',
+    'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field',
+    'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp',
+    'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace',
+    'refrigerator', 'grandstand', 'path', 'stairs', 'runway', 'case',
+    'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
+    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill',
+    'bench', 'countertop', 'stove', 'palm', 'kitchen island', 'computer',
+    'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus', 'towel',
+    'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth',
+    'television receiver', 'airplane', 'dirt track', 'apparel', 'pole',
+    'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet',
+    'poster', 'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy',
+    'washer', 'plaything', 'swimming pool', 'stool', 'barrel', 'basket',
+    'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food',
+    'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle',
+    'lake', 'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce',
+    'vase', 'traffic light', 'tray', 'ashcan', 'fan', 'pier', 'crt screen',
+    'plate', 'monitor', 'bulletin board', 'shower', 'radiator', 'glass',
+    'clock', 'flag')
+ADE20K_PALETTE = color_map(len(ADE20K_CLASSES) + 1)[1:]
+_ADE20K_SPLITS = {'train': 'training', 'val': 'validation'}
+
+
+def ade20k_table():
+  """Raw 0 ("other") -> 255, raw k in 1..150 -> k - 1."""
+  mapping = {k: k - 1 for k in range(1, 151)}
+  mapping[0] = IGNORE_LABEL
+  return files.label_table(150, mapping, ignore=())
+
+
+def ade20k(root, split, on_bad_sample='raise'):
+  """ADE20K SceneParsing: images/{training,validation}/*.jpg and
+  annotations/{...}/*.png, matched by file stem.
+
+  Args:
+    root: `ADEChallengeData2016`.
+    split: 'train' / 'val' (or 'training' / 'validation').
+  """
+  files.check_root(root, 'ade20k', 'point it at ADEChallengeData2016')
+  folder = _ADE20K_SPLITS.get(split, split)
+  pairs = _pairs_by_stem(os.path.join(root, 'images', folder),
+                         os.path.join(root, 'annotations', folder),
+                         'ade20k', on_bad_sample)
+  return files.FileSource(f'ade20k/{split}', pairs, ADE20K_CLASSES,
+                          ADE20K_PALETTE, ade20k_table(), on_bad_sample,
+                          origin=os.path.join(root, 'images', folder))
+
+
+# --- CamVid (SegNet's 11-class version) -----------------------------------
+
+CAMVID_CLASSES = ('sky', 'building', 'pole', 'road', 'pavement', 'tree',
+                  'sign_symbol', 'fence', 'car', 'pedestrian', 'bicyclist')
+CAMVID_PALETTE = np.array(
+    [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128],
+     [60, 40, 222], [128, 128, 0], [192, 128, 128], [64, 64, 128],
+     [64, 0, 128], [64, 64, 0], [0, 128, 192]], np.uint8)
+CAMVID_UNLABELLED = 11
+
+
+def _resolve_camvid(root, path):
+  """A list entry like /SegNet/CamVid/train/x.png -> {root}/train/x.png."""
+  marker = 'CamVid/'
+  if marker in path:
+    path = path[path.index(marker) + len(marker):]
+  return os.path.join(root, path.lstrip('/'))
+
+
+def camvid(root, split, on_bad_sample='raise'):
+  """CamVid as SegNet distributes it: {split}.txt lists of
+  `IMAGE LABEL` paths (absolute, under /SegNet/CamVid/), label 11 = ignore.
+
+  Args:
+    root: the CamVid folder holding train.txt, val.txt, train/, trainannot/.
+    split: 'train', 'val' or 'test'.
+  """
+  files.check_root(root, 'camvid', 'it must hold train.txt and train/')
+  list_file = os.path.join(root, f'{split}.txt')
+  pairs = []
+  for n, line in enumerate(files.read_list(list_file, 'camvid'), 1):
+    parts = line.split()
+    if len(parts) != 2:
+      raise ValueError(f'camvid: {list_file} line {n} is {line!r}; expected '
+                       '"IMAGE LABEL".')
+    pairs.append(tuple(_resolve_camvid(root, p) for p in parts))
+  table = files.label_table(len(CAMVID_CLASSES),
+                            ignore=(CAMVID_UNLABELLED, IGNORE_LABEL))
+  return files.FileSource(f'camvid/{split}', pairs, CAMVID_CLASSES,
+                          CAMVID_PALETTE, table, on_bad_sample,
+                          origin=list_file)
+
+
+# --- Any folder of images and masks ---------------------------------------
+
+
+def _pairs_by_stem(image_dir, mask_dir, name, on_bad_sample):
+  """(image, mask) pairs with the same file stem in two folders."""
+  for d in (image_dir, mask_dir):
+    if not os.path.isdir(d):
+      raise FileNotFoundError(f'{name}: folder {d} does not exist.')
+  images = {os.path.splitext(f)[0]: os.path.join(image_dir, f)
+            for f in sorted(os.listdir(image_dir))
+            if f.lower().endswith(IMAGE_EXTENSIONS)}
+  masks = {os.path.splitext(f)[0]: os.path.join(mask_dir, f)
+           for f in sorted(os.listdir(mask_dir))
+           if f.lower().endswith(IMAGE_EXTENSIONS)}
+  if not images:
+    raise ValueError(f'{name}: no images in {image_dir} (looked for '
+                     f'{", ".join(IMAGE_EXTENSIONS)}).')
+  pairs = []
+  for stem, path in sorted(images.items()):
+    # A missing mask is reported (or skipped) by FileSource, like any
+    # listed file that does not exist.
+    pairs.append((path, masks.get(stem, os.path.join(mask_dir,
+                                                     f'{stem}.png'))))
+  return pairs
+
+
+def folder(root, split, num_classes, on_bad_sample='raise'):
+  """A user dataset: images and single-channel masks matched by file stem.
+
+  Layout: `{root}/images/{split}/` + `{root}/masks/{split}/`, or
+  `{root}/{split}/images/` + `{root}/{split}/masks/`. Mask values are class
+  ids 0..num_classes-1, 255 = ignore (palette PNGs are read as indices).
+  Class names come from `{root}/classes.txt` (one per line) when present.
+  """
+  files.check_root(root, 'folder', 'it must hold images/ and masks/')
+  layouts = [(os.path.join(root, 'images', split),
+              os.path.join(root, 'masks', split)),
+             (os.path.join(root, split, 'images'),
+              os.path.join(root, split, 'masks'))]
+  image_dir, mask_dir = next(
+      (l for l in layouts if os.path.isdir(l[0])), layouts[0])
+  names_file = os.path.join(root, 'classes.txt')
+  if os.path.isfile(names_file):
+    names = files.read_list(names_file, 'folder')
+    if len(names) != num_classes:
+      raise ValueError(f'folder: {names_file} names {len(names)} classes but '
+                       f'model.num_classes={num_classes}; make them equal.')
+  else:
+    names = [f'class_{i}' for i in range(num_classes)]
+  pairs = _pairs_by_stem(image_dir, mask_dir, 'folder', on_bad_sample)
+  return files.FileSource(f'folder/{split}', pairs, names,
+                          color_map(num_classes), files.label_table(
+                              num_classes), on_bad_sample, origin=image_dir)
+
+
+# --- TFDS (ArrayRecord) ---------------------------------------------------
+
+
+class TfdsSource:
+  """A TFDS dataset prepared as ArrayRecord, read through
+  `tfds.data_source` (random access, no tf.data)."""
+
+  def __init__(self, name, split, *, data_dir, image_key, label_key,
+               label_offset, ignore_values, class_names,
+               on_bad_sample='raise'):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.name = f'tfds:{name}/{split}'
+    try:
+      self._source = tfds.data_source(name, split=split,
+                                      data_dir=data_dir or None)
+    except Exception as e:  # tfds raises several types for a missing set
+      raise FileNotFoundError(
+          f'{self.name}: cannot open it in data.tfds.data_dir='
+          f'{data_dir!r} ({e}); prepare it with file_format=array_record '
+          '(tfds build --file_format=array_record).') from e
+    if len(self._source) == 0:
+      raise ValueError(f'{self.name}: the split is empty.')
+    self.class_names = tuple(class_names)
+    self.palette = color_map(len(self.class_names))
+    self._keys = (image_key, label_key)
+    mapping = {raw: raw + label_offset for raw in range(256)
+               if 0 <= raw + label_offset < len(self.class_names)}
+    self._table = files.label_table(len(self.class_names), mapping,
+                                    ignore=tuple(ignore_values) +
+                                    (IGNORE_LABEL,))
+    self._on_bad = files.check_on_bad_sample(on_bad_sample)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    where = f'{self.name}[{index}]'
+    record = self._source[index]
+    try:
+      for key in self._keys:
+        if key not in record:
+          raise KeyError(f'{where}: no feature {key!r}; it has '
+                         f'{sorted(record)}. Set data.tfds.image_key/'
+                         'label_key.')
+      image = np.asarray(record[self._keys[0]])
+      raw = np.asarray(record[self._keys[1]])
+      if raw.ndim == 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+      if image.ndim == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, -1)
+      if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise files.BadSampleError(
+            f'{where}: image is {image.dtype}{list(image.shape)}; expected '
+            'uint8 (H, W, 3).')
+      if raw.shape != image.shape[:2]:
+        raise files.BadSampleError(
+            f'{where}: mask shape {raw.shape} differs from image shape '
+            f'{image.shape[:2]}.')
+      if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+          raise files.BadSampleError(f'{where}: mask values outside 0..255.')
+        raw = raw.astype(np.uint8)
+      return {'image': image, 'label': files.apply_table(raw, self._table,
+                                                         where)}
+    except files.BadSampleError as e:
+      if self._on_bad == 'raise':
+        raise
+      return files.skipped(str(e))
+
+  def __repr__(self):
+    return f'TfdsSource({self.name!r}, n={len(self)})'
