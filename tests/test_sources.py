@@ -269,6 +269,10 @@ def test_missing_root_list_and_empty_split_name_the_path(tmp_path):
   for name in ('voc', 'cityscapes', 'ade20k', 'camvid', 'folder'):
     with pytest.raises(FileNotFoundError, match=f'data.root=.*nowhere'):
       data.create_source(_config(name, missing, 11), 'train')
+  with pytest.raises(FileNotFoundError, match=r'VOC2012 not found under '
+                     r'data.root=.*: expected JPEGImages/'):
+    data.create_source(_config('voc', tmp_path, 21), 'val')
+  (tmp_path / 'JPEGImages').mkdir()
   (tmp_path / 'ImageSets' / 'Segmentation').mkdir(parents=True)
   with pytest.raises(FileNotFoundError,
                      match=r'ImageSets/Segmentation/val.txt does not exist'):

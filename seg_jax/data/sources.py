@@ -55,6 +55,10 @@ def voc(root, split, on_bad_sample='raise'):
   files.check_root(root, 'voc', 'point it at VOCdevkit/VOC2012')
   if os.path.isdir(os.path.join(root, 'VOC2012')):
     root = os.path.join(root, 'VOC2012')
+  if not os.path.isdir(os.path.join(root, 'JPEGImages')):
+    raise FileNotFoundError(
+        f'voc: VOC2012 not found under data.root={root}: expected '
+        'JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/ there.')
   lists = os.path.join(root, 'ImageSets', 'Segmentation')
   if split == 'train_aug':
     masks = os.path.join(root, 'SegmentationClassAug')
@@ -182,7 +186,7 @@ def ade20k(root, split, on_bad_sample='raise'):
   folder = _ADE20K_SPLITS.get(split, split)
   pairs = _pairs_by_stem(os.path.join(root, 'images', folder),
                          os.path.join(root, 'annotations', folder),
-                         'ade20k', on_bad_sample)
+                         'ade20k')
   return files.FileSource(f'ade20k/{split}', pairs, ADE20K_CLASSES,
                           ADE20K_PALETTE, ade20k_table(), on_bad_sample,
                           origin=os.path.join(root, 'images', folder))
@@ -234,7 +238,7 @@ def camvid(root, split, on_bad_sample='raise'):
 # --- Any folder of images and masks ---------------------------------------
 
 
-def _pairs_by_stem(image_dir, mask_dir, name, on_bad_sample):
+def _pairs_by_stem(image_dir, mask_dir, name):
   """(image, mask) pairs with the same file stem in two folders."""
   for d in (image_dir, mask_dir):
     if not os.path.isdir(d):
@@ -280,7 +284,7 @@ def folder(root, split, num_classes, on_bad_sample='raise'):
                        f'model.num_classes={num_classes}; make them equal.')
   else:
     names = [f'class_{i}' for i in range(num_classes)]
-  pairs = _pairs_by_stem(image_dir, mask_dir, 'folder', on_bad_sample)
+  pairs = _pairs_by_stem(image_dir, mask_dir, 'folder')
   return files.FileSource(f'folder/{split}', pairs, names,
                           color_map(num_classes), files.label_table(
                               num_classes), on_bad_sample, origin=image_dir)

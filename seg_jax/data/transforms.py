@@ -124,13 +124,17 @@ def _crop_origin(label, crop_h, crop_w, rng, cat_max_ratio, ignore_label):
   until no single class covers more than that share of the labelled crop
   pixels and at least two classes are present."""
   h, w = label.shape
+  step = max(1, int(np.sqrt(crop_h * crop_w / 16384)))
   for _ in range(10 if cat_max_ratio < 1.0 else 1):
     top = int(rng.integers(0, h - crop_h + 1))
     left = int(rng.integers(0, w - crop_w + 1))
     if cat_max_ratio >= 1.0:
       break
-    crop = label[top:top + crop_h, left:left + crop_w]
-    counts = np.bincount(crop[crop != ignore_label].ravel())
+    # Class shares are estimated on a grid of at most ~16k pixels (every
+    # 4th pixel of a 512x512 crop): exact enough for a cap, 16x cheaper.
+    crop = label[top:top + crop_h:step, left:left + crop_w:step]
+    counts = np.bincount(crop.ravel(), minlength=ignore_label + 1)
+    counts[ignore_label] = 0
     counts = counts[counts > 0]
     if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
       break
