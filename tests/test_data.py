@@ -302,3 +302,33 @@ def test_file_dataset_same_seed_same_batches_and_exact_resume(
   _assert_same_batches(first + rest, reference)
   for x, y in zip(first + rest, reference):
     np.testing.assert_array_equal(x['colour'], y['colour'])
+
+
+def test_train_crop_equals_rescaling_the_whole_image_then_cropping():
+  """The image is rescaled only inside the crop window: same pixels (up to
+  one grey level of rounding) as rescaling all of it and cropping."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (75, 100, 3), np.uint8)
+  label = rng.integers(0, 21, (75, 100)).astype(np.uint8)
+  t = transforms.TrainTransform(crop_size=(64, 96), scale_range=(0.5, 2.0),
+                                flip=False)
+  for seed in range(8):
+    out = t.random_map({'image': image, 'label': label},
+                       np.random.default_rng(seed))
+    r = np.random.default_rng(seed)  # replays the transform's draws
+    s = r.uniform(0.5, 2.0)
+    sh, sw = int(75 * s + 0.5), int(100 * s + 0.5)
+    full = np.asarray(Image.fromarray(image).resize((sw, sh),
+                                                    Image.BILINEAR))
+    full_label = np.asarray(Image.fromarray(label).resize((sw, sh),
+                                                          Image.NEAREST))
+    top = int(r.integers(0, max(sh, 64) - 64 + 1))
+    left = int(r.integers(0, max(sw, 96) - 96 + 1))
+    ref = full[top:top + 64, left:left + 96]
+    ref_label = full_label[top:top + 64, left:left + 96]
+    h, w = ref_label.shape
+    np.testing.assert_array_equal(out['label'][:h, :w], ref_label)
+    assert np.all(out['label'][h:] == 255) and np.all(out['label'][:, w:] == 255)
+    diff = np.abs(out['image'][:h, :w].astype(int) - ref)
+    assert diff.max() <= 1  # PIL rounds fixed-point sums per window

@@ -1,9 +1,10 @@
 """Input pipeline throughput: decoded and augmented train images per second.
 
-  python -m seg_jax.data.bench --config=configs/fcn8s_voc.py --workers=0,1,2
+  python -m seg_jax.data.bench --config=configs/fcn8s_voc.py --workers=0,1,2 --threads=1,2
 
 Runs the config's training pipeline (decode, rescale, crop, flip, colour
-draw, batch) with each worker count and reports images/s after a warm-up.
+draw, batch) with each worker-process count and reader-thread count (per
+process) and reports images/s after a warm-up.
 Without `data.root` on disk, or with --synthetic=N, it first writes N
 VOC-layout pairs (500x375 JPEG + palette PNG, VOC's typical size) into a
 temporary folder and reads those.
@@ -24,6 +25,9 @@ from seg_jax.data import pipeline, sources
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
                              'grain worker process counts to measure.')
+_THREADS = flags.DEFINE_list('threads', [],
+                             'reader threads per process to measure '
+                             '(default: data.num_threads).')
 _BATCHES = flags.DEFINE_integer('batches', 40, 'Batches timed per setting.')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Batches before timing starts.')
 _SYNTHETIC = flags.DEFINE_integer(
@@ -63,13 +67,14 @@ def write_voc_like(root, n, size=(375, 500), seed=0):
     f.write('\n'.join(ids) + '\n')
 
 
-def measure(config, workers, batches, warmup):
-  """Images per second of the train pipeline with `workers` processes."""
+def measure(config, workers, threads, batches, warmup):
+  """Images per second of the train pipeline with `workers` processes of
+  `threads` reader threads each."""
   source = data.create_source(config, 'train')
   ds = pipeline.create_train_dataset(
       source, pipeline.train_transform(config), seed=config.seed,
       batch_size=config.train.global_batch_size, worker_count=workers,
-      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+      num_threads=threads, prefetch=config.data.prefetch)
   it = iter(ds)
   for _ in range(warmup):
     next(it)
@@ -97,13 +102,13 @@ def main(argv):
     print(f'data={config.data.name} crop={crop} '
           f'scale_range={tuple(config.data.scale_range)} '
           f'photometric={config.data.photometric.enabled} '
-          f'batch={config.train.global_batch_size} '
-          f'threads={config.data.num_threads} cpus={os.cpu_count()}')
-    print('| workers | images/s |')
-    print('|---|---|')
+          f'batch={config.train.global_batch_size} cpus={os.cpu_count()}')
+    print('| worker processes | threads each | images/s |')
+    print('|---|---|---|')
     for w in _WORKERS.value:
-      rate = measure(config, int(w), _BATCHES.value, _WARMUP.value)
-      print(f'| {w} | {rate:.1f} |', flush=True)
+      for t in _THREADS.value or [config.data.num_threads]:
+        rate = measure(config, int(w), int(t), _BATCHES.value, _WARMUP.value)
+        print(f'| {w} | {t} | {rate:.1f} |', flush=True)
 
 
 if __name__ == '__main__':

@@ -12,30 +12,73 @@ from seg_jax.data import files, transforms
 from seg_jax.metrics import IGNORE_LABEL
 
 
-class SkipCounter(grain.transforms.Filter):
-  """Drops the markers of bad records skipped by a source, counting them.
+class SkipCounter:
+  """Counts the bad records a source skipped ('skip' mode) on this process.
 
-  Runs in the main process (after the worker processes), so `count` is the
-  number of records this process's loader has skipped. Raises once
-  `max_in_a_row` records in a row were bad: a dataset that is bad
-  everywhere must not spin forever.
+  Training pipelines drop skipped records where they are read (in the worker
+  processes) and tag each batch with how many were dropped while forming it
+  ('num_skipped'); `count_batch` adds that up here. Evaluation passes each
+  record through `keep`. Either raises once `max_in_a_row` records in a row
+  were bad: a dataset that is bad everywhere must not spin forever.
   """
 
   def __init__(self, max_in_a_row=1000):
-    self.count, self._in_a_row, self._max = 0, 0, max_in_a_row
+    self.count, self.max_in_a_row = 0, max_in_a_row
 
-  def filter(self, element):
+  def count_batch(self, batch):
+    """Adds up and removes a training batch's 'num_skipped' tags."""
+    skipped = int(np.sum(batch.pop('num_skipped')))
+    if skipped:
+      self.count += skipped
+      logging.warning('%d bad samples skipped so far on this process.',
+                      self.count)
+    return batch
+
+  def keep(self, element):
+    """False (and counted, and logged) for a skipped record's marker."""
     if not files.is_skipped(element):
-      self._in_a_row = 0
       return True
     self.count += 1
-    self._in_a_row += 1
     logging.warning('Skipped bad sample #%d: %s', self.count,
                     element['skipped'])
-    if self._in_a_row >= self._max:
-      raise RuntimeError(f'{self._in_a_row} bad samples in a row; the '
-                         f'last: {element["skipped"]}')
     return False
+
+
+class _DropSkipped(grain.IterDataset):
+  """Drops skipped-record markers; tags each record kept with 'num_skipped',
+  the number dropped just before it. Checkpoints as its parent does."""
+
+  def __init__(self, parent, max_in_a_row):
+    super().__init__(parent)
+    self._max = max_in_a_row
+
+  def __iter__(self):
+    return _DropSkippedIterator(self._parent.__iter__(), self._max)
+
+
+class _DropSkippedIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, max_in_a_row):
+    super().__init__(parent)
+    self._max = max_in_a_row
+
+  def __next__(self):
+    dropped = 0
+    while True:
+      element = next(self._parent)
+      if not files.is_skipped(element):
+        return {**element, 'num_skipped': np.int32(dropped)}
+      dropped += 1
+      logging.warning('Skipped bad sample: %s', element['skipped'])
+      if dropped >= self._max:
+        raise RuntimeError(f'{dropped} bad samples in a row; the last: '
+                           f'{element["skipped"]}')
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 def create_train_dataset(source, transform, *, seed, batch_size,
@@ -53,13 +96,13 @@ def create_train_dataset(source, transform, *, seed, batch_size,
     num_threads: reader threads per process (or per worker).
     prefetch: elements each reader keeps ready.
     process_index, process_count: this process's shard (default: JAX's).
-    skip_counter: the `SkipCounter` that drops and counts bad records
+    skip_counter: the `SkipCounter` that counts skipped bad records
       (default: a new one).
 
   Returns:
     `grain.IterDataset`; `iter()` of it has `get_state`/`set_state`.
-    Decoding and augmentation run in the worker processes; dropping skipped
-    records and batching run in this one.
+    Decoding, augmentation, dropping skipped records and batching run in the
+    worker processes (one batch crosses the process boundary at a time).
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -69,13 +112,15 @@ def create_train_dataset(source, transform, *, seed, batch_size,
   ds = grain.MapDataset.source(source)[index::count]
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(transform, seed=seed + 1)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=prefetch))
+  counter = skip_counter or SkipCounter()
+  it_ds = _DropSkipped(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=prefetch)),
+                       counter.max_in_a_row)
+  it_ds = it_ds.batch(batch_size, drop_remainder=True)
   if worker_count > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=prefetch))
-  it_ds = it_ds.filter(skip_counter or SkipCounter())
-  return it_ds.batch(batch_size, drop_remainder=True)
+        num_workers=worker_count))
+  return it_ds.map(counter.count_batch)
 
 
 class _PaddedEvalSource:
@@ -104,7 +149,7 @@ class _PaddedEvalSource:
     g = b * self._global + self._proc * self._local + j
     if g < len(self._source):
       example = self._transform.map(self._source[g])
-      if self._skips.filter(example):
+      if self._skips.keep(example):
         return {**example, 'index': np.int32(g)}
     return self._blank_like()
 
