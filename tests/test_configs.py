@@ -1,0 +1,36 @@
+"""Every shipped config is consistent: known model and dataset, model
+options the model accepts, class weights per class, valid transforms."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from seg_jax import data, models
+from seg_jax.data import pipeline
+
+from conftest import REPO
+
+CONFIGS = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
+    if not os.path.basename(p).startswith('__'))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_is_consistent(name, monkeypatch):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.model.name in models.MODELS
+  assert config.data.name in data.DATASETS
+  models.create_model(config.model.name, config.model.num_classes,
+                      **config.model.kwargs)
+  weights = tuple(config.train.class_weights)
+  assert not weights or len(weights) == config.model.num_classes
+  pipeline.train_transform(config)
+  pipeline.eval_transform(config)
+  assert config.data.on_bad_sample in ('raise', 'skip')
+  if config.data.name == 'camvid' and os.path.isdir(
+      os.path.join(REPO, config.data.root)):
+    monkeypatch.chdir(REPO)  # the config's root is relative to the repo
+    assert len(data.create_source(config, 'val')) == 101
