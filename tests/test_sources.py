@@ -426,3 +426,18 @@ def test_skip_count_is_exactly_the_bad_records_read(tmp_path):
   for _ in range(4):
     next(it)
   assert counter.count == expected and expected >= 4
+
+
+def test_one_bit_and_sixteen_bit_masks_read_as_values(tmp_path):
+  ones = np.array([[0, 1, 1], [1, 0, 0]], bool)
+  Image.fromarray(ones).save(tmp_path / 'bits.png')
+  np.testing.assert_array_equal(files.read_mask(str(tmp_path / 'bits.png')),
+                                ones.astype(np.uint8))
+  wide = np.array([[0, 3, 255], [7, 1, 2]], np.uint16)
+  Image.fromarray(wide).save(tmp_path / 'wide.png')
+  np.testing.assert_array_equal(files.read_mask(str(tmp_path / 'wide.png')),
+                                wide.astype(np.uint8))
+  Image.fromarray(np.array([[0, 300]], np.uint16)).save(tmp_path / 'big.png')
+  with pytest.raises(files.BadSampleError, match=r'big.png: mask holds values '
+                     r'up to 300'):
+    files.read_mask(str(tmp_path / 'big.png'))

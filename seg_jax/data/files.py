@@ -87,6 +87,8 @@ def read_mask(path):
       im.load()
       if im.mode in ('P', 'L'):
         return np.asarray(im)  # 'P': the palette indices themselves
+      if im.mode == '1':  # 1-bit masks: 0 and 1
+        return np.asarray(im).astype(np.uint8)
       if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
         raw = np.asarray(im)
         if raw.size and (raw.min() < 0 or raw.max() > 255):
