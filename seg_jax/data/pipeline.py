@@ -3,6 +3,7 @@ checkpointable state, and padded evaluation batches covering a split once."""
 
 import logging
 import math
+import threading
 
 import grain
 import jax
@@ -24,6 +25,7 @@ class SkipCounter:
 
   def __init__(self, max_in_a_row=1000):
     self.count, self.max_in_a_row = 0, max_in_a_row
+    self._lock = threading.Lock()  # eval reader threads call `keep`
 
   def count_batch(self, batch):
     """Adds up and removes a training batch's 'num_skipped' tags."""
@@ -38,9 +40,10 @@ class SkipCounter:
     """False (and counted, and logged) for a skipped record's marker."""
     if not files.is_skipped(element):
       return True
-    self.count += 1
-    logging.warning('Skipped bad sample #%d: %s', self.count,
-                    element['skipped'])
+    with self._lock:
+      self.count += 1
+      n = self.count
+    logging.warning('Skipped bad sample #%d: %s', n, element['skipped'])
     return False
 
 
