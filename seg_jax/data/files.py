@@ -121,6 +121,27 @@ def apply_table(raw, table, path):
   return mapped.astype(np.uint8)
 
 
+def to_example(image, raw, table, mask_name, image_name):
+  """{'image', 'label'} of a decoded image and its raw mask, checked: the
+  sizes must agree and every raw value must be defined by `table`."""
+  if raw.shape != image.shape[:2]:
+    raise BadSampleError(
+        f'{mask_name}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its '
+        f'image {image_name} is {image.shape[1]}x{image.shape[0]}; they '
+        'must be the same size.')
+  return {'image': image, 'label': apply_table(raw, table, mask_name)}
+
+
+def load_or_skip(on_bad_sample, load, *args):
+  """`load(*args)`; in 'skip' mode a BadSampleError becomes a skip marker."""
+  try:
+    return load(*args)
+  except BadSampleError as e:
+    if on_bad_sample == 'raise':
+      raise
+    return skipped(str(e))
+
+
 def _ranges(values):
   """[0,1,2,5,255] -> '0..2, 5, 255'."""
   out, start = [], None
@@ -199,24 +220,12 @@ class FileSource:
     return len(self.pairs)
 
   def __getitem__(self, index):
-    image_path, mask_path = self.pairs[index]
-    try:
-      return self.load(image_path, mask_path)
-    except BadSampleError as e:
-      if self._on_bad == 'raise':
-        raise
-      return skipped(str(e))
+    return load_or_skip(self._on_bad, self.load, *self.pairs[index])
 
   def load(self, image_path, mask_path):
     """Decoded, checked example {'image', 'label'} of one pair."""
-    image = read_image(image_path)
-    raw = read_mask(mask_path)
-    if raw.shape != image.shape[:2]:
-      raise BadSampleError(
-          f'{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its '
-          f'image {image_path} is {image.shape[1]}x{image.shape[0]}; they '
-          'must be the same size.')
-    return {'image': image, 'label': apply_table(raw, self._table, mask_path)}
+    return to_example(read_image(image_path), read_mask(mask_path),
+                      self._table, mask_path, image_path)
 
   def __repr__(self):
     return f'FileSource({self.name!r}, n={len(self)})'

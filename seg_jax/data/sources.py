@@ -326,38 +326,34 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index):
+    return files.load_or_skip(self._on_bad, self.load, index)
+
+  def load(self, index):
+    """Checked example {'image', 'label'} of record `index`."""
     where = f'{self.name}[{index}]'
     record = self._source[index]
-    try:
-      for key in self._keys:
-        if key not in record:
-          raise KeyError(f'{where}: no feature {key!r}; it has '
-                         f'{sorted(record)}. Set data.tfds.image_key/'
-                         'label_key.')
-      image = np.asarray(record[self._keys[0]])
-      raw = np.asarray(record[self._keys[1]])
-      if raw.ndim == 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-      if image.ndim == 3 and image.shape[-1] == 1:
-        image = np.repeat(image, 3, -1)
-      if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise files.BadSampleError(
-            f'{where}: image is {image.dtype}{list(image.shape)}; expected '
-            'uint8 (H, W, 3).')
-      if raw.shape != image.shape[:2]:
-        raise files.BadSampleError(
-            f'{where}: mask shape {raw.shape} differs from image shape '
-            f'{image.shape[:2]}.')
-      if raw.dtype != np.uint8:
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-          raise files.BadSampleError(f'{where}: mask values outside 0..255.')
-        raw = raw.astype(np.uint8)
-      return {'image': image, 'label': files.apply_table(raw, self._table,
-                                                         where)}
-    except files.BadSampleError as e:
-      if self._on_bad == 'raise':
-        raise
-      return files.skipped(str(e))
+    for key in self._keys:
+      if key not in record:
+        raise KeyError(f'{where}: no feature {key!r}; it has '
+                       f'{sorted(record)}. Set data.tfds.image_key/'
+                       'label_key.')
+    image = np.asarray(record[self._keys[0]])
+    raw = np.asarray(record[self._keys[1]])
+    if raw.ndim == 3 and raw.shape[-1] == 1:
+      raw = raw[..., 0]
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = np.repeat(image, 3, -1)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+      raise files.BadSampleError(
+          f'{where}: image is {image.dtype}{list(image.shape)}; expected '
+          'uint8 (H, W, 3).')
+    if raw.dtype != np.uint8 and raw.size and (raw.min() < 0 or
+                                               raw.max() > 255):
+      raise files.BadSampleError(f'{where}: mask values outside 0..255.')
+    return files.to_example(image, raw.astype(np.uint8, copy=False),
+                            self._table,
+                            f'{where} {self._keys[1]}',
+                            f'{where} {self._keys[0]}')
 
   def __repr__(self):
     return f'TfdsSource({self.name!r}, n={len(self)})'

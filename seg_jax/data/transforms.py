@@ -34,28 +34,34 @@ def pair(size):
   return (int(size), int(size)) if np.isscalar(size) else tuple(map(int, size))
 
 
-def resize(example, height, width):
-  """Bilinear image, nearest-neighbour label resize to (height, width)."""
-  image = Image.fromarray(example['image']).resize((width, height),
-                                                   Image.BILINEAR)
-  label = Image.fromarray(example['label']).resize((width, height),
-                                                   Image.NEAREST)
-  return {**example, 'image': np.asarray(image), 'label': np.asarray(label)}
+def scaled_size(size, scale):
+  """(h, w) * scale, rounded, at least 1 pixel each."""
+  return tuple(max(int(s * scale + 0.5), 1) for s in pair(size))
 
 
-def pad_to(example, height, width, image_fill=0, ignore_label=IGNORE_LABEL):
-  """Pads at the bottom/right up to at least (height, width)."""
-  h, w = example['label'].shape
+def fill_value(mean):
+  """The uint8 pixel padded images get: the mean, so it normalises to ~0."""
+  return np.asarray(mean, np.float32).round().astype(np.uint8)
+
+
+def pad_image(image, height, width, fill):
+  """Pads (H, W, 3) at the bottom/right with `fill` to (height, width)."""
+  h, w = image.shape[:2]
+  if h >= height and w >= width:
+    return image
+  out = np.empty((max(h, height), max(w, width), 3), np.uint8)
+  out[...] = fill
+  out[:h, :w] = image
+  return out
+
+
+def pad_label(label, height, width, ignore_label=IGNORE_LABEL):
+  """Pads (H, W) at the bottom/right with `ignore_label`."""
+  h, w = label.shape
   ph, pw = max(height - h, 0), max(width - w, 0)
   if not ph and not pw:
-    return example
-  image = np.pad(example['image'], ((0, ph), (0, pw), (0, 0)))
-  if np.any(image_fill):
-    image[h:, :] = image_fill
-    image[:, w:] = image_fill
-  label = np.pad(example['label'], ((0, ph), (0, pw)),
-                 constant_values=ignore_label)
-  return {**example, 'image': image, 'label': label}
+    return label
+  return np.pad(label, ((0, ph), (0, pw)), constant_values=ignore_label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +178,7 @@ class TrainTransform(grain.transforms.RandomMap):
     h, w = element['label'].shape
     sh, sw = h, w  # size after the random rescale
     if tuple(self.scale_range) != (1.0, 1.0):
-      scale = rng.uniform(*self.scale_range)
-      sh, sw = max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
+      sh, sw = scaled_size((h, w), rng.uniform(*self.scale_range))
     # The label is rescaled whole (cheap, and cat_max_ratio looks at it);
     # the image only inside the crop window, which gives the same pixels as
     # rescaling it whole and cropping, at a fraction of the cost.
@@ -181,23 +186,18 @@ class TrainTransform(grain.transforms.RandomMap):
     if (sh, sw) != (h, w):
       label = np.asarray(Image.fromarray(label).resize((sw, sh),
                                                        Image.NEAREST))
-    label = pad_to({'image': np.zeros((sh, sw, 0), np.uint8),
-                    'label': label}, crop_h, crop_w,
-                   ignore_label=self.ignore_label)['label']
+    label = pad_label(label, crop_h, crop_w, self.ignore_label)
     top, left = _crop_origin(label, crop_h, crop_w, rng, self.cat_max_ratio,
                              self.ignore_label)
     label = label[top:top + crop_h, left:left + crop_w]
-    fill = np.asarray(self.mean, np.float32).round().astype(np.uint8)
-    image = np.empty((crop_h, crop_w, 3), np.uint8)
-    image[...] = fill
     y1, x1 = min(top + crop_h, sh), min(left + crop_w, sw)
     if (sh, sw) == (h, w):
-      image[:y1 - top, :x1 - left] = element['image'][top:y1, left:x1]
+      image = element['image'][top:y1, left:x1]
     else:
       box = (left * w / sw, top * h / sh, x1 * w / sw, y1 * h / sh)
-      image[:y1 - top, :x1 - left] = np.asarray(
-          Image.fromarray(element['image']).resize(
-              (x1 - left, y1 - top), Image.BILINEAR, box=box))
+      image = np.asarray(Image.fromarray(element['image']).resize(
+          (x1 - left, y1 - top), Image.BILINEAR, box=box))
+    image = pad_image(image, crop_h, crop_w, fill_value(self.mean))
     if self.flip and rng.random() < 0.5:
       image, label = image[:, ::-1], label[:, ::-1]
     out = {'image': np.ascontiguousarray(image),
@@ -225,20 +225,15 @@ class EvalTransform(grain.transforms.Map):
     if files.is_skipped(element):
       return element
     h, w = pair(self.pad_size)
-    fill = np.asarray(self.mean, np.float32).round().astype(np.uint8)
     if element['label'].shape[0] > h or element['label'].shape[1] > w:
       raise ValueError(f'eval example of size {element["label"].shape} is '
                        f'larger than data.eval_pad_size={(h, w)}; raise it.')
-    label = pad_to(element, h, w, fill, self.ignore_label)['label']
+    label = pad_label(element['label'], h, w, self.ignore_label)
+    image = element['image']
     if self.scale != 1.0:
-      ih, iw = element['label'].shape
-      element = resize(element, max(int(ih * self.scale + 0.5), 1),
-                       max(int(iw * self.scale + 0.5), 1))
+      ih, iw = scaled_size(element['label'].shape, self.scale)
+      image = np.asarray(Image.fromarray(image).resize((iw, ih),
+                                                       Image.BILINEAR))
       h, w = scaled_size((h, w), self.scale)
-    image = pad_to(element, h, w, fill, self.ignore_label)['image']
-    return {'image': image, 'label': label}
-
-
-def scaled_size(size, scale):
-  """(h, w) * scale, rounded: the image size the model sees at eval."""
-  return tuple(max(int(s * scale + 0.5), 1) for s in pair(size))
+    return {'image': pad_image(image, h, w, fill_value(self.mean)),
+            'label': label}
