@@ -7,6 +7,14 @@ Any key can be overridden on the command line: --config.train.num_steps=100.
 import ml_collections
 
 
+def evaluator(mode='whole', window=(), stride=(), scales=(1.0,), flip=False,
+              average='logits'):
+  """One entry of `eval.evaluators` (see seg_jax/evaluators.py)."""
+  return ml_collections.ConfigDict(dict(
+      mode=mode, window=window, stride=stride, scales=scales, flip=flip,
+      average=average))
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameter init, shuffling, augmentation and dropout
@@ -25,8 +33,7 @@ def get_config():
   c.data.val_split = 'val'  # split evaluated on
   c.data.on_bad_sample = 'raise'  # 'raise', or 'skip' (and count) bad files
   c.data.crop_size = (512, 512)  # training crop (height, width)
-  c.data.eval_pad_size = ()  # eval labels padded to (height, width); (): crop
-  c.data.eval_scale = 1.0  # eval images resized by this; logits resized back
+  c.data.eval_pad_size = ()  # eval images/labels padded to (h, w); (): crop
   c.data.ignore_label = 255  # label excluded from loss and metrics
   c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
   c.data.flip = True  # random horizontal flip for training
@@ -77,6 +84,17 @@ def get_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2000  # evaluate on the whole val split this often
   c.eval.global_batch_size = 16  # eval examples per step over all devices
+  c.eval.in_training = ('whole',)  # evaluators run while training; 1st: result
+  c.eval.num_images = 3  # image | truth | prediction pictures per evaluation
+  c.eval.evaluators = ml_collections.ConfigDict()  # name -> how to evaluate
+  # Each: mode 'whole' (padded image, one pass) or 'slide' (windows of
+  # `window` every `stride`, overlaps averaged; (): crop size and 2/3 of
+  # it); `scales` and `flip`: test-time augmentation merged at the original
+  # resolution; `average`: merge 'logits' or softmax 'probs'.
+  c.eval.evaluators.whole = evaluator()
+  c.eval.evaluators.slide = evaluator(mode='slide')
+  c.eval.evaluators.tta = evaluator(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+                                    flip=True)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 2000  # save train state + data iterator this often

@@ -28,7 +28,7 @@ def get_config():
   c.data.crop_size = (176, 240)
   c.data.scale_range = (0.4, 0.8)
   c.data.eval_pad_size = (368, 480)
-  c.data.eval_scale = 0.5
+  c.eval.evaluators.whole.scales = (0.5,)  # logits resized back to full
   c.data.worker_count = 0
   c.train.global_batch_size = 8
   c.train.num_steps = 600

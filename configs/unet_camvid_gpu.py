@@ -15,7 +15,6 @@ def get_config():
   c.data.crop_size = (360, 480)
   c.data.scale_range = (0.75, 1.5)
   c.data.eval_pad_size = (384, 480)
-  c.data.eval_scale = 1.0
   c.data.photometric.enabled = True
   c.data.worker_count = 8
   c.train.global_batch_size = 16

@@ -108,6 +108,45 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_variables(directory, step, abstract):
+  """Restores part of a checkpoint's train state: the leaves of `abstract`.
+
+  For inference: the optimizer state is not read.
+
+  Args:
+    directory: the checkpoint folder (`<workdir>/checkpoints`).
+    step: 'latest' or a step number (int or digit string).
+    abstract: dict of train-state fields to read (e.g. 'params',
+      'batch_stats', 'step') holding `jax.ShapeDtypeStruct`s with shardings.
+
+  Returns:
+    (dict like `abstract` with arrays, the step restored).
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'No checkpoints: {directory} does not exist; '
+                            'train first or check --workdir.')
+  with ocp.CheckpointManager(directory) as manager:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
+    if step in ('latest', None, ''):
+      step = steps[-1]
+    elif str(step).isdigit() and int(step) in steps:
+      step = int(step)
+    else:
+      raise ValueError(f'--checkpoint={step!r}: {directory} holds steps '
+                       f'{steps}; use one of them or "latest".')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract))))['state']
+  logging.info('Restored %s of checkpoint %d from %s', sorted(abstract),
+               step, directory)
+  return restored, step
+
+
 def read_state(directory, step):
   """Reads the train state stored at `step` as a pytree of arrays.
 

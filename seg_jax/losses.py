@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import optax
 
-from seg_jax.metrics import IGNORE_LABEL
+from seg_jax.labels import IGNORE_LABEL
 
 
 def cross_entropy(logits, labels, class_weights=None,

@@ -4,12 +4,13 @@ Multi-host jobs call `jax.distributed.initialize()` first; on one machine
 nothing is needed.
 """
 
-import logging as pylogging
 import os
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from seg_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -23,18 +24,10 @@ flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the training log."""
-
-  def filter(self, record):
-    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
-    return record.levelno >= pylogging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  cli.quiet_library_logs()
   if FLAGS.distributed:
     jax.distributed.initialize()
   from seg_jax import train  # pylint: disable=g-import-not-at-top
@@ -51,4 +44,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
-IGNORE_LABEL = 255
+from seg_jax.labels import IGNORE_LABEL
 
 
 def confusion_matrix(preds, labels, num_classes, ignore_label=IGNORE_LABEL):
@@ -31,36 +31,68 @@ def confusion_matrix(preds, labels, num_classes, ignore_label=IGNORE_LABEL):
                           num_classes, num_classes).astype(jnp.int32)
 
 
-def scores_from_confusion(matrix):
-  """mIoU, per-class IoU, mean and pixel accuracy from a confusion matrix.
+def _nanmean(a):
+  return float(np.nanmean(a)) if np.any(~np.isnan(a)) else np.nan
 
-  Classes that appear neither in the labels nor in the predictions have an
-  undefined IoU (NaN) and are left out of the mean; a class present in the
-  labels but never predicted counts as 0.
+
+def _ratio(num, den):
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def scores_from_confusion(matrix, beta=1.0):
+  """Every standard segmentation score of one dataset-level confusion matrix.
+
+  Per class c, with TP its diagonal entry, L its row sum (labelled c) and P
+  its column sum (predicted c): IoU = TP / (L + P - TP), accuracy (recall)
+  = TP / L, precision = TP / P, Dice = 2 TP / (L + P), F-score =
+  (1 + beta^2) precision recall / (beta^2 precision + recall). A ratio whose
+  denominator is 0 is undefined (NaN) and left out of its mean: a class that
+  appears neither in the labels nor in the predictions has no IoU; one that
+  is labelled but never predicted has IoU 0 and no precision.
 
   Args:
     matrix: (C, C) counts, rows = true class, columns = predicted class.
+    beta: the F-score's recall weight (1: F1).
 
   Returns:
-    dict with 'miou', 'iou' (C,), 'mean_accuracy', 'class_accuracy' (C,),
-    'pixel_accuracy' as numpy float64.
+    dict of numpy float64: 'pixel_accuracy' (aAcc), 'mean_accuracy' (mAcc),
+    'miou', 'fwiou' (IoU weighted by each class's share of labelled pixels),
+    'mdice', 'mfscore', 'mprecision', 'mrecall', and per class (C,) arrays
+    'iou', 'class_accuracy', 'dice', 'precision', 'recall', 'fscore',
+    'label_count', 'pred_count'.
   """
   m = np.asarray(matrix, np.float64)
   tp = np.diag(m)
   label_count, pred_count = m.sum(1), m.sum(0)
-  union = label_count + pred_count - tp
-  with np.errstate(invalid='ignore', divide='ignore'):
-    iou = np.where(union > 0, tp / union, np.nan)
-    class_acc = np.where(label_count > 0, tp / label_count, np.nan)
+  iou = _ratio(tp, label_count + pred_count - tp)
+  recall = _ratio(tp, label_count)
+  precision = _ratio(tp, pred_count)
+  dice = _ratio(2 * tp, label_count + pred_count)
+  b2 = beta * beta
+  fscore = _ratio((1 + b2) * precision * recall, b2 * precision + recall)
   total = m.sum()
-  nanmean = lambda a: float(np.nanmean(a)) if np.any(~np.isnan(a)) else np.nan
+  freq = label_count / total if total > 0 else np.zeros_like(label_count)
   return {
-      'miou': nanmean(iou),
-      'iou': iou,
-      'mean_accuracy': nanmean(class_acc),
-      'class_accuracy': class_acc,
       'pixel_accuracy': float(tp.sum() / total) if total > 0 else np.nan,
+      'mean_accuracy': _nanmean(recall),
+      'miou': _nanmean(iou),
+      'fwiou': float(np.sum(freq[freq > 0] * iou[freq > 0]))
+               if total > 0 else np.nan,
+      'mdice': _nanmean(dice),
+      'mfscore': _nanmean(fscore),
+      'mprecision': _nanmean(precision),
+      'mrecall': _nanmean(recall),
+      'iou': iou, 'class_accuracy': recall, 'dice': dice,
+      'precision': precision, 'recall': recall, 'fscore': fscore,
+      'label_count': label_count, 'pred_count': pred_count,
   }
+
+
+MEAN_SCORES = ('pixel_accuracy', 'mean_accuracy', 'miou', 'fwiou', 'mdice',
+               'mfscore', 'mprecision', 'mrecall')
+# Per-class scores written to TensorBoard as '<name>/<class>'.
+CLASS_SCORES = {'iou': 'iou', 'acc': 'class_accuracy', 'dice': 'dice'}
 
 
 @flax.struct.dataclass
@@ -69,9 +101,11 @@ class ConfusionMatrix(clu_metrics.Metric):
   matrix: jnp.ndarray  # (C, C) int32
 
   @classmethod
-  def from_model_output(cls, *, logits, labels, **_):
+  def from_model_output(cls, *, logits, labels, ignore_label=IGNORE_LABEL,
+                        **_):
     preds = jnp.argmax(logits, axis=-1)
-    return cls(matrix=confusion_matrix(preds, labels, logits.shape[-1]))
+    return cls(matrix=confusion_matrix(preds, labels, logits.shape[-1],
+                                       ignore_label))
 
   def merge(self, other):
     return type(self)(matrix=self.matrix + other.matrix)
@@ -88,22 +122,43 @@ class SegMetrics(clu_metrics.Collection):
 
 
 def summarize(metrics, class_names=None):
-  """Flattens a computed `SegMetrics` into scalars for writers and logs.
+  """Flattens a `SegMetrics` into scalars for writers and logs.
 
   Returns:
-    dict: loss, miou, mean_accuracy, pixel_accuracy, and iou/<class name>.
+    dict: 'loss', every score of `MEAN_SCORES`, and per class
+    'iou/<name>', 'acc/<name>', 'dice/<name>'.
   """
-  scores = metrics.confusion.compute()
   out = {'loss': float(metrics.loss.compute())}
-  out.update({k: scores[k] for k in ('miou', 'mean_accuracy', 'pixel_accuracy')})
-  names = class_names or [str(i) for i in range(len(scores['iou']))]
-  out.update({f'iou/{n}': float(v) for n, v in zip(names, scores['iou'])})
+  out.update(flatten_scores(metrics.confusion.compute(), class_names))
   return out
 
 
-def format_iou_table(iou, class_names):
-  """Per-class IoU as a Markdown table (percent, NaN shown as '-')."""
-  rows = ['| class | IoU % |', '|---|---|']
-  for name, value in zip(class_names, iou):
-    rows.append(f'| {name} | {"-" if np.isnan(value) else f"{100 * value:.2f}"} |')
+def flatten_scores(scores, class_names=None):
+  """Scalars of `scores_from_confusion`: means and per-class values."""
+  out = {k: float(scores[k]) for k in MEAN_SCORES}
+  names = class_names or [str(i) for i in range(len(scores['iou']))]
+  for prefix, key in CLASS_SCORES.items():
+    out.update({f'{prefix}/{n}': float(v)
+                for n, v in zip(names, scores[key])})
+  return out
+
+
+def format_table(scores, class_names):
+  """Per-class and mean scores as a Markdown table (percent, NaN as '-')."""
+  pct = lambda v: '-' if np.isnan(v) else f'{100 * v:.2f}'
+  rows = ['| class | IoU | Acc | Dice | Precision | Recall | F-score |',
+          '|---|---|---|---|---|---|---|']
+  for i, name in enumerate(class_names):
+    rows.append(f'| {name} | ' + ' | '.join(
+        pct(scores[k][i]) for k in ('iou', 'class_accuracy', 'dice',
+                                    'precision', 'recall', 'fscore')) + ' |')
+  rows.append('| **mean** | ' + ' | '.join(
+      f'**{pct(scores[k])}**' for k in ('miou', 'mean_accuracy', 'mdice',
+                                         'mprecision', 'mrecall',
+                                         'mfscore')) + ' |')
+  rows.append('')
+  rows.append(f'aAcc {pct(scores["pixel_accuracy"])}  mAcc '
+              f'{pct(scores["mean_accuracy"])}  mIoU {pct(scores["miou"])}  '
+              f'fwIoU {pct(scores["fwiou"])}  mDice {pct(scores["mdice"])}  '
+              f'mFscore {pct(scores["mfscore"])}')
   return '\n'.join(rows)

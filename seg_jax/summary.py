@@ -12,8 +12,10 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from seg_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file.',
@@ -42,14 +44,14 @@ def forward_gflops(model, variables, shape):
 
 def summarize(config, depth=2):
   """(table text, total params, forward GFLOPs per image)."""
-  from seg_jax import models, train  # pylint: disable=g-import-not-at-top
+  from seg_jax import models, state  # pylint: disable=g-import-not-at-top
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if 'scan_blocks' in inspect.signature(
       models.MODELS[config.model.name]).parameters:
     # XLA's cost analysis counts a scanned (looped) block once: unroll.
     config.model.kwargs = {**config.model.kwargs, 'scan_blocks': False}
-  model = train.create_model(config)
+  model = state.create_model(config)
   shape = (1, *transforms.pair(config.data.crop_size), 3)
   variables = jax.jit(lambda: model.init(
       jax.random.key(0), jnp.zeros(shape), train=False))()
@@ -72,4 +74,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

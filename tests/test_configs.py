@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from seg_jax import data, models
+from seg_jax import data, evaluators, models
 from seg_jax.data import pipeline
 
 from conftest import REPO
@@ -29,6 +29,9 @@ def test_config_is_consistent(name, monkeypatch):
   assert not weights or len(weights) == config.model.num_classes
   pipeline.train_transform(config)
   pipeline.eval_transform(config)
+  for name in config.eval.evaluators:  # every evaluator is well formed
+    evaluators.spec_from_config(config, name)
+  assert set(config.eval.in_training) <= set(config.eval.evaluators)
   assert config.data.on_bad_sample in ('raise', 'skip')
   if config.data.name == 'camvid' and os.path.isdir(
       os.path.join(REPO, config.data.root)):

@@ -254,14 +254,17 @@ def test_cat_max_ratio_redraws_dominated_crops():
   assert sum(s < 0.75 for s in capped_shares) > 33
 
 
-def test_eval_transform_scale_keeps_full_label():
+def test_eval_transform_pads_image_and_label_and_records_the_size():
   ex = {'image': np.full((30, 40, 3), 9, np.uint8),
         'label': np.arange(1200).reshape(30, 40).astype(np.uint8) % 7}
-  out = transforms.EvalTransform(pad_size=(32, 48), scale=0.5).map(ex)
-  assert out['image'].shape == (16, 24, 3)
+  out = transforms.EvalTransform(pad_size=(32, 48), mean=(1, 2, 3),
+                                 ignore_label=254).map(ex)
+  assert out['image'].shape == (32, 48, 3) and out['label'].shape == (32, 48)
   np.testing.assert_array_equal(out['label'][:30, :40], ex['label'])
-  assert np.all(out['label'][30:] == 255) and np.all(out['label'][:, 40:] == 255)
-  assert np.all(out['image'][:15, :20] == 9)
+  assert np.all(out['label'][30:] == 254) and np.all(out['label'][:, 40:] == 254)
+  assert np.all(out['image'][:30, :40] == 9)
+  np.testing.assert_array_equal(out['image'][31, 47], [1, 2, 3])
+  np.testing.assert_array_equal(out['size'], [30, 40])
   with pytest.raises(ValueError, match='larger than data.eval_pad_size'):
     transforms.EvalTransform(pad_size=(16, 48)).map(ex)
 

@@ -4,23 +4,23 @@ import jax
 import numpy as np
 import pytest
 
-from seg_jax import sharding, train
+from seg_jax import optim, sharding, state, steps
 from seg_jax.data import pipeline
 from seg_jax import data
 
 
 def _one_step(config, devices):
   mesh = sharding.create_mesh((-1,), ('data',), devices=devices)
-  model = train.create_model(config)
-  tx = train.create_optimizer(config.train)
-  state = train.create_train_state(model, tx, jax.random.key(0),
-                                   (1, 32, 32, 3), mesh)
+  model = state.create_model(config)
+  tx = optim.create_optimizer(config.train)
+  train_state = state.create_train_state(model, tx, jax.random.key(0),
+                                         (1, 32, 32, 3), mesh)
   ds = pipeline.create_train_dataset(
       data.create_source(config, 'train'), pipeline.train_transform(config),
       seed=0, batch_size=config.train.global_batch_size, num_threads=1)
   batch = next(iter(ds))
-  step = train.make_train_step(model, tx, config, mesh)
-  new_state, metrics = step(state, sharding.to_global(batch, mesh),
+  step = steps.make_train_step(model, tx, config, mesh)
+  new_state, metrics = step(train_state, sharding.to_global(batch, mesh),
                             jax.random.key(1))
   return jax.device_get(new_state), float(metrics.loss.compute()), mesh
 

@@ -213,6 +213,15 @@ def test_folder_matched_by_stem_with_class_names(tmp_path, layout):
 # --- TFDS -----------------------------------------------------------------
 
 
+def _png_bytes(array):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  buffer.seek(0)
+  return buffer
+
+
 def test_tfds_array_record_source(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   pytest.importorskip('array_record')
@@ -233,8 +242,10 @@ def test_tfds_array_record_source(tmp_path):
       return {'train': self._generate_examples()}
 
     def _generate_examples(self):
+      # Encoded PNGs: TFDS stores them as they are, without TensorFlow.
       for i in range(2):
-        yield i, {'image': images[i], 'segmentation_mask': masks[i][..., None]}
+        yield i, {'image': _png_bytes(images[i]),
+                  'segmentation_mask': _png_bytes(masks[i])}
 
   TinyPets(data_dir=str(tmp_path), file_format='array_record'
            ).download_and_prepare()

@@ -70,11 +70,11 @@ def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
   """A torchvision-layout ImageNet ResNet-50 file lands in the backbone of a
   DeepLab model through `model.init_from`; the head keeps its init."""
   import jax  # pylint: disable=g-import-not-at-top
-  from seg_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from seg_jax import optim, sharding, state  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   mapping, _ = convert._mapping('resnet50', False)  # pylint: disable=protected-access
   tiny_config.model.name, tiny_config.model.kwargs = 'deeplabv3_resnet50', {}
-  model = train.create_model(tiny_config)
+  model = state.create_model(tiny_config)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
   tensors, expected = {}, {}
@@ -95,10 +95,11 @@ def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
   _write_safetensors(path, tensors)
   tiny_config.model.init_from, tiny_config.model.init_format = path, 'resnet50'
   mesh = sharding.create_mesh((-1,), ('data',))
-  state = train.create_train_state(
-      model, train.create_optimizer(tiny_config.train), jax.random.key(0),
-      (1, 32, 32, 3), mesh, train.pretrained_init_fn(tiny_config))
-  got = {'params': state.params, 'batch_stats': state.batch_stats}
+  train_state = state.create_train_state(
+      model, optim.create_optimizer(tiny_config.train), jax.random.key(0),
+      (1, 32, 32, 3), mesh, state.pretrained_init_fn(tiny_config))
+  got = {'params': train_state.params,
+         'batch_stats': train_state.batch_stats}
   # torchvision's ResNet-50: 53 convs + 53 BatchNorms x 4 tensors (+ fc).
   assert len(tensors) == 265 + 1
   for p, value in expected.items():
@@ -106,4 +107,4 @@ def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
     for k in p:
       node = node[k]
     np.testing.assert_array_equal(np.asarray(node), value, err_msg=str(p))
-  assert 'aspp' in state.params and 'aspp' not in expected
+  assert 'aspp' in train_state.params and 'aspp' not in expected

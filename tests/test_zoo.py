@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seg_jax import models, sharding, train
+from seg_jax import models, optim, sharding, state, steps
 from seg_jax.models import layers
 
 # DESIGN.md's reference table, 21 classes.
@@ -129,8 +129,8 @@ def test_trains_on_8_device_mesh_f32_and_bf16(name, tiny_config):
   c.train.schedule, c.train.warmup_steps = 'constant', 0
   mesh = sharding.create_mesh((-1,), ('data',))
   assert mesh.devices.size == 8
-  tx = train.create_optimizer(c.train)
-  init_state = train.create_train_state(train.create_model(c), tx,
+  tx = optim.create_optimizer(c.train)
+  init_state = state.create_train_state(state.create_model(c), tx,
                                         jax.random.key(0), (1, 32, 32, 3),
                                         mesh)
   rng = np.random.default_rng(0)
@@ -146,16 +146,16 @@ def test_trains_on_8_device_mesh_f32_and_bf16(name, tiny_config):
   batch = sharding.to_global({'image': images, 'label': labels}, mesh)
   for precision in ('float32', 'bfloat16'):
     c.train.precision = precision
-    model = train.create_model(c)
-    step = train.make_train_step(model, tx, c, mesh)
-    state = jax.tree.map(jnp.copy, init_state)  # the step donates its state
+    model = state.create_model(c)
+    step = steps.make_train_step(model, tx, c, mesh)
+    train_state = jax.tree.map(jnp.copy, init_state)  # the step donates it
     losses = []
     for _ in range(6):  # the same batch: the loss must go down
-      state, m = step(state, batch, jax.random.key(1))
+      train_state, m = step(train_state, batch, jax.random.key(1))
       losses.append(float(m.loss.compute()))
     assert np.all(np.isfinite(losses)), (precision, losses)
     assert np.mean(losses[-2:]) < losses[0], (precision, losses)
-    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+    assert jax.tree.leaves(train_state.params)[0].dtype == jnp.float32
 
 
 CONFIGS = ['fcn32s_voc', 'fcn16s_voc', 'fcn8s_voc', 'fcn_resnet50_voc',
@@ -168,11 +168,11 @@ CONFIGS = ['fcn32s_voc', 'fcn16s_voc', 'fcn8s_voc', 'fcn_resnet50_voc',
 def test_config_builds_its_model(name):
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{name}').get_config()
-  model = train.create_model(config)  # validates name and kwargs
+  model = state.create_model(config)  # validates name and kwargs
   ctor = models.MODELS[config.model.name]
   assert isinstance(model, getattr(ctor, 'func', ctor))
   assert model.num_classes == config.model.num_classes
-  lr = train.create_learning_rate_fn(config.train)
+  lr = optim.create_learning_rate_fn(config.train)
   expected = 0.0 if config.train.warmup_steps else config.train.learning_rate
   np.testing.assert_allclose(float(lr(0)), expected, rtol=1e-6)
 

@@ -2,6 +2,7 @@
 
 import logging
 
+from seg_jax import labels
 from seg_jax.data import files, shapes, sources
 
 
@@ -9,18 +10,21 @@ def _shapes(config, split):
   c = config.data.shapes
   return shapes.ShapesSource(
       split, c.num_train if split == 'train' else c.num_val,
-      seed=c.seed, size=c.image_size, max_shapes=c.max_shapes)
+      seed=c.seed, size=c.image_size, max_shapes=c.max_shapes,
+      ignore_label=labels.ignore_label(config))
 
 
 def _files(builder):
   def build(config, split):
-    return builder(config.data.root, split, config.data.on_bad_sample)
+    return builder(config.data.root, split, config.data.on_bad_sample,
+                   ignore_label=labels.ignore_label(config))
   return build
 
 
 def _folder(config, split):
   return sources.folder(config.data.root, split, config.model.num_classes,
-                        config.data.on_bad_sample)
+                        config.data.on_bad_sample,
+                        ignore_label=labels.ignore_label(config))
 
 
 def _tfds(config, split):
@@ -34,7 +38,8 @@ def _tfds(config, split):
       c.name, split, data_dir=c.data_dir, image_key=c.image_key,
       label_key=c.label_key, label_offset=c.label_offset,
       ignore_values=tuple(c.ignore_values), class_names=names,
-      on_bad_sample=config.data.on_bad_sample)
+      on_bad_sample=config.data.on_bad_sample,
+      ignore_label=labels.ignore_label(config))
 
 
 # data.name -> builder(config, split) -> random-access source with

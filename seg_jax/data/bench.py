@@ -14,12 +14,12 @@ import os
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from seg_jax import data
+from seg_jax import cli, data
 from seg_jax.data import pipeline, sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.')
@@ -113,4 +113,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main)

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from seg_jax.metrics import IGNORE_LABEL
+from seg_jax.labels import IGNORE_LABEL
 
 ON_BAD_SAMPLE = ('raise', 'skip')
 # A raw mask value the dataset does not define maps to this in the table.
@@ -41,15 +41,18 @@ def skipped(message):
   return {'skipped': message}
 
 
-def label_table(num_classes, mapping=None, ignore=(IGNORE_LABEL,)):
+def label_table(num_classes, mapping=None, ignore=(IGNORE_LABEL,),
+                ignore_label=IGNORE_LABEL):
   """A 256-entry raw value -> train id table.
 
   Args:
     num_classes: raw values 0..num_classes-1 map to themselves unless
       `mapping` is given.
-    mapping: optional dict raw value -> train id (or IGNORE_LABEL); when given,
-      only its keys (and `ignore`) are valid raw values.
-    ignore: raw values that become IGNORE_LABEL.
+    mapping: optional dict raw value -> train id (or `ignore_label`); when
+      given, only its keys (and `ignore`) are valid raw values.
+    ignore: raw values that become `ignore_label`.
+    ignore_label: the train-id value of ignored pixels
+      (`config.data.ignore_label`).
 
   Returns:
     int16 array of 256 entries; INVALID marks undefined raw values.
@@ -61,7 +64,7 @@ def label_table(num_classes, mapping=None, ignore=(IGNORE_LABEL,)):
     for raw, train_id in mapping.items():
       table[raw] = train_id
   for raw in ignore:
-    table[raw] = IGNORE_LABEL
+    table[raw] = ignore_label
   return table
 
 
@@ -94,7 +97,7 @@ def read_mask(path):
         if raw.size and (raw.min() < 0 or raw.max() > 255):
           raise BadSampleError(
               f'{path}: mask holds values up to {raw.max()}; seg_jax reads '
-              'class ids 0..254 and 255 (ignore) from 8-bit masks.')
+              'class ids and the ignore label (0..255) from 8-bit masks.')
         return raw.astype(np.uint8)
       raise BadSampleError(
           f'{path}: mask has mode {im.mode!r}; masks must be single-channel '

@@ -9,8 +9,8 @@ import grain
 import jax
 import numpy as np
 
+from seg_jax import labels
 from seg_jax.data import files, transforms
-from seg_jax.metrics import IGNORE_LABEL
 
 
 class SkipCounter:
@@ -132,7 +132,8 @@ class _PaddedEvalSource:
   Slots are laid out so that global batch b holds examples
   [b * global_batch, (b + 1) * global_batch), with process p taking its
   contiguous part; slots past the end of the split are blanks whose label is
-  all ignore and whose 'index' is -1, so every example counts exactly once.
+  all ignore (the transform's `ignore_label`) and whose 'index' is -1, so
+  every example counts exactly once.
   """
 
   def __init__(self, source, transform, global_batch, local_batch,
@@ -161,8 +162,9 @@ class _PaddedEvalSource:
       first = next(e for e in (self._transform.map(self._source[i])
                                for i in range(len(self._source)))
                    if not files.is_skipped(e))
-      self._blank = {'image': np.zeros_like(first['image']),
-                     'label': np.full_like(first['label'], IGNORE_LABEL),
+      self._blank = {**first, 'image': np.zeros_like(first['image']),
+                     'label': np.full_like(first['label'],
+                                           self._transform.ignore_label),
                      'index': np.int32(-1)}
     return self._blank
 
@@ -202,15 +204,14 @@ def train_transform(config):
   return transforms.TrainTransform(
       crop_size=transforms.pair(config.data.crop_size),
       scale_range=tuple(config.data.scale_range), flip=config.data.flip,
-      mean=tuple(config.data.mean), ignore_label=config.data.ignore_label,
+      mean=tuple(config.data.mean), ignore_label=labels.ignore_label(config),
       cat_max_ratio=config.data.cat_max_ratio, photometric=photometric)
 
 
 def eval_transform(config):
-  """The evaluation transform: whole label, padded to `data.eval_pad_size`;
-  the image resized by `data.eval_scale`."""
+  """The evaluation transform: whole image and label, padded to
+  `data.eval_pad_size` (default: the crop size)."""
   size = config.data.eval_pad_size or config.data.crop_size
   return transforms.EvalTransform(pad_size=transforms.pair(size),
                                   mean=tuple(config.data.mean),
-                                  ignore_label=config.data.ignore_label,
-                                  scale=config.data.eval_scale)
+                                  ignore_label=labels.ignore_label(config))

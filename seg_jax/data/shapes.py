@@ -9,6 +9,8 @@ class is decided by shape alone. Object borders carry the ignore label.
 
 import numpy as np
 
+from seg_jax.labels import IGNORE_LABEL
+
 CLASS_NAMES = ('background', 'circle', 'ring', 'triangle', 'cross')
 PALETTE = np.array(
     [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25]],
@@ -70,7 +72,8 @@ def _border(label):
   return edge
 
 
-def make_example(seed, split, index, size=64, max_shapes=4, noise=0.06):
+def make_example(seed, split, index, size=64, max_shapes=4, noise=0.06,
+                 ignore_label=IGNORE_LABEL):
   """Generates one example deterministically.
 
   Args:
@@ -80,10 +83,11 @@ def make_example(seed, split, index, size=64, max_shapes=4, noise=0.06):
     size: image side in pixels.
     max_shapes: at most this many instances (at least one).
     noise: standard deviation of the additive Gaussian pixel noise.
+    ignore_label: the label of object borders.
 
   Returns:
     dict with 'image' (size, size, 3) uint8 and 'label' (size, size) uint8
-    holding class ids, 255 on object borders.
+    holding class ids, `ignore_label` on object borders.
   """
   rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
   y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -97,7 +101,7 @@ def make_example(seed, split, index, size=64, max_shapes=4, noise=0.06):
     image[mask] = _shading(rng, y, x, size)[mask]
     label[mask] = kind
   image = image + rng.normal(0.0, noise, image.shape)
-  label[_border(label)] = 255
+  label[_border(label)] = ignore_label
   image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
   return {'image': image, 'label': label}
 
@@ -108,7 +112,8 @@ class ShapesSource:
   class_names = CLASS_NAMES
   palette = PALETTE
 
-  def __init__(self, split, num_examples, seed=0, size=64, max_shapes=4):
+  def __init__(self, split, num_examples, seed=0, size=64, max_shapes=4,
+               ignore_label=IGNORE_LABEL):
     if split not in _SPLIT_IDS:
       raise ValueError(f"shapes: unknown split {split!r}; use 'train' or 'val'")
     if num_examples <= 0:
@@ -116,6 +121,7 @@ class ShapesSource:
                        f'got {num_examples}')
     self._split, self._n, self._seed = split, int(num_examples), int(seed)
     self._size, self._max_shapes = int(size), int(max_shapes)
+    self._ignore = int(ignore_label)
 
   def __len__(self):
     return self._n
@@ -125,7 +131,7 @@ class ShapesSource:
       raise IndexError(f'shapes/{self._split}: index {index} out of range '
                        f'[0, {self._n})')
     return make_example(self._seed, self._split, int(index), self._size,
-                        self._max_shapes)
+                        self._max_shapes, ignore_label=self._ignore)
 
   def __repr__(self):
     return (f'ShapesSource(split={self._split!r}, n={self._n}, '

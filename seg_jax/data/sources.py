@@ -2,7 +2,8 @@
 
 Every builder returns a random-access source (`len`, `__getitem__`) whose
 records are {'image': (H, W, 3) uint8, 'label': (H, W) uint8 train ids,
-255 = ignore}, with `class_names` and `palette`. Raw mask values are mapped
+`ignore_label` (`config.data.ignore_label`, 255 by default) = ignore}, with
+`class_names` and `palette`. Raw mask values are mapped
 through a per-dataset table; a raw value the dataset does not define is an
 error naming the file, never a silent label.
 """
@@ -13,23 +14,9 @@ import os
 import numpy as np
 
 from seg_jax.data import files
-from seg_jax.metrics import IGNORE_LABEL
+from seg_jax.labels import IGNORE_LABEL, color_map
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-
-def color_map(n):
-  """The VOC colour map: n distinct (n, 3) uint8 colours from index bits."""
-  cmap = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    cmap[i] = (r, g, b)
-  return cmap
 
 
 # --- Pascal VOC 2012 ------------------------------------------------------
@@ -41,7 +28,7 @@ VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat',
 VOC_PALETTE = color_map(len(VOC_CLASSES))
 
 
-def voc(root, split, on_bad_sample='raise'):
+def voc(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   """Pascal VOC 2012 segmentation.
 
   Args:
@@ -51,6 +38,7 @@ def voc(root, split, on_bad_sample='raise'):
       training ids, masks from SegmentationClassAug/, list
       ImageSets/Segmentation/train_aug.txt (or aug.txt).
     on_bad_sample: 'raise' or 'skip'.
+    ignore_label: the train id of ignored pixels (VOC's raw 255 boundaries).
   """
   files.check_root(root, 'voc', 'point it at VOCdevkit/VOC2012')
   if os.path.isdir(os.path.join(root, 'VOC2012')):
@@ -78,7 +66,9 @@ def voc(root, split, on_bad_sample='raise'):
             os.path.join(masks, f'{i}.png')) for i in ids]
   # Masks are palette PNGs: indices 0..20, 255 on object boundaries.
   return files.FileSource(f'voc/{split}', pairs, VOC_CLASSES, VOC_PALETTE,
-                          files.label_table(len(VOC_CLASSES)), on_bad_sample,
+                          files.label_table(len(VOC_CLASSES),
+                                            ignore_label=ignore_label),
+                          on_bad_sample,
                           origin=list_file)
 
 
@@ -101,15 +91,16 @@ CITYSCAPES_CLASSES = tuple(name for _, _, name, _ in CITYSCAPES_LABELS)
 CITYSCAPES_PALETTE = np.array([c for *_, c in CITYSCAPES_LABELS], np.uint8)
 
 
-def cityscapes_table():
-  """labelIds 0..33 -> the 19 train ids, every other id -> 255."""
-  mapping = {i: IGNORE_LABEL for i in range(34)}
+def cityscapes_table(ignore_label=IGNORE_LABEL):
+  """labelIds 0..33 -> the 19 train ids, every other id -> `ignore_label`."""
+  mapping = {i: ignore_label for i in range(34)}
   mapping.update({label_id: train_id
                   for label_id, train_id, _, _ in CITYSCAPES_LABELS})
-  return files.label_table(19, mapping)
+  return files.label_table(19, mapping, ignore_label=ignore_label)
 
 
-def cityscapes(root, split, on_bad_sample='raise'):
+def cityscapes(root, split, on_bad_sample='raise',
+               ignore_label=IGNORE_LABEL):
   """Cityscapes fine annotations: leftImg8bit/ + gtFine/*_labelIds.png.
 
   Args:
@@ -133,7 +124,7 @@ def cityscapes(root, split, on_bad_sample='raise'):
     pairs.append((path, os.path.join(root, 'gtFine', split, city,
                                      f'{stem}_gtFine_labelIds.png')))
   return files.FileSource(f'cityscapes/{split}', pairs, CITYSCAPES_CLASSES,
-                          CITYSCAPES_PALETTE, cityscapes_table(),
+                          CITYSCAPES_PALETTE, cityscapes_table(ignore_label),
                           on_bad_sample, origin=image_dir)
 
 
@@ -167,14 +158,14 @@ ADE20K_PALETTE = color_map(len(ADE20K_CLASSES) + 1)[1:]
 _ADE20K_SPLITS = {'train': 'training', 'val': 'validation'}
 
 
-def ade20k_table():
-  """Raw 0 ("other") -> 255, raw k in 1..150 -> k - 1."""
+def ade20k_table(ignore_label=IGNORE_LABEL):
+  """Raw 0 ("other") -> `ignore_label`, raw k in 1..150 -> k - 1."""
   mapping = {k: k - 1 for k in range(1, 151)}
-  mapping[0] = IGNORE_LABEL
-  return files.label_table(150, mapping, ignore=())
+  mapping[0] = ignore_label
+  return files.label_table(150, mapping, ignore=(), ignore_label=ignore_label)
 
 
-def ade20k(root, split, on_bad_sample='raise'):
+def ade20k(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   """ADE20K SceneParsing: images/{training,validation}/*.jpg and
   annotations/{...}/*.png, matched by file stem.
 
@@ -188,7 +179,8 @@ def ade20k(root, split, on_bad_sample='raise'):
                          os.path.join(root, 'annotations', folder),
                          'ade20k')
   return files.FileSource(f'ade20k/{split}', pairs, ADE20K_CLASSES,
-                          ADE20K_PALETTE, ade20k_table(), on_bad_sample,
+                          ADE20K_PALETTE, ade20k_table(ignore_label),
+                          on_bad_sample,
                           origin=os.path.join(root, 'images', folder))
 
 
@@ -211,7 +203,7 @@ def _resolve_camvid(root, path):
   return os.path.join(root, path.lstrip('/'))
 
 
-def camvid(root, split, on_bad_sample='raise'):
+def camvid(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   """CamVid as SegNet distributes it: {split}.txt lists of
   `IMAGE LABEL` paths (absolute, under /SegNet/CamVid/), label 11 = ignore.
 
@@ -229,7 +221,8 @@ def camvid(root, split, on_bad_sample='raise'):
                        '"IMAGE LABEL".')
     pairs.append(tuple(_resolve_camvid(root, p) for p in parts))
   table = files.label_table(len(CAMVID_CLASSES),
-                            ignore=(CAMVID_UNLABELLED, IGNORE_LABEL))
+                            ignore=(CAMVID_UNLABELLED, 255),
+                            ignore_label=ignore_label)
   return files.FileSource(f'camvid/{split}', pairs, CAMVID_CLASSES,
                           CAMVID_PALETTE, table, on_bad_sample,
                           origin=list_file)
@@ -261,12 +254,13 @@ def _pairs_by_stem(image_dir, mask_dir, name):
   return pairs
 
 
-def folder(root, split, num_classes, on_bad_sample='raise'):
+def folder(root, split, num_classes, on_bad_sample='raise',
+           ignore_label=IGNORE_LABEL):
   """A user dataset: images and single-channel masks matched by file stem.
 
   Layout: `{root}/images/{split}/` + `{root}/masks/{split}/`, or
   `{root}/{split}/images/` + `{root}/{split}/masks/`. Mask values are class
-  ids 0..num_classes-1, 255 = ignore (palette PNGs are read as indices).
+  ids 0..num_classes-1 and `ignore_label` (palette PNGs are read as indices).
   Class names come from `{root}/classes.txt` (one per line) when present.
   """
   files.check_root(root, 'folder', 'it must hold images/ and masks/')
@@ -287,7 +281,9 @@ def folder(root, split, num_classes, on_bad_sample='raise'):
   pairs = _pairs_by_stem(image_dir, mask_dir, 'folder')
   return files.FileSource(f'folder/{split}', pairs, names,
                           color_map(num_classes), files.label_table(
-                              num_classes), on_bad_sample, origin=image_dir)
+                              num_classes, ignore=(ignore_label,),
+                              ignore_label=ignore_label),
+                          on_bad_sample, origin=image_dir)
 
 
 # --- TFDS (ArrayRecord) ---------------------------------------------------
@@ -299,7 +295,7 @@ class TfdsSource:
 
   def __init__(self, name, split, *, data_dir, image_key, label_key,
                label_offset, ignore_values, class_names,
-               on_bad_sample='raise'):
+               on_bad_sample='raise', ignore_label=IGNORE_LABEL):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name = f'tfds:{name}/{split}'
     try:
@@ -317,9 +313,10 @@ class TfdsSource:
     self._keys = (image_key, label_key)
     mapping = {raw: raw + label_offset for raw in range(256)
                if 0 <= raw + label_offset < len(self.class_names)}
-    self._table = files.label_table(len(self.class_names), mapping,
-                                    ignore=tuple(ignore_values) +
-                                    (IGNORE_LABEL,))
+    self._table = files.label_table(
+        len(self.class_names), mapping,
+        ignore=tuple(ignore_values) + (ignore_label,),
+        ignore_label=ignore_label)
     self._on_bad = files.check_on_bad_sample(on_bad_sample)
 
   def __len__(self):

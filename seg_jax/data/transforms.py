@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from seg_jax.data import files
-from seg_jax.metrics import IGNORE_LABEL
+from seg_jax.labels import IGNORE_LABEL
 
 # ITU-R 601 luma weights (grey level used by the saturation change).
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -209,31 +209,25 @@ class TrainTransform(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-  """Keeps the full label; pads bottom/right to `pad_size` (label -> ignore).
+  """Keeps the whole image and label; pads both bottom/right to `pad_size`.
 
-  Padding with the ignore label leaves metrics computed at the original
-  resolution over the original pixels only. With `scale` != 1 the image
-  (not the label) is resized by `scale` and padded to `pad_size * scale`;
-  the eval step resizes the logits back to the label's size.
+  The image is padded with the mean (which normalises to 0), the label with
+  `ignore_label`, so batches have one static shape while metrics count the
+  original pixels only. 'size' records the original (height, width): the
+  evaluators resize, flip and tile within it.
   """
   pad_size: tuple = (0, 0)
   mean: tuple = (0, 0, 0)
   ignore_label: int = IGNORE_LABEL
-  scale: float = 1.0
 
   def map(self, element):
     if files.is_skipped(element):
       return element
     h, w = pair(self.pad_size)
-    if element['label'].shape[0] > h or element['label'].shape[1] > w:
-      raise ValueError(f'eval example of size {element["label"].shape} is '
-                       f'larger than data.eval_pad_size={(h, w)}; raise it.')
-    label = pad_label(element['label'], h, w, self.ignore_label)
-    image = element['image']
-    if self.scale != 1.0:
-      ih, iw = scaled_size(element['label'].shape, self.scale)
-      image = np.asarray(Image.fromarray(image).resize((iw, ih),
-                                                       Image.BILINEAR))
-      h, w = scaled_size((h, w), self.scale)
-    return {'image': pad_image(image, h, w, fill_value(self.mean)),
-            'label': label}
+    size = element['label'].shape
+    if size[0] > h or size[1] > w:
+      raise ValueError(f'eval example of size {size} is larger than '
+                       f'data.eval_pad_size={(h, w)}; raise it.')
+    return {'image': pad_image(element['image'], h, w, fill_value(self.mean)),
+            'label': pad_label(element['label'], h, w, self.ignore_label),
+            'size': np.asarray(size, np.int32)}

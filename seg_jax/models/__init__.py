@@ -4,6 +4,9 @@ import functools
 import inspect
 
 from seg_jax.models import baseline, deeplab, fcn, segnet, unet
+from seg_jax.models.convert import from_torchvision
+
+__all__ = ['MODELS', 'create_model', 'from_torchvision']
 
 _p = functools.partial
 

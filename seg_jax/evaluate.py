@@ -1,0 +1,187 @@
+"""Evaluate a checkpoint: `python -m seg_jax.evaluate --config=... --workdir=DIR`.
+
+Restores the model variables of a checkpoint in `DIR/checkpoints`, runs one
+or more of the config's evaluators (`eval.evaluators`: whole image, sliding
+window, multi-scale + flip) over a split, and for each prints a per-class
+table and one summary line, and writes `DIR/eval/<split>_<evaluator>_step<N>`
+`.json` (every score, per class with its name, and the confusion matrix) and
+`..._confusion.png` (the row-normalised confusion matrix as a heat-map).
+Imports the model, state, steps and data, never the training loop.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
+
+from seg_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'The configuration the checkpoint was trained with.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'The training run folder (holds '
+                    'checkpoints/).')
+flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
+                    "(data.val_split), 'train' (data.train_split) or a "
+                    "dataset split name such as 'test'.")
+flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
+                  'eval.evaluators (e.g. whole,slide,tta); default: the '
+                  'first of eval.in_training, as training reports it.')
+flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _json_number(value):
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+def report_dict(result, class_names, *, split, step, spec):
+  """Everything one evaluation measured, as a JSON-ready dict (NaN: null)."""
+  s = result.scores
+  per_class = {
+      name: {'iou': s['iou'][i], 'acc': s['class_accuracy'][i],
+             'dice': s['dice'][i], 'precision': s['precision'][i],
+             'recall': s['recall'][i], 'fscore': s['fscore'][i],
+             'label_pixels': int(s['label_count'][i]),
+             'predicted_pixels': int(s['pred_count'][i])}
+      for i, name in enumerate(class_names)}
+  return {
+      'step': int(step), 'split': split, 'evaluator': result.name,
+      'settings': {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in spec.__dict__.items()},
+      'aAcc': s['pixel_accuracy'], 'mAcc': s['mean_accuracy'],
+      'mIoU': s['miou'], 'fwIoU': s['fwiou'], 'mDice': s['mdice'],
+      'mFscore': s['mfscore'], 'mPrecision': s['mprecision'],
+      'mRecall': s['mrecall'], 'loss': result.loss,
+      'per_class': {n: {k: (_json_number(v) if isinstance(v, float) else v)
+                        for k, v in d.items()} for n, d in per_class.items()},
+      'class_names': list(class_names),
+      'confusion_matrix': result.confusion.tolist(),
+  }
+
+
+def _clean(d):
+  return {k: (_json_number(v) if isinstance(v, (float, np.floating)) else v)
+          for k, v in d.items()}
+
+
+def plot_confusion(confusion, class_names, path, title=''):
+  """Saves the row-normalised confusion matrix as a heat-map PNG.
+
+  Rows are true classes, columns predictions; each row is divided by the
+  class's labelled pixels (a row without any stays 0), so the diagonal is
+  each class's accuracy.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  m = np.asarray(confusion, np.float64)
+  rows = m.sum(1, keepdims=True)
+  norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+  n = len(class_names)
+  side = max(4.0, 0.45 * n + 2.5)
+  fig, ax = plt.subplots(figsize=(side + 1.2, side))
+  image = ax.imshow(norm, cmap='Blues', vmin=0.0, vmax=1.0)
+  ax.set_xticks(range(n), class_names, rotation=60, ha='right', fontsize=8)
+  ax.set_yticks(range(n), class_names, fontsize=8)
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  if n <= 30:
+    for i in range(n):
+      for j in range(n):
+        if norm[i, j] >= 0.005:
+          ax.text(j, i, f'{100 * norm[i, j]:.0f}', ha='center', va='center',
+                  fontsize=6, color='white' if norm[i, j] > 0.5 else 'black')
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+               label='share of the true class (row)')
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def summary_line(result, step, split):
+  """The last line printed per evaluator: its mean scores."""
+  s = result.scores
+  return (f'Evaluated: step={step} split={split} evaluator={result.name} '
+          f'aAcc={s["pixel_accuracy"]:.4f} mAcc={s["mean_accuracy"]:.4f} '
+          f'mIoU={s["miou"]:.4f} fwIoU={s["fwiou"]:.4f} '
+          f'mDice={s["mdice"]:.4f} mFscore={s["mfscore"]:.4f}')
+
+
+def evaluate(config, workdir, *, checkpoint='latest', split='val',
+             names=(), out=''):
+  """Evaluates a checkpoint of `workdir`; writes and returns the reports.
+
+  Returns:
+    list of (EvalResult, report dict), one per evaluator.
+  """
+  from seg_jax import (data, evaluators, metrics, sharding,  # pylint: disable=g-import-not-at-top
+                       state)
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
+  model, variables, step = state.restore_for_inference(config, workdir, mesh,
+                                                       checkpoint)
+  source = data.create_source(config, split)
+  class_names = list(source.class_names)
+  out = out or os.path.join(workdir, 'eval')
+  writes = jax.process_index() == 0
+  if writes:
+    os.makedirs(out, exist_ok=True)
+  reports = []
+  for name in names or tuple(config.eval.in_training)[:1]:
+    evaluator = evaluators.Evaluator(name, config, model, mesh, source)
+    result = evaluator.run(variables, progress=_progress_bar(name, writes))
+    report = report_dict(result, class_names, split=split, step=step,
+                         spec=evaluator.spec)
+    report = _clean(report)
+    if writes:
+      stem = os.path.join(out, f'{split}_{name}_step{step}')
+      with open(f'{stem}.json', 'w') as f:
+        json.dump(report, f, indent=1)
+      plot_confusion(result.confusion, class_names, f'{stem}_confusion.png',
+                     f'{config.model.name} on {split}, {name}, step {step}: '
+                     f'mIoU {100 * result.scores["miou"]:.2f}')
+      print(metrics.format_table(result.scores, class_names))
+      print(f'Wrote {stem}.json and {stem}_confusion.png')
+      print(summary_line(result, step, split), flush=True)
+    reports.append((result, report))
+  return reports
+
+
+def _progress_bar(name, enabled):
+  """A tqdm progress callback over evaluation batches (on stderr)."""
+  if not enabled:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = None
+
+  def update(done, total):
+    nonlocal bar
+    if bar is None:  # after the first batch: its compile time is not a rate
+      bar = tqdm(total=total, initial=done - 1, desc=f'eval {name}',
+                 unit='batch', mininterval=5.0)
+    bar.update(done - bar.n)
+    if done == total:
+      bar.close()
+
+  return update
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  logging.info('JAX %d devices (%s)', jax.device_count(),
+               jax.default_backend())
+  evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+           split=FLAGS.split, names=tuple(FLAGS.evaluators), out=FLAGS.out)
+
+
+if __name__ == '__main__':
+  cli.run(main)

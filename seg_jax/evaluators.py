@@ -1,0 +1,190 @@
+"""Evaluation of a whole split, as the config names it.
+
+`config.eval.evaluators` maps names to settings (mode 'whole' or 'slide',
+window, stride, scales, flip, average); the training loop runs the ones in
+`config.eval.in_training` and `python -m seg_jax.evaluate` any of them. An
+`Evaluator` streams the split once: every example counts exactly once
+(padding blanks are all ignore), the confusion matrix is reduced on device
+and added into an int64 host matrix before int32 could overflow, and no
+prediction is kept beyond the few shown as pictures.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from seg_jax import labels, metrics, sharding, steps
+from seg_jax.data import pipeline, transforms
+
+EVAL_KEYS = ('mode', 'window', 'stride', 'scales', 'flip', 'average')
+
+
+def spec_from_config(config, name):
+  """The `steps.InferenceSpec` of evaluator `name` in `config.eval`.
+
+  An empty window is the training crop (`data.crop_size`); an empty stride
+  two thirds of the window, as mmsegmentation's slide recipes use.
+  """
+  evaluators = config.eval.evaluators
+  if name not in evaluators:
+    raise ValueError(f'Unknown evaluator {name!r}: config.eval.evaluators '
+                     f'defines {sorted(evaluators)}.')
+  e = evaluators[name]
+  unknown = sorted(set(e) - set(EVAL_KEYS))
+  if unknown:
+    raise ValueError(f'eval.evaluators.{name} has unknown key(s) {unknown}; '
+                     f'the keys are {list(EVAL_KEYS)}.')
+  window = transforms.pair(tuple(e.get('window', ())) or
+                           config.data.crop_size)
+  stride = tuple(e.get('stride', ())) or tuple(
+      max(1, w * 2 // 3) for w in window)
+  return steps.InferenceSpec(
+      mode=e.get('mode', 'whole'), window=window,
+      stride=transforms.pair(stride),
+      scales=tuple(float(s) for s in e.get('scales', (1.0,))),
+      flip=bool(e.get('flip', False)), average=e.get('average', 'logits'))
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """What one evaluation measured.
+
+  Attributes:
+    name: evaluator name.
+    confusion: (C, C) int64, rows = true class, columns = prediction.
+    loss: mean cross-entropy of the merged logits over the batches.
+    scores: `metrics.scores_from_confusion(confusion)`.
+    examples: (image, label, prediction) of the first examples, cropped to
+      their original size, for pictures.
+  """
+  name: str
+  confusion: np.ndarray
+  loss: float
+  scores: dict
+  examples: list
+
+  def scalars(self, class_names):
+    """Flat {name: float} for writers: 'loss', means, per-class values."""
+    return {'loss': self.loss,
+            **metrics.flatten_scores(self.scores, class_names)}
+
+
+class Evaluator:
+  """Evaluates variables on a split with one evaluator's settings.
+
+  Args:
+    name: a key of `config.eval.evaluators`.
+    config: the run's config.
+    model: the flax module.
+    mesh: device mesh; the batch is split over its 'data' axis.
+    source: the split's random-access source.
+    num_shown: examples of the first batch kept for pictures.
+    skip_counter: counts bad records skipped by the source.
+  """
+
+  def __init__(self, name, config, model, mesh, source, num_shown=0,
+               skip_counter=None):
+    self.name, self.config, self.mesh, self.source = name, config, mesh, source
+    self.spec = spec_from_config(config, name)
+    self.num_classes = config.model.num_classes
+    self.global_batch = config.eval.global_batch_size
+    sharding.check_batch_size(self.global_batch, mesh,
+                              'eval.global_batch_size')
+    self.num_shown = min(num_shown, self.global_batch // jax.process_count())
+    self.skips = skip_counter or pipeline.SkipCounter()
+    self.eval_step = steps.make_eval_step(model, config, mesh, self.spec,
+                                          self.num_shown)
+
+  def run(self, variables, progress=None):
+    """Evaluates `variables` ({'params', 'batch_stats'}) on the split.
+
+    Args:
+      variables: model variables, replicated on the mesh.
+      progress: optional callable(batches_done, num_batches).
+
+    Returns:
+      `EvalResult`.
+    """
+    ds, num_batches = pipeline.create_eval_dataset(
+        self.source, pipeline.eval_transform(self.config),
+        global_batch_size=self.global_batch,
+        num_threads=self.config.data.num_threads, skip_counter=self.skips)
+    acc = _Accumulator(self.num_classes)
+    examples = []
+    for i, batch in enumerate(ds):
+      inputs = sharding.to_global(
+          {k: batch[k] for k in ('image', 'label', 'size')}, self.mesh)
+      m, shown = self.eval_step(variables, inputs)
+      acc.add(m, pixels=batch['label'].size * jax.process_count())
+      if i == 0 and self.num_shown:
+        examples = _examples(batch, np.asarray(shown))
+      if progress is not None:
+        progress(i + 1, num_batches)
+    confusion, loss = acc.result()
+    return EvalResult(self.name, confusion, loss,
+                      metrics.scores_from_confusion(confusion), examples)
+
+
+class _Accumulator:
+  """Adds device metrics up; moves them into int64 on the host before the
+  device's int32 confusion matrix could overflow."""
+
+  def __init__(self, num_classes):
+    self.confusion = np.zeros((num_classes, num_classes), np.int64)
+    self.loss_total, self.loss_count = 0.0, 0.0
+    self._pending, self._pixels = None, 0
+
+  def add(self, m, pixels):
+    if self._pixels + pixels > np.iinfo(np.int32).max:
+      self._flush()
+    self._pending = m if self._pending is None else self._pending.merge(m)
+    self._pixels += pixels
+
+  def _flush(self):
+    if self._pending is None:
+      return
+    self.confusion += np.asarray(self._pending.confusion.matrix, np.int64)
+    self.loss_total += float(self._pending.loss.total)
+    self.loss_count += float(self._pending.loss.count)
+    self._pending, self._pixels = None, 0
+
+  def result(self):
+    self._flush()
+    loss = (self.loss_total / self.loss_count if self.loss_count
+            else float('nan'))
+    return self.confusion, loss
+
+
+def _examples(batch, predictions):
+  """[(image, label, prediction)] of a host batch's first examples, each
+  cropped to its original size; padding blanks are left out."""
+  out = []
+  for j, pred in enumerate(predictions):
+    if batch['index'][j] < 0:
+      continue
+    h, w = batch['size'][j]
+    out.append((batch['image'][j, :h, :w], batch['label'][j, :h, :w],
+                pred[:h, :w]))
+  return out
+
+
+def example_panels(examples, palette, ignore_label):
+  """One picture per example: image | ground truth overlay | prediction
+  overlay, side by side, (H, 3W, 3) uint8."""
+  return [np.concatenate([
+      image, labels.overlay(image, label, palette,
+                            ignore_label_value=ignore_label),
+      labels.overlay(image, pred, palette, ignore_label_value=ignore_label)],
+                         axis=1) for image, label, pred in examples]
+
+
+def create_evaluators(config, model, mesh, source, names, num_shown=0,
+                      skip_counter=None):
+  """`Evaluator`s for `names` (keys of `config.eval.evaluators`), in order."""
+  if not names:
+    raise ValueError('No evaluator named: set eval.in_training to one or '
+                     f'more of {sorted(config.eval.evaluators)}.')
+  return [Evaluator(n, config, model, mesh, source, num_shown, skip_counter)
+          for n in names]
+

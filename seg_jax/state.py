@@ -1,0 +1,128 @@
+"""Train state and model from a config; initialisation, and restoring a
+checkpoint's variables for training or for inference."""
+
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from seg_jax import checkpoint, models, optim, sharding
+from seg_jax.data import transforms
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resume needs besides the data iterator; a plain pytree."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def create_model(config):
+  """The model of `config.model`, computing in `config.train.precision`."""
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if config.train.precision not in dtypes:
+    raise ValueError(f'train.precision={config.train.precision!r}; use one '
+                     f'of {sorted(dtypes)}.')
+  return models.create_model(config.model.name, config.model.num_classes,
+                             dtype=dtypes[config.train.precision],
+                             **config.model.kwargs)
+
+
+def init_input_shape(config):
+  """(1, H, W, 3): the example input parameters are initialised with."""
+  return (1, *transforms.pair(config.data.crop_size), 3)
+
+
+def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None):
+  """Initialises parameters and optimizer state, replicated on the mesh.
+
+  Args:
+    model: the flax module.
+    tx: the optax optimizer.
+    rng: initialisation key.
+    input_shape: (1, H, W, 3) example input shape.
+    mesh: device mesh.
+    init_fn: optional host function variables -> variables applied after
+      initialisation (e.g. loading pretrained weights).
+  """
+  repl = sharding.replicated(mesh)
+  variables = jax.jit(
+      lambda rng: model.init(rng, jnp.zeros(input_shape, jnp.float32),
+                             train=False), out_shardings=repl)(rng)
+  if init_fn is not None:
+    variables = init_fn(jax.device_get(variables))
+  return jax.jit(lambda v: _state_of(v, tx), out_shardings=repl)(variables)
+
+
+def _state_of(variables, tx):
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params))
+
+
+def pretrained_init_fn(config):
+  """The `init_fn` loading `config.model.init_from`, or None."""
+  path, fmt = config.model.init_from, config.model.init_format
+  if not path:
+    return None
+  from seg_jax.models import convert, weights  # pylint: disable=g-import-not-at-top
+
+  def init_fn(variables):
+    tensors = weights.load_weights(path)
+    pretrained = convert.from_torchvision(fmt, tensors)
+    variables, n, skipped = convert.load_pretrained(
+        variables, pretrained, f'model.init_from={path}')
+    logging.info('Loaded %d tensors from %s (%s); kept fresh: %s', n, path,
+                 fmt, skipped or 'none')
+    return variables
+
+  return init_fn
+
+
+def abstract_train_state(config, mesh):
+  """Shapes, dtypes and (replicated) shardings of the train state of
+  `config`, computed without initialising anything."""
+  model = create_model(config)
+  tx = optim.create_optimizer(config.train)
+  shapes = jax.eval_shape(
+      lambda: _state_of(model.init(jax.random.key(0),
+                                   jnp.zeros(init_input_shape(config)),
+                                   train=False), tx))
+  repl = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, 'checkpoints')
+
+
+def restore_for_inference(config, workdir, mesh, step='latest'):
+  """The model and the variables a checkpoint of `workdir` holds.
+
+  Only parameters and BatchNorm statistics are read (not the optimizer
+  state), replicated on `mesh`.
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training run's folder (checkpoints under `checkpoints/`).
+    mesh: device mesh the variables are placed on.
+    step: 'latest' or a step number (int or digit string).
+
+  Returns:
+    (model, variables {'params', 'batch_stats'}, step restored).
+  """
+  model = create_model(config)
+  abstract = abstract_train_state(config, mesh)
+  restored, step = checkpoint.restore_variables(
+      checkpoint_dir(workdir), step,
+      {'params': abstract.params, 'batch_stats': abstract.batch_stats,
+       'step': abstract.step})
+  return model, {'params': restored['params'],
+                 'batch_stats': restored['batch_stats']}, step

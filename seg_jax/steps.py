@@ -1,0 +1,318 @@
+"""What runs on the device: preprocessing, the train step, and inference.
+
+Inference covers the ways a published mIoU is measured: the whole (padded)
+image in one pass, overlapping sliding windows whose logits are averaged,
+and test-time augmentation over scales and horizontal flips, merged at the
+original resolution. Batches carry each example's original 'size', so
+images of different sizes padded into one static batch shape are resized,
+flipped and tiled within their own extent.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from seg_jax import labels as seg_labels
+from seg_jax import losses, sharding
+from seg_jax import metrics as seg_metrics
+from seg_jax.data import transforms
+
+
+def normalize(images, mean, std):
+  """uint8 (N, H, W, 3) -> float32, per-channel standardised, on device."""
+  return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def preprocess(batch, config):
+  """The model input of a batch: colour distortion (when drawn), then
+  normalisation."""
+  images = batch['image']
+  if 'colour' in batch:  # per-example photometric distortion
+    images = transforms.apply_colour(images, batch['colour'])
+  return normalize(images, config.data.mean, config.data.std)
+
+
+def make_train_step(model, tx, config, mesh):
+  """Returns jitted `train_step(state, batch, rng) -> (state, SegMetrics)`.
+
+  The batch is sharded over 'data', the state replicated and donated;
+  BatchNorm statistics under jit are global over the sharded batch.
+  """
+  ignore = seg_labels.ignore_label(config)
+  aux_weight = config.train.aux_loss_weight
+  weights = tuple(config.train.class_weights) or None
+  if weights and len(weights) != config.model.num_classes:
+    raise ValueError(f'train.class_weights has {len(weights)} entries; '
+                     f'model.num_classes={config.model.num_classes}.')
+  ce = functools.partial(losses.cross_entropy, class_weights=weights,
+                         ignore_label=ignore)
+
+  def train_step(state, batch, rng):
+    images = preprocess(batch, config)
+    labels = batch['label'].astype(jnp.int32)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+      outputs, updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, images,
+          train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+      # Models with an auxiliary head return (logits, aux_logits) in training.
+      logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
+      loss = ce(logits, labels)
+      if aux is not None:
+        loss += aux_weight * ce(aux, labels)
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates_tx, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params,
+                                                        updates_tx),
+        batch_stats=updates.get('batch_stats', {}), opt_state=opt_state)
+    return new_state, seg_metrics.SegMetrics.single_from_model_output(
+        loss=loss, logits=logits, labels=labels, ignore_label=ignore)
+
+  repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(repl, batch_sharding, repl),
+                 out_shardings=(repl, repl), donate_argnums=0)
+
+
+# --- Inference ------------------------------------------------------------
+
+MODES = ('whole', 'slide')
+AVERAGES = ('logits', 'probs')
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSpec:
+  """How logits are computed for a batch of whole images.
+
+  Attributes:
+    mode: 'whole' (the padded image in one pass) or 'slide' (overlapping
+      `window`s every `stride` pixels, logits averaged where they overlap).
+    window: slide window (height, width).
+    stride: slide stride (height, width).
+    scales: test-time scales; each runs on the image resized by it and its
+      logits are resized back to the original resolution.
+    flip: also run each scale on the horizontally flipped image (its logits
+      flipped back).
+    average: merge the passes' 'logits' or their softmax 'probs'.
+  """
+  mode: str = 'whole'
+  window: tuple = ()
+  stride: tuple = ()
+  scales: tuple = (1.0,)
+  flip: bool = False
+  average: str = 'logits'
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'evaluator mode={self.mode!r}; use one of {MODES}.')
+    if self.average not in AVERAGES:
+      raise ValueError(f'evaluator average={self.average!r}; use one of '
+                       f'{AVERAGES}.')
+    if not self.scales or min(self.scales) <= 0:
+      raise ValueError(f'evaluator scales={self.scales}: give one or more '
+                       'positive scales, e.g. (1.0,).')
+    if self.mode == 'slide' and (len(self.window) != 2 or
+                                 len(self.stride) != 2 or
+                                 min(*self.window, *self.stride) <= 0):
+      raise ValueError(f'slide evaluation needs a positive window and '
+                       f'stride (height, width); got window={self.window} '
+                       f'stride={self.stride}.')
+
+
+def _clamp_to_size(x, sizes):
+  """Repeats each example's last valid row and column over its padding, so
+  a resize near the edge does not blend in padded pixels."""
+  h, w = x.shape[1:3]
+
+  def one(xi, size):
+    rows = jnp.minimum(jnp.arange(h), size[0] - 1)
+    cols = jnp.minimum(jnp.arange(w), size[1] - 1)
+    return xi[rows][:, cols]
+
+  return jax.vmap(one)(x, sizes)
+
+
+def _inside(shape, sizes):
+  """(N, H, W, 1) mask of the pixels inside each example's (h, w)."""
+  rows = jnp.arange(shape[0])[None, :, None] < sizes[:, 0, None, None]
+  cols = jnp.arange(shape[1])[None, None, :] < sizes[:, 1, None, None]
+  return (rows & cols)[..., None]
+
+
+def resize_within(x, sizes, new_sizes, shape, antialias):
+  """Resizes each example's top-left (h, w) region to its new (h', w').
+
+  Args:
+    x: (N, H, W, C) float batch; example i is valid in [:h_i, :w_i].
+    sizes: (N, 2) int valid sizes.
+    new_sizes: (N, 2) int target sizes, each within `shape`.
+    shape: (H', W') of the output canvas.
+    antialias: low-pass filter when shrinking (for images, not logits).
+
+  Returns:
+    (N, H', W', C): bilinear resize of each valid region, placed top-left;
+    0 outside the new sizes.
+  """
+  x = _clamp_to_size(x, sizes)
+
+  def one(xi, size, new):
+    scale = new.astype(jnp.float32) / size.astype(jnp.float32)
+    return jax.image.scale_and_translate(
+        xi, (*shape, xi.shape[-1]), (0, 1), scale, jnp.zeros(2, jnp.float32),
+        method='linear', antialias=antialias)
+
+  out = jax.vmap(one)(x, sizes, new_sizes)
+  return jnp.where(_inside(shape, new_sizes), out, 0.0)
+
+
+def flip_within(x, sizes):
+  """Mirrors each example's valid columns [0, w_i) in place; padding stays."""
+  w = x.shape[2]
+
+  def one(xi, size):
+    cols = jnp.arange(w)
+    return xi[:, jnp.where(cols < size[1], size[1] - 1 - cols, cols)]
+
+  return jax.vmap(one)(x, sizes)
+
+
+def num_windows(size, window, stride):
+  """Windows per axis, as mmsegmentation's slide inference places them.
+
+  `size` is an int or an int array (then so is the result)."""
+  if isinstance(size, int):
+    return max(size - window + stride - 1, 0) // stride + 1
+  return jnp.maximum(size - window + stride - 1, 0) // stride + 1
+
+
+def slide_logits(apply_fn, x, sizes, window, stride):
+  """Averages logits of overlapping windows over each example's extent.
+
+  Windows start every `stride` pixels; the last one along an axis is moved
+  back to end at the image border; a window larger than the image covers it
+  from the top-left (padding included). The window loop is a
+  `lax.fori_loop`, so the model is compiled once and memory does not grow
+  with the image.
+
+  Args:
+    apply_fn: (N, wh, ww, 3) -> (N, wh, ww, C) logits.
+    x: (N, H, W, 3) normalised images, example i valid in [:h_i, :w_i].
+    sizes: (N, 2) int valid sizes.
+    window: (wh, ww).
+    stride: (sh, sw).
+
+  Returns:
+    (N, H, W, C) float32 logits.
+  """
+  n, h, w, _ = x.shape
+  (wh, ww), (sh, sw) = window, stride
+  x = jnp.pad(x, ((0, 0), (0, max(wh - h, 0)), (0, max(ww - w, 0)), (0, 0)))
+  grid_h = num_windows(x.shape[1], wh, sh)
+  grid_w = num_windows(x.shape[2], ww, sw)
+  rows_i, cols_i = (num_windows(sizes[:, 0], wh, sh),
+                    num_windows(sizes[:, 1], ww, sw))
+  num_classes = jax.eval_shape(apply_fn, x[:, :wh, :ww]).shape[-1]
+
+  def origin(k, size, win, step):
+    return jnp.maximum(jnp.minimum(k * step + win, size) - win, 0)
+
+  def add_at(total, part, top, left):
+    start = (top, left, 0)
+    current = jax.lax.dynamic_slice(total, start, part.shape)
+    return jax.lax.dynamic_update_slice(total, current + part, start)
+
+  def body(k, carry):
+    total, count = carry
+    ky, kx = k // grid_w, k % grid_w
+    top, left = origin(ky, sizes[:, 0], wh, sh), origin(kx, sizes[:, 1], ww, sw)
+    used = ((ky < rows_i) & (kx < cols_i)).astype(jnp.float32)
+    crops = jax.vmap(lambda xi, t, l: jax.lax.dynamic_slice(
+        xi, (t, l, 0), (wh, ww, xi.shape[-1])))(x, top, left)
+    logits = apply_fn(crops).astype(jnp.float32) * used[:, None, None, None]
+    ones = jnp.broadcast_to(used[:, None, None, None], (n, wh, ww, 1))
+    return (jax.vmap(add_at)(total, logits, top, left),
+            jax.vmap(add_at)(count, ones, top, left))
+
+  zeros = (jnp.zeros((*x.shape[:3], num_classes), jnp.float32),
+           jnp.zeros((*x.shape[:3], 1), jnp.float32))
+  total, count = jax.lax.fori_loop(0, grid_h * grid_w, body, zeros)
+  return (total / jnp.maximum(count, 1.0))[:, :h, :w]
+
+
+def _scaled(sizes, scale):
+  """Rounded sizes * scale, at least 1 (as the host transforms round)."""
+  return jnp.maximum(jnp.floor(sizes * scale + 0.5), 1).astype(jnp.int32)
+
+
+def infer_logits(apply_fn, x, sizes, spec):
+  """Logits of a batch under `spec`: whole or slide, over scales and flips.
+
+  Args:
+    apply_fn: model inference, NHWC float -> logits (N, H, W, C).
+    x: (N, H, W, 3) normalised images padded to one canvas; example i is
+      valid in [:h_i, :w_i].
+    sizes: (N, 2) int32 valid sizes.
+    spec: an `InferenceSpec`.
+
+  Returns:
+    (N, H, W, C) float32: the passes' logits (or, with average='probs', the
+    log of their mean softmax) at the input resolution.
+  """
+  canvas = x.shape[1:3]
+  total, passes = 0.0, 0
+  for scale in spec.scales:
+    if scale == 1.0:
+      xs, sizes_s = x, sizes
+    else:
+      sizes_s = _scaled(sizes, scale)
+      shape = transforms.scaled_size(canvas, scale)
+      xs = resize_within(x, sizes, sizes_s, shape, antialias=True)
+    for flip in (False, True) if spec.flip else (False,):
+      xf = flip_within(xs, sizes_s) if flip else xs
+      if spec.mode == 'slide':
+        out = slide_logits(apply_fn, xf, sizes_s, spec.window, spec.stride)
+      else:
+        out = apply_fn(xf).astype(jnp.float32)
+      if flip:
+        out = flip_within(out, sizes_s)
+      if scale != 1.0:
+        out = resize_within(out, sizes_s, sizes, canvas, antialias=False)
+      total += jax.nn.softmax(out) if spec.average == 'probs' else out
+      passes += 1
+  if passes == 1:
+    return jnp.log(total) if spec.average == 'probs' else total
+  mean = total / passes
+  return jnp.log(jnp.maximum(mean, 1e-30)) if spec.average == 'probs' else mean
+
+
+def make_eval_step(model, config, mesh, spec, num_shown=0):
+  """Returns jitted `eval_step(variables, batch) -> (SegMetrics, shown)`.
+
+  `variables` are the model's {'params', 'batch_stats'}; the batch holds
+  'image', 'label' and 'size' (see `EvalTransform`). `shown` is the
+  (num_shown, H, W) int32 prediction of the batch's first examples, for
+  pictures; the metrics are reduced on device.
+  """
+  ignore = seg_labels.ignore_label(config)
+
+  def eval_step(variables, batch):
+    images = normalize(batch['image'], config.data.mean, config.data.std)
+    logits = infer_logits(
+        lambda x: model.apply(variables, x, train=False), images,
+        batch['size'], spec)
+    labels = batch['label'].astype(jnp.int32)
+    loss = losses.cross_entropy(logits, labels, ignore_label=ignore)
+    metrics = seg_metrics.SegMetrics.single_from_model_output(
+        loss=loss, logits=logits, labels=labels, ignore_label=ignore)
+    return metrics, jnp.argmax(logits[:num_shown], -1).astype(jnp.int32)
+
+  repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  return jax.jit(eval_step, in_shardings=(repl, batch_sharding),
+                 out_shardings=(repl, repl))

@@ -1,0 +1,109 @@
+"""The command lines end to end, each in a fresh process: `main` trains with
+TensorFlow hidden and writes event files and progress; `evaluate` restores
+its checkpoint and reproduces the mIoU `main` printed; every CLI's --help."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg_jax import data
+
+from conftest import REPO
+from tb_events import images_by_tag, read_events, scalars_by_tag
+
+TINY = 'configs/unet_shapes_tiny.py'
+# One pytest-xdist worker runs this file's tests: they share one training run.
+pytestmark = pytest.mark.xdist_group('cli')
+
+
+def _run(args, **kwargs):
+  out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, **kwargs)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  return out
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run of `main` in a process where tensorflow is not installed."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  out = _run(['tests/no_tensorflow.py', '-m', 'seg_jax.main',
+              f'--config={TINY}', f'--workdir={workdir}'])
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith('Finished: step=6 ')
+  return workdir, out, float(re.search(r'mIoU=([\d.]+)', last).group(1))
+
+
+def test_training_without_tensorflow_writes_events_and_progress(
+    trained, tiny_config):
+  workdir, out, miou = trained
+  assert 'tensorflow' not in out.stderr.lower()  # no import error, no warning
+  assert re.search(r'step 6/6 \(100\.0%\), [\d.]+ steps/s, ETA', out.stderr)
+  events = read_events(workdir)
+  scalars = scalars_by_tag(events)
+  assert set(scalars['train/loss']) == {3, 6}
+  assert scalars['eval/miou'][6] == pytest.approx(miou, abs=1e-4)
+  for key in ('fwiou', 'mdice', 'mfscore', 'pixel_accuracy', 'iou/circle',
+              'acc/ring', 'dice/cross'):
+    assert 6 in scalars[f'eval/{key}'], key
+  images = images_by_tag(events)
+  assert sorted(images) == ['eval/example_0', 'eval/example_1',
+                            'eval/example_2']
+  panel = images['eval/example_0'][6]
+  assert panel.shape == (32, 96, 3)  # image | truth | prediction
+  # The left third is the first val image itself.
+  first = data.create_source(tiny_config, 'val')[0]['image']
+  np.testing.assert_array_equal(panel[:, :32], first)
+
+
+def test_evaluate_reproduces_the_printed_miou_in_a_fresh_process(
+    trained, tiny_config):
+  workdir, _, miou = trained
+  out = _run(['-m', 'seg_jax.evaluate', f'--config={TINY}',
+              f'--workdir={workdir}', '--checkpoint=6'])
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith('Evaluated: step=6 split=val evaluator=whole ')
+  assert float(re.search(r'mIoU=([\d.]+)', last).group(1)) == pytest.approx(
+      miou, abs=1e-4)
+  assert '| circle |' in out.stdout and 'fwIoU' in out.stdout
+  stem = os.path.join(workdir, 'eval', 'val_whole_step6')
+  with open(f'{stem}.json') as f:
+    report = json.load(f)
+  assert report['mIoU'] == pytest.approx(miou, abs=1e-4)
+  assert report['class_names'] == ['background', 'circle', 'ring',
+                                   'triangle', 'cross']
+  assert set(report['per_class']['ring']) >= {'iou', 'acc', 'dice'}
+  source = data.create_source(tiny_config, 'val')
+  labelled = sum(int(np.sum(source[i]['label'] != 255))
+                 for i in range(len(source)))
+  assert np.sum(report['confusion_matrix']) == labelled
+  with Image.open(f'{stem}_confusion.png') as im:
+    assert im.size[0] > 300 and im.size[1] > 300
+
+
+def test_evaluate_rejects_a_missing_checkpoint_step(trained):
+  workdir, _, _ = trained
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.evaluate', f'--config={TINY}',
+       f'--workdir={workdir}', '--checkpoint=5'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "--checkpoint='5'" in out.stderr and '[3, 6]' in out.stderr
+
+
+def test_every_cli_help_exits_zero():
+  clis = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.summary',
+          'seg_jax.data.bench']
+  procs = [subprocess.Popen([sys.executable, '-m', m, '--help'], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for m in clis]
+  for module, proc in zip(clis, procs):
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (module, stderr[-2000:])
+    assert '--config' in stdout, module

@@ -1,0 +1,219 @@
+"""Whole, sliding-window and test-time-augmented inference against numpy
+references; evaluation on 8 devices equals 1 device; the ignore label is
+whatever the config says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seg_jax import data, evaluators, sharding, state, steps
+from seg_jax.steps import InferenceSpec
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  """The tiny config's U-Net (BatchNorm) with random weights."""
+  from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
+  config = unet_shapes_tiny.get_config()
+  model = state.create_model(config)
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(3), jnp.zeros((1, 32, 32, 3)), train=False))()
+  return config, model, variables
+
+
+def _apply_fn(tiny_model):
+  _, model, variables = tiny_model
+  return lambda x: model.apply(variables, x, train=False)
+
+
+def _images(n, h, w, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(n, h, w, 3)),
+                     jnp.float32)
+
+
+def _infer(apply_fn, x, sizes, spec):
+  return np.asarray(jax.jit(lambda x, s: steps.infer_logits(
+      apply_fn, x, s, spec))(x, jnp.asarray(sizes, jnp.int32)))
+
+
+def _flip_np(a, sizes):
+  """Each example's valid columns mirrored, in numpy."""
+  out = a.copy()
+  for i, (_, w) in enumerate(sizes):
+    out[i, :, :w] = a[i, :, :w][:, ::-1]
+  return out
+
+
+def test_slide_with_one_window_covering_the_image_equals_whole(tiny_model):
+  apply_fn = _apply_fn(tiny_model)
+  x, sizes = _images(3, 32, 32), [[32, 32], [20, 28], [32, 17]]
+  whole = _infer(apply_fn, x, sizes, InferenceSpec())
+  slide = _infer(apply_fn, x, sizes, InferenceSpec(
+      mode='slide', window=(32, 32), stride=(21, 21)))
+  np.testing.assert_array_equal(slide, whole)
+
+
+def test_slide_windows_and_averaging_match_numpy():
+  """A window-dependent 'model' (each window adds its own mean) shows where
+  windows were placed and how overlaps were averaged."""
+  def window_fn(crop):  # (N, h, w, 3) -> (N, h, w, 2)
+    return crop[..., :2] + crop[..., :2].mean(axis=(1, 2), keepdims=True)
+
+  (wh, ww), (sh, sw) = (16, 24), (10, 13)
+  sizes = [[40, 50], [33, 41], [16, 30]]
+  x = np.asarray(_images(3, 40, 50, seed=1))
+  got = _infer(window_fn, jnp.asarray(x), sizes, InferenceSpec(
+      mode='slide', window=(wh, ww), stride=(sh, sw)))
+  assert got.shape == (3, 40, 50, 2)
+  for i, (h, w) in enumerate(sizes):
+    total, count = np.zeros((h, w, 2)), np.zeros((h, w, 1))
+    for ky in range(max(h - wh + sh - 1, 0) // sh + 1):
+      for kx in range(max(w - ww + sw - 1, 0) // sw + 1):
+        y2, x2 = min(ky * sh + wh, h), min(kx * sw + ww, w)
+        y1, x1 = max(y2 - wh, 0), max(x2 - ww, 0)
+        total[y1:y2, x1:x2] += window_fn(x[i:i + 1, y1:y2, x1:x2])[0]
+        count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1
+    np.testing.assert_allclose(got[i, :h, :w], total / count, rtol=1e-5,
+                               atol=1e-6, err_msg=f'example {i}')
+
+
+def test_flip_tta_averages_the_flipped_pass(tiny_model):
+  apply_fn = _apply_fn(tiny_model)
+  x, sizes = _images(2, 32, 32, seed=2), [[32, 32], [27, 19]]
+  got = _infer(apply_fn, x, sizes, InferenceSpec(flip=True))
+  plain = np.asarray(apply_fn(x))
+  flipped = _flip_np(np.asarray(apply_fn(jnp.asarray(
+      _flip_np(np.asarray(x), sizes)))), sizes)
+  for i, (h, w) in enumerate(sizes):
+    np.testing.assert_allclose(got[i, :h, :w],
+                               (plain[i, :h, :w] + flipped[i, :h, :w]) / 2,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_flip_tta_on_a_flip_symmetric_image_is_symmetric(tiny_model):
+  """The random U-Net is not flip-equivariant, but flip TTA of a mirror-
+  symmetric image must give mirror-symmetric logits."""
+  apply_fn = _apply_fn(tiny_model)
+  half = np.asarray(_images(1, 32, 16, seed=3))
+  x = jnp.asarray(np.concatenate([half, half[:, :, ::-1]], axis=2))
+  plain = np.asarray(apply_fn(x))
+  assert np.abs(plain - plain[:, :, ::-1]).max() > 1e-3
+  got = _infer(apply_fn, x, [[32, 32]], InferenceSpec(flip=True))
+  np.testing.assert_allclose(got, got[:, :, ::-1], rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_runs_each_scale_and_returns_the_original_size(
+    tiny_model):
+  apply_fn = _apply_fn(tiny_model)
+  seen = []
+
+  def spy(x):
+    seen.append(x.shape[1:3])
+    return apply_fn(x)
+
+  x = _images(2, 32, 32, seed=4)
+  full = [[32, 32], [32, 32]]
+  got = _infer(spy, x, full, InferenceSpec(scales=(0.5, 1.0, 1.5)))
+  assert got.shape == (2, 32, 32, 5)
+  assert seen == [(16, 16), (32, 32), (48, 48)]
+  # A full-size example: plain resizes of the image and of the logits.
+  passes = []
+  for s in (0.5, 1.0, 1.5):
+    side = int(32 * s)
+    small = jax.image.resize(x, (2, side, side, 3), 'linear')
+    passes.append(jax.image.resize(apply_fn(small), (2, 32, 32, 5),
+                                   'linear', antialias=False))
+  np.testing.assert_allclose(got, np.mean(passes, axis=0), rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_resize_within_equals_resizing_the_valid_region_alone():
+  x = np.asarray(_images(2, 30, 40, seed=5))
+  sizes, new = np.array([[30, 40], [17, 23]]), np.array([[45, 60], [9, 35]])
+  got = np.asarray(steps.resize_within(
+      jnp.asarray(x), jnp.asarray(sizes), jnp.asarray(new), (45, 60),
+      antialias=False))
+  for i in range(2):
+    (h, w), (nh, nw) = sizes[i], new[i]
+    want = jax.image.resize(x[i, :h, :w], (nh, nw, 3), 'linear',
+                            antialias=False)
+    np.testing.assert_allclose(got[i, :nh, :nw], want, rtol=1e-5, atol=1e-5)
+    assert np.all(got[i, nh:] == 0) and np.all(got[i, :, nw:] == 0)
+
+
+def _eval_config(tiny_config, num_val=13):
+  tiny_config.data.shapes.num_val = num_val
+  tiny_config.eval.global_batch_size = 8
+  tiny_config.eval.evaluators.mix = dict(
+      mode='slide', window=(24, 24), stride=(16, 16), scales=(0.75, 1.0),
+      flip=True, average='probs')
+  return tiny_config
+
+
+def test_eight_devices_give_the_one_device_confusion_matrix(tiny_config,
+                                                            tiny_model):
+  config = _eval_config(tiny_config)
+  _, model, variables = tiny_model
+  source = data.create_source(config, 'val')
+  assert len(source) == 13
+  labelled = sum(int(np.sum(source[i]['label'] != 255)) for i in range(13))
+  for name in ('whole', 'mix'):
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = sharding.create_mesh(devices=devices)
+      placed = jax.device_put(variables, sharding.replicated(mesh))
+      results.append(evaluators.Evaluator(name, config, model, mesh,
+                                          source).run(placed))
+    one, eight = results
+    assert eight.confusion.dtype == np.int64
+    assert int(one.confusion.sum()) == labelled  # each example exactly once
+    np.testing.assert_array_equal(eight.confusion, one.confusion)
+    np.testing.assert_allclose(eight.loss, one.loss, rtol=1e-5)
+
+
+def test_ignore_label_254_on_relabelled_data_gives_the_same_metrics(
+    tiny_config, tiny_model):
+  """The shapes borders carry data.ignore_label: 254 instead of 255 must
+  change neither the confusion matrix nor the loss (padding of the last
+  batch included: 11 examples in batches of 8)."""
+  _, model, variables = tiny_model
+  mesh = sharding.create_mesh()
+  placed = jax.device_put(variables, sharding.replicated(mesh))
+  out = {}
+  for ignore in (255, 254):
+    config = _eval_config(tiny_config.copy_and_resolve_references(), 11)
+    config.data.ignore_label = ignore
+    source = data.create_source(config, 'val')
+    assert ignore in np.unique(source[0]['label'])
+    out[ignore] = evaluators.Evaluator('whole', config, model, mesh,
+                                       source).run(placed)
+  np.testing.assert_array_equal(out[255].confusion, out[254].confusion)
+  assert out[255].loss == out[254].loss
+  assert out[255].scores['miou'] == out[254].scores['miou']
+  assert out[255].confusion.sum() == sum(
+      int(np.sum(source[i]['label'] != 254)) for i in range(11))
+
+
+def test_ignore_label_must_not_be_a_class_id(tiny_config):
+  tiny_config.data.ignore_label = 3
+  with pytest.raises(ValueError, match='data.ignore_label=3 must be in 5..255'):
+    data.create_source(tiny_config, 'val')
+
+
+def test_unknown_evaluator_and_bad_settings_name_the_key(tiny_config):
+  with pytest.raises(ValueError, match="Unknown evaluator 'multi'.*'slide'"):
+    evaluators.spec_from_config(tiny_config, 'multi')
+  tiny_config.eval.evaluators.whole.mode = 'tiles'
+  with pytest.raises(ValueError, match="mode='tiles'"):
+    evaluators.spec_from_config(tiny_config, 'whole')
+  tiny_config.eval.evaluators.slide.scales = (0.0,)
+  with pytest.raises(ValueError, match='positive scales'):
+    evaluators.spec_from_config(tiny_config, 'slide')
+
+
+def test_default_slide_window_is_the_crop_and_stride_two_thirds(tiny_config):
+  spec = evaluators.spec_from_config(tiny_config, 'slide')
+  assert spec.window == (32, 32) and spec.stride == (21, 21)
+  assert spec.mode == 'slide' and spec.scales == (1.0,)
