@@ -126,7 +126,9 @@ def restore_variables(directory, step, abstract):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints: {directory} does not exist; '
                             'train first or check --workdir.')
-  with ocp.CheckpointManager(directory) as manager:
+  with ocp.CheckpointManager(
+      directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
+  ) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')
@@ -137,6 +139,8 @@ def restore_variables(directory, step, abstract):
     else:
       raise ValueError(f'--checkpoint={step!r}: {directory} holds steps '
                        f'{steps}; use one of them or "latest".')
+    _check_shapes(manager.item_metadata(step)['state'], abstract,
+                  f'{directory}/{step}')
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=abstract, partial_restore=True,
@@ -145,6 +149,31 @@ def restore_variables(directory, step, abstract):
   logging.info('Restored %s of checkpoint %d from %s', sorted(abstract),
                step, directory)
   return restored, step
+
+
+def _shapes(tree):
+  """{'params/a/b': shape} of a pytree of arrays or array metadata."""
+  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in p):
+          tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_shapes(stored, wanted, where):
+  """Raises naming the first parameter whose stored shape differs from the
+  model the config builds (or that is missing)."""
+  stored = _shapes({k: stored[k] for k in wanted if k in stored})
+  for path, shape in _shapes(wanted).items():
+    if path not in stored:
+      raise ValueError(
+          f'Checkpoint {where} has no {path} (shape {shape}) that the '
+          'config\'s model needs: was it trained with another model.name or '
+          'model.kwargs? Use the config the run was trained with.')
+    if stored[path] != shape:
+      raise ValueError(
+          f'Checkpoint {where} stores {path} with shape {stored[path]} but '
+          f'the config\'s model has {shape}: was it trained with another '
+          'model.num_classes or model.kwargs? Use the config the run was '
+          'trained with.')
 
 
 def read_state(directory, step):

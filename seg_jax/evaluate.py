@@ -15,7 +15,7 @@ import os
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from seg_jax import cli
@@ -34,6 +34,9 @@ flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
                   'eval.evaluators (e.g. whole,slide,tta); default: the '
                   'first of eval.in_training, as training reports it.')
 flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
+                  '(multi-host, as seg_jax.main): each process reads its '
+                  'part of every batch; process 0 writes the report.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -175,8 +178,11 @@ def _progress_bar(name, enabled):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.quiet_library_logs()
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,

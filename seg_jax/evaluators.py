@@ -20,30 +20,55 @@ from seg_jax.data import pipeline, transforms
 EVAL_KEYS = ('mode', 'window', 'stride', 'scales', 'flip', 'average')
 
 
+def _size(value, key):
+  """() -> (); an int or a pair of positive ints -> (height, width)."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    value = (value, value)
+  value = tuple(value) if isinstance(value, (tuple, list)) else value
+  if value == () or (isinstance(value, tuple) and len(value) == 2 and
+                     all(isinstance(v, int) and v > 0 for v in value)):
+    return value
+  raise ValueError(f'{key}={value!r}: give (height, width) in pixels, one '
+                   'int, or () for the default.')
+
+
+def _scales(value, key):
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return (float(value),)
+  if isinstance(value, (tuple, list)) and all(
+      isinstance(v, (int, float)) for v in value):
+    return tuple(float(v) for v in value)
+  raise ValueError(f'{key}={value!r}: give a scale or a tuple of scales, '
+                   'e.g. (0.5, 1.0, 1.5).')
+
+
 def spec_from_config(config, name):
   """The `steps.InferenceSpec` of evaluator `name` in `config.eval`.
 
   An empty window is the training crop (`data.crop_size`); an empty stride
-  two thirds of the window, as mmsegmentation's slide recipes use.
+  two thirds of the window, as mmsegmentation's slide recipes use. Errors
+  name the key (`eval.evaluators.<name>.<key>`).
   """
   evaluators = config.eval.evaluators
   if name not in evaluators:
     raise ValueError(f'Unknown evaluator {name!r}: config.eval.evaluators '
                      f'defines {sorted(evaluators)}.')
-  e = evaluators[name]
+  e, where = evaluators[name], f'eval.evaluators.{name}'
   unknown = sorted(set(e) - set(EVAL_KEYS))
   if unknown:
-    raise ValueError(f'eval.evaluators.{name} has unknown key(s) {unknown}; '
-                     f'the keys are {list(EVAL_KEYS)}.')
-  window = transforms.pair(tuple(e.get('window', ())) or
-                           config.data.crop_size)
-  stride = tuple(e.get('stride', ())) or tuple(
+    raise ValueError(f'{where} has unknown key(s) {unknown}; the keys are '
+                     f'{list(EVAL_KEYS)}.')
+  window = (_size(e.get('window', ()), f'{where}.window') or
+            transforms.pair(config.data.crop_size))
+  stride = _size(e.get('stride', ()), f'{where}.stride') or tuple(
       max(1, w * 2 // 3) for w in window)
-  return steps.InferenceSpec(
-      mode=e.get('mode', 'whole'), window=window,
-      stride=transforms.pair(stride),
-      scales=tuple(float(s) for s in e.get('scales', (1.0,))),
-      flip=bool(e.get('flip', False)), average=e.get('average', 'logits'))
+  try:
+    return steps.InferenceSpec(
+        mode=e.get('mode', 'whole'), window=window, stride=stride,
+        scales=_scales(e.get('scales', (1.0,)), f'{where}.scales'),
+        flip=bool(e.get('flip', False)), average=e.get('average', 'logits'))
+  except ValueError as err:
+    raise ValueError(f'{where}: {err}') from None
 
 
 @dataclasses.dataclass
@@ -110,7 +135,7 @@ class Evaluator:
         self.source, pipeline.eval_transform(self.config),
         global_batch_size=self.global_batch,
         num_threads=self.config.data.num_threads, skip_counter=self.skips)
-    acc = _Accumulator(self.num_classes)
+    acc = metrics.Accumulator(self.num_classes)
     examples = []
     for i, batch in enumerate(ds):
       inputs = sharding.to_global(
@@ -124,36 +149,6 @@ class Evaluator:
     confusion, loss = acc.result()
     return EvalResult(self.name, confusion, loss,
                       metrics.scores_from_confusion(confusion), examples)
-
-
-class _Accumulator:
-  """Adds device metrics up; moves them into int64 on the host before the
-  device's int32 confusion matrix could overflow."""
-
-  def __init__(self, num_classes):
-    self.confusion = np.zeros((num_classes, num_classes), np.int64)
-    self.loss_total, self.loss_count = 0.0, 0.0
-    self._pending, self._pixels = None, 0
-
-  def add(self, m, pixels):
-    if self._pixels + pixels > np.iinfo(np.int32).max:
-      self._flush()
-    self._pending = m if self._pending is None else self._pending.merge(m)
-    self._pixels += pixels
-
-  def _flush(self):
-    if self._pending is None:
-      return
-    self.confusion += np.asarray(self._pending.confusion.matrix, np.int64)
-    self.loss_total += float(self._pending.loss.total)
-    self.loss_count += float(self._pending.loss.count)
-    self._pending, self._pixels = None, 0
-
-  def result(self):
-    self._flush()
-    loss = (self.loss_total / self.loss_count if self.loss_count
-            else float('nan'))
-    return self.confusion, loss
 
 
 def _examples(batch, predictions):

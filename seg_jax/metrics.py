@@ -121,6 +121,55 @@ class SegMetrics(clu_metrics.Collection):
   confusion: ConfusionMatrix
 
 
+def eval_metrics(loss, logits, labels, ignore_label=IGNORE_LABEL):
+  """`SegMetrics` of an evaluation batch, the loss weighted by the batch's
+  labelled pixels: merged over a split, it is the mean over its pixels, and
+  a batch of padding blanks adds nothing."""
+  pixels = jnp.sum(labels != ignore_label).astype(jnp.float32)
+  m = SegMetrics.single_from_model_output(
+      loss=loss, logits=logits, labels=labels, ignore_label=ignore_label)
+  return m.replace(loss=type(m.loss)(total=loss * pixels, count=pixels))
+
+
+class Accumulator:
+  """Adds up the `SegMetrics` of many steps.
+
+  They are merged on device; before the device's int32 confusion matrix
+  could overflow, the sum moves into an int64 matrix on the host.
+
+  Args:
+    num_classes: C.
+  """
+
+  def __init__(self, num_classes):
+    self.num_classes = num_classes
+    self.confusion = np.zeros((num_classes, num_classes), np.int64)
+    self._loss_total, self._loss_count = 0.0, 0.0
+    self._pending, self._pixels = None, 0
+
+  def add(self, m, pixels):
+    """Adds step metrics `m` that counted at most `pixels` label pixels."""
+    if self._pixels + pixels > np.iinfo(np.int32).max:
+      self._flush()
+    self._pending = m if self._pending is None else self._pending.merge(m)
+    self._pixels += pixels
+
+  def _flush(self):
+    if self._pending is None:
+      return
+    self.confusion += np.asarray(self._pending.confusion.matrix, np.int64)
+    self._loss_total += float(self._pending.loss.total)
+    self._loss_count += float(self._pending.loss.count)
+    self._pending, self._pixels = None, 0
+
+  def result(self):
+    """(confusion matrix (C, C) int64, mean loss) of everything added."""
+    self._flush()
+    loss = (self._loss_total / self._loss_count if self._loss_count
+            else float('nan'))
+    return self.confusion, loss
+
+
 def summarize(metrics, class_names=None):
   """Flattens a `SegMetrics` into scalars for writers and logs.
 

@@ -124,19 +124,11 @@ class InferenceSpec:
       raise ValueError(f'slide evaluation needs a positive window and '
                        f'stride (height, width); got window={self.window} '
                        f'stride={self.stride}.')
-
-
-def _clamp_to_size(x, sizes):
-  """Repeats each example's last valid row and column over its padding, so
-  a resize near the edge does not blend in padded pixels."""
-  h, w = x.shape[1:3]
-
-  def one(xi, size):
-    rows = jnp.minimum(jnp.arange(h), size[0] - 1)
-    cols = jnp.minimum(jnp.arange(w), size[1] - 1)
-    return xi[rows][:, cols]
-
-  return jax.vmap(one)(x, sizes)
+    if self.mode == 'slide' and any(
+        s > w for s, w in zip(self.stride, self.window)):
+      raise ValueError(f'stride={self.stride} is larger than window='
+                       f'{self.window}: pixels between windows would get no '
+                       'prediction; use a stride up to the window.')
 
 
 def _inside(shape, sizes):
@@ -149,6 +141,11 @@ def _inside(shape, sizes):
 def resize_within(x, sizes, new_sizes, shape, antialias):
   """Resizes each example's top-left (h, w) region to its new (h', w').
 
+  The result equals resizing each valid region on its own: the resize of
+  the region (padding zeroed) is divided by the resize of its mask, which
+  renormalises the filter weights at the region's edge exactly as a resize
+  of the region alone does, whatever the padding around it.
+
   Args:
     x: (N, H, W, C) float batch; example i is valid in [:h_i, :w_i].
     sizes: (N, 2) int valid sizes.
@@ -160,7 +157,8 @@ def resize_within(x, sizes, new_sizes, shape, antialias):
     (N, H', W', C): bilinear resize of each valid region, placed top-left;
     0 outside the new sizes.
   """
-  x = _clamp_to_size(x, sizes)
+  mask = _inside(x.shape[1:3], sizes).astype(x.dtype)
+  x = jnp.concatenate([x * mask, mask], axis=-1)
 
   def one(xi, size, new):
     scale = new.astype(jnp.float32) / size.astype(jnp.float32)
@@ -169,7 +167,9 @@ def resize_within(x, sizes, new_sizes, shape, antialias):
         method='linear', antialias=antialias)
 
   out = jax.vmap(one)(x, sizes, new_sizes)
-  return jnp.where(_inside(shape, new_sizes), out, 0.0)
+  values, weight = out[..., :-1], out[..., -1:]
+  inside = _inside(shape, new_sizes) & (weight > 0)
+  return jnp.where(inside, values / jnp.where(inside, weight, 1.0), 0.0)
 
 
 def flip_within(x, sizes):
@@ -246,9 +246,11 @@ def slide_logits(apply_fn, x, sizes, window, stride):
   return (total / jnp.maximum(count, 1.0))[:, :h, :w]
 
 
-def _scaled(sizes, scale):
-  """Rounded sizes * scale, at least 1 (as the host transforms round)."""
-  return jnp.maximum(jnp.floor(sizes * scale + 0.5), 1).astype(jnp.int32)
+def _scaled(sizes, scale, shape):
+  """Rounded sizes * scale, at least 1 and at most the scaled canvas
+  `shape` (rounded on the host; float32 rounding here can differ by 1)."""
+  scaled = jnp.maximum(jnp.floor(sizes * scale + 0.5), 1).astype(jnp.int32)
+  return jnp.minimum(scaled, jnp.asarray(shape, jnp.int32))
 
 
 def infer_logits(apply_fn, x, sizes, spec):
@@ -271,8 +273,8 @@ def infer_logits(apply_fn, x, sizes, spec):
     if scale == 1.0:
       xs, sizes_s = x, sizes
     else:
-      sizes_s = _scaled(sizes, scale)
       shape = transforms.scaled_size(canvas, scale)
+      sizes_s = _scaled(sizes, scale, shape)
       xs = resize_within(x, sizes, sizes_s, shape, antialias=True)
     for flip in (False, True) if spec.flip else (False,):
       xf = flip_within(xs, sizes_s) if flip else xs
@@ -286,10 +288,10 @@ def infer_logits(apply_fn, x, sizes, spec):
         out = resize_within(out, sizes_s, sizes, canvas, antialias=False)
       total += jax.nn.softmax(out) if spec.average == 'probs' else out
       passes += 1
-  if passes == 1:
-    return jnp.log(total) if spec.average == 'probs' else total
-  mean = total / passes
-  return jnp.log(jnp.maximum(mean, 1e-30)) if spec.average == 'probs' else mean
+  mean = total / passes if passes > 1 else total
+  if spec.average == 'probs':  # log: argmax, loss and merging stay as logits
+    return jnp.log(jnp.maximum(mean, jnp.finfo(jnp.float32).tiny))
+  return mean
 
 
 def make_eval_step(model, config, mesh, spec, num_shown=0):
@@ -309,8 +311,7 @@ def make_eval_step(model, config, mesh, spec, num_shown=0):
         batch['size'], spec)
     labels = batch['label'].astype(jnp.int32)
     loss = losses.cross_entropy(logits, labels, ignore_label=ignore)
-    metrics = seg_metrics.SegMetrics.single_from_model_output(
-        loss=loss, logits=logits, labels=labels, ignore_label=ignore)
+    metrics = seg_metrics.eval_metrics(loss, logits, labels, ignore)
     return metrics, jnp.argmax(logits[:num_shown], -1).astype(jnp.int32)
 
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)

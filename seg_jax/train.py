@@ -10,11 +10,12 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from seg_jax import (checkpoint, data, evaluators, labels, metrics, optim,
                      sharding, state, steps, writers)
-from seg_jax.data import pipeline
+from seg_jax.data import pipeline, transforms
 
 
 class _StopSignal:
@@ -98,7 +99,6 @@ class Trainer:
       dict of the first evaluator's final scalars, plus 'step'; when stopped
       by SIGTERM, the step reached and no evaluation.
     """
-    cfg = self.config
     train_iter = iter(self.train_ds)
     self.state, train_iter = self.checkpointer.restore_or_keep(
         self.state, train_iter)
@@ -107,66 +107,85 @@ class Trainer:
       logging.info('Resumed from step %d in %s', start, self.workdir)
     writer = writers.create_writer(self.workdir,
                                    write_files=jax.process_index() == 0)
-    if not start:
-      writer.write_hparams(cfg.to_dict())
+    try:
+      if not start:
+        writer.write_hparams(self.config.to_dict())
+      result = self._loop(start, train_iter, writer)
+      self.checkpointer.save_final(int(self.state.step), self.state,
+                                   train_iter)
+      if not result:  # resumed from a finished run: report its final metrics
+        result = self._maybe_eval(int(self.state.step), None, force=True)
+      return result
+    finally:
+      writer.close()
+
+  def _loop(self, start, train_iter, writer):
+    """Steps from `start` to the end (or SIGTERM); returns the last eval."""
+    cfg = self.config
     report_progress = writers.ProgressReporter(cfg.train.num_steps, writer,
                                                first_step=start)
-    train_metrics, result = None, {}
+    pixels = cfg.train.global_batch_size * int(np.prod(
+        transforms.pair(cfg.data.crop_size)))
+    train_metrics = metrics.Accumulator(cfg.model.num_classes)
+    result = {}
     with _StopSignal() as stop:
       for step in range(start + 1, cfg.train.num_steps + 1):
         batch = sharding.to_global(next(train_iter), self.mesh)
         self.state, m = self.train_step(self.state, batch, self.step_rng)
-        train_metrics = m if train_metrics is None else train_metrics.merge(m)
+        train_metrics.add(m, pixels)
         report_progress(step)
         train_metrics = self._maybe_log(step, train_metrics, writer)
         result = self._maybe_eval(step, writer) or result
         self.checkpointer.maybe_save(step, self.state, train_iter,
                                      force=stop.received)
         if stop.received:
-          result = {'step': step}
-          break
-    self.checkpointer.save_final(int(self.state.step), self.state, train_iter)
-    if not result:  # resumed from a finished run: report its final metrics
-      result = self._maybe_eval(int(self.state.step), writer, force=True)
-    writer.close()
+          return {'step': step}
     return result
 
   def _maybe_log(self, step, train_metrics, writer):
-    """Writes accumulated train metrics every `log_every_steps`; resets them."""
+    """Writes accumulated train metrics every `log_every_steps`; returns a
+    fresh accumulator after writing."""
     every = self.config.train.log_every_steps
     if step % every and step != self.config.train.num_steps:
       return train_metrics
-    scalars = metrics.summarize(train_metrics)
-    scalars = {f'train/{k}': v for k, v in scalars.items() if '/' not in k}
+    confusion, loss = train_metrics.result()
+    scores = metrics.flatten_scores(metrics.scores_from_confusion(confusion))
+    scalars = {'train/loss': loss}
+    scalars.update({f'train/{k}': v for k, v in scores.items()
+                    if '/' not in k})
     scalars['train/learning_rate'] = float(self.lr_fn(step - 1))
     if self.skips.count:
       scalars['data/skipped_samples'] = self.skips.count
     writer.write_scalars(step, scalars)
-    return None
+    return metrics.Accumulator(self.config.model.num_classes)
 
   def _maybe_eval(self, step, writer, force=False):
     """Evaluates every `eval.every_steps` and at the last step; writes every
-    score and a few overlays. Returns the first evaluator's scalars."""
+    score and a few overlays (unless `writer` is None). Returns the first
+    evaluator's scalars."""
     every, last = self.config.eval.every_steps, self.config.train.num_steps
     if not force and step % every and step != last:
       return None
     result = None
-    ignore = labels.ignore_label(self.config)
     for i, evaluator in enumerate(self.evaluators):
       t0 = time.time()
       r = evaluator.run(self.variables())
-      prefix = _eval_prefix(i, r.name)
       scalars = r.scalars(self.class_names)
-      writer.write_scalars(step, {f'{prefix}/{k}': v
-                                  for k, v in scalars.items()})
-      panels = evaluators.example_panels(r.examples, self.palette, ignore)
-      writer.write_images(step, {f'{prefix}/example_{j}': p[None]
-                                 for j, p in enumerate(panels)})
+      if writer is not None:
+        self._write_eval(step, writer, _eval_prefix(i, r.name), r, scalars)
       logging.info('eval %s at step %d took %.1fs: mIoU=%.4f', r.name, step,
                    time.time() - t0, scalars['miou'])
       result = result or {'step': step, **scalars}
-    writer.flush()
     return result
+
+  def _write_eval(self, step, writer, prefix, result, scalars):
+    writer.write_scalars(step, {f'{prefix}/{k}': v
+                                for k, v in scalars.items()})
+    panels = evaluators.example_panels(result.examples, self.palette,
+                                       labels.ignore_label(self.config))
+    writer.write_images(step, {f'{prefix}/example_{j}': p[None]
+                               for j, p in enumerate(panels)})
+    writer.flush()
 
 
 def train_and_evaluate(config, workdir):

@@ -107,3 +107,24 @@ def test_every_cli_help_exits_zero():
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, (module, stderr[-2000:])
     assert '--config' in stdout, module
+
+
+def test_inference_modules_do_not_import_the_training_loop():
+  code = ('import sys\n'
+          'import seg_jax.evaluate, seg_jax.summary\n'
+          'from seg_jax import data, evaluators, metrics, sharding, state\n'
+          'print(sorted(m for m in sys.modules\n'
+          '             if m in ("seg_jax.train", "seg_jax.main")\n'
+          '             or m.split(".")[0] == "tensorflow"))')
+  out = _run(['-c', code])
+  assert out.stdout.strip() == '[]'
+
+
+def test_restoring_with_another_class_count_names_the_parameter(
+    trained, tiny_config):
+  from seg_jax import sharding, state  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = trained
+  tiny_config.model.num_classes = 6
+  with pytest.raises(ValueError, match=r'stores params/Conv_0/bias with shape '
+                     r'\(5,\) but the config.s model has \(6,\)'):
+    state.restore_for_inference(tiny_config, workdir, sharding.create_mesh())

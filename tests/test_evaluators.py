@@ -129,17 +129,22 @@ def test_multi_scale_runs_each_scale_and_returns_the_original_size(
                              atol=1e-5)
 
 
-def test_resize_within_equals_resizing_the_valid_region_alone():
-  x = np.asarray(_images(2, 30, 40, seed=5))
-  sizes, new = np.array([[30, 40], [17, 23]]), np.array([[45, 60], [9, 35]])
+@pytest.mark.parametrize('antialias', [False, True])
+def test_resize_within_equals_resizing_the_valid_region_alone(antialias):
+  """Whatever the padding holds, each region is resized as if alone."""
+  x = np.array(_images(3, 30, 40, seed=5))
+  x[1, 17:] = 1e3  # padding must not leak into the region's resize
+  x[1, :, 23:] = -1e3
+  sizes = np.array([[30, 40], [17, 23], [30, 40]])
+  new = np.array([[45, 60], [9, 35], [11, 13]])
   got = np.asarray(steps.resize_within(
       jnp.asarray(x), jnp.asarray(sizes), jnp.asarray(new), (45, 60),
-      antialias=False))
-  for i in range(2):
+      antialias=antialias))
+  for i in range(3):
     (h, w), (nh, nw) = sizes[i], new[i]
     want = jax.image.resize(x[i, :h, :w], (nh, nw, 3), 'linear',
-                            antialias=False)
-    np.testing.assert_allclose(got[i, :nh, :nw], want, rtol=1e-5, atol=1e-5)
+                            antialias=antialias)
+    np.testing.assert_allclose(got[i, :nh, :nw], want, rtol=1e-4, atol=1e-4)
     assert np.all(got[i, nh:] == 0) and np.all(got[i, :, nw:] == 0)
 
 
@@ -211,6 +216,58 @@ def test_unknown_evaluator_and_bad_settings_name_the_key(tiny_config):
   tiny_config.eval.evaluators.slide.scales = (0.0,)
   with pytest.raises(ValueError, match='positive scales'):
     evaluators.spec_from_config(tiny_config, 'slide')
+
+
+def test_bad_window_stride_and_scales_name_the_key(tiny_config):
+  slide = tiny_config.eval.evaluators.slide
+  slide.window, slide.stride = (16, 16), (20, 8)
+  with pytest.raises(ValueError, match=r'eval.evaluators.slide: stride=\(20, '
+                     r'8\) is larger than window'):
+    evaluators.spec_from_config(tiny_config, 'slide')
+  slide.window = (32, 32, 3)
+  with pytest.raises(ValueError, match=r'eval.evaluators.slide.window=\(32, '
+                     r'32, 3\): give \(height, width\)'):
+    evaluators.spec_from_config(tiny_config, 'slide')
+  # A config file may give one int per size and one scale.
+  tiny_config.eval.evaluators.mine = dict(mode='slide', window=24, stride=12,
+                                          scales=0.5)
+  spec = evaluators.spec_from_config(tiny_config, 'mine')
+  assert spec.window == (24, 24) and spec.stride == (12, 12)
+  assert spec.scales == (0.5,)
+
+
+def test_scaled_size_never_exceeds_the_scaled_canvas():
+  """45 * 0.7 rounds to 31 on the host (the canvas) and to 32 in float32 on
+  the device: the scaled size is capped at the canvas, so the pass equals a
+  plain resize to 31 and back, and no pixel is left without logits."""
+  seen = []
+
+  def shifted(x):  # nonzero everywhere
+    seen.append(x.shape[1:3])
+    return x[..., :2] + 5.0
+
+  x = _images(1, 45, 45, seed=6)
+  got = _infer(shifted, x, [[45, 45]], InferenceSpec(scales=(0.7,)))
+  assert seen == [(31, 31)]
+  small = jax.image.resize(x, (1, 31, 31, 3), 'linear')
+  want = jax.image.resize(shifted(small), (1, 45, 45, 2), 'linear',
+                          antialias=False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(got > 1.0)
+
+
+def test_probs_average_of_one_confident_pass_keeps_the_loss_finite():
+  def confident(x):  # class 0 wins by 200 everywhere
+    return jnp.concatenate([x[..., :1] * 0 + 200.0, x[..., :2] * 0], -1)
+
+  x = _images(1, 8, 8)
+  got = _infer(confident, x, [[8, 8]], InferenceSpec(average='probs'))
+  assert np.all(np.isfinite(got)) and np.all(got.argmax(-1) == 0)
+  from seg_jax import losses  # pylint: disable=g-import-not-at-top
+  labels = np.ones((1, 8, 8), np.int32)
+  labels[0, :4] = 255
+  assert np.isfinite(float(losses.cross_entropy(jnp.asarray(got),
+                                                jnp.asarray(labels))))
 
 
 def test_default_slide_window_is_the_crop_and_stride_two_thirds(tiny_config):
