@@ -18,8 +18,6 @@ from conftest import REPO
 from tb_events import images_by_tag, read_events, scalars_by_tag
 
 TINY = 'configs/unet_shapes_tiny.py'
-# One pytest-xdist worker runs this file's tests: they share one training run.
-pytestmark = pytest.mark.xdist_group('cli')
 
 
 def _run(args, **kwargs):
@@ -29,22 +27,41 @@ def _run(args, **kwargs):
   return out
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A tiny run of `main` in a process where tensorflow is not installed."""
-  workdir = str(tmp_path_factory.mktemp('run'))
+def _miou(line):
+  return float(re.search(r'mIoU=([\d.]+)', line).group(1))
+
+
+def test_train_without_tensorflow_then_evaluate_in_a_fresh_process(
+    tmp_path, tiny_config):
+  """One training run serves every check (one pytest-xdist worker runs it):
+  `main` with tensorflow not installed writes event files and progress;
+  `evaluate` reproduces the mIoU `main` printed and writes its report; a
+  wrong checkpoint step or class count is refused with a clear message."""
+  workdir = str(tmp_path)
   out = _run(['tests/no_tensorflow.py', '-m', 'seg_jax.main',
               f'--config={TINY}', f'--workdir={workdir}'])
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('Finished: step=6 ')
-  return workdir, out, float(re.search(r'mIoU=([\d.]+)', last).group(1))
+  miou = _miou(last)
+  _check_events_and_progress(workdir, out.stderr, miou, tiny_config)
+  _check_evaluate(workdir, miou, tiny_config)
+
+  wrong = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.evaluate', f'--config={TINY}',
+       f'--workdir={workdir}', '--checkpoint=5'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert wrong.returncode != 0
+  assert "--checkpoint='5'" in wrong.stderr and '[3, 6]' in wrong.stderr
+  from seg_jax import sharding, state  # pylint: disable=g-import-not-at-top
+  tiny_config.model.num_classes = 6
+  with pytest.raises(ValueError, match=r'stores params/Conv_0/bias with shape '
+                     r'\(5,\) but the config.s model has \(6,\)'):
+    state.restore_for_inference(tiny_config, workdir, sharding.create_mesh())
 
 
-def test_training_without_tensorflow_writes_events_and_progress(
-    trained, tiny_config):
-  workdir, out, miou = trained
-  assert 'tensorflow' not in out.stderr.lower()  # no import error, no warning
-  assert re.search(r'step 6/6 \(100\.0%\), [\d.]+ steps/s, ETA', out.stderr)
+def _check_events_and_progress(workdir, stderr, miou, config):
+  assert 'tensorflow' not in stderr.lower()  # no import error, no warning
+  assert re.search(r'step 6/6 \(100\.0%\), [\d.]+ steps/s, ETA', stderr)
   events = read_events(workdir)
   scalars = scalars_by_tag(events)
   assert set(scalars['train/loss']) == {3, 6}
@@ -58,19 +75,16 @@ def test_training_without_tensorflow_writes_events_and_progress(
   panel = images['eval/example_0'][6]
   assert panel.shape == (32, 96, 3)  # image | truth | prediction
   # The left third is the first val image itself.
-  first = data.create_source(tiny_config, 'val')[0]['image']
+  first = data.create_source(config, 'val')[0]['image']
   np.testing.assert_array_equal(panel[:, :32], first)
 
 
-def test_evaluate_reproduces_the_printed_miou_in_a_fresh_process(
-    trained, tiny_config):
-  workdir, _, miou = trained
+def _check_evaluate(workdir, miou, config):
   out = _run(['-m', 'seg_jax.evaluate', f'--config={TINY}',
               f'--workdir={workdir}', '--checkpoint=6'])
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('Evaluated: step=6 split=val evaluator=whole ')
-  assert float(re.search(r'mIoU=([\d.]+)', last).group(1)) == pytest.approx(
-      miou, abs=1e-4)
+  assert _miou(last) == pytest.approx(miou, abs=1e-4)
   assert '| circle |' in out.stdout and 'fwIoU' in out.stdout
   stem = os.path.join(workdir, 'eval', 'val_whole_step6')
   with open(f'{stem}.json') as f:
@@ -79,22 +93,12 @@ def test_evaluate_reproduces_the_printed_miou_in_a_fresh_process(
   assert report['class_names'] == ['background', 'circle', 'ring',
                                    'triangle', 'cross']
   assert set(report['per_class']['ring']) >= {'iou', 'acc', 'dice'}
-  source = data.create_source(tiny_config, 'val')
+  source = data.create_source(config, 'val')
   labelled = sum(int(np.sum(source[i]['label'] != 255))
                  for i in range(len(source)))
   assert np.sum(report['confusion_matrix']) == labelled
   with Image.open(f'{stem}_confusion.png') as im:
     assert im.size[0] > 300 and im.size[1] > 300
-
-
-def test_evaluate_rejects_a_missing_checkpoint_step(trained):
-  workdir, _, _ = trained
-  out = subprocess.run(
-      [sys.executable, '-m', 'seg_jax.evaluate', f'--config={TINY}',
-       f'--workdir={workdir}', '--checkpoint=5'], cwd=REPO,
-      capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert "--checkpoint='5'" in out.stderr and '[3, 6]' in out.stderr
 
 
 def test_every_cli_help_exits_zero():
@@ -121,13 +125,3 @@ def test_inference_modules_do_not_import_the_training_loop():
           '             or m.split(".")[0] == "tensorflow"))')
   out = _run(['-c', code])
   assert out.stdout.strip() == '[]'
-
-
-def test_restoring_with_another_class_count_names_the_parameter(
-    trained, tiny_config):
-  from seg_jax import sharding, state  # pylint: disable=g-import-not-at-top
-  workdir, _, _ = trained
-  tiny_config.model.num_classes = 6
-  with pytest.raises(ValueError, match=r'stores params/Conv_0/bias with shape '
-                     r'\(5,\) but the config.s model has \(6,\)'):
-    state.restore_for_inference(tiny_config, workdir, sharding.create_mesh())
