@@ -3,7 +3,9 @@
 import logging as pylogging
 import sys
 
-from absl import app, logging
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull')
 
@@ -19,6 +21,29 @@ class _QuietLibraries:
 def quiet_library_logs():
   """Filters library INFO lines out of absl's log handler."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def define_run_flags(config_help, workdir_help):
+  """--config (a configs/*.py, overridable), --workdir and --distributed:
+  the flags of the CLIs that work on a training run's folder."""
+  config_flags.DEFINE_config_file('config', None, config_help,
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, workdir_help)
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
+                    '(multi-host; coordinator and ranks come from the '
+                    'environment: Slurm, TPU VM, or '
+                    'JAX_COORDINATOR_ADDRESS...).')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def start(argv):
+  """Common start of a run-folder CLI: no stray arguments, quiet library
+  logs, `jax.distributed` when --distributed."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
+  if flags.FLAGS.distributed:
+    jax.distributed.initialize()
 
 
 def run(main):

@@ -15,17 +15,13 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from seg_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', None, 'The configuration the checkpoint was trained with.',
-    lock_config=True)
-flags.DEFINE_string('workdir', None, 'The training run folder (holds '
-                    'checkpoints/).')
+cli.define_run_flags('The configuration the checkpoint was trained with.',
+                     'The training run folder (holds checkpoints/).')
 flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
 flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
                     "(data.val_split), 'train' (data.train_split) or a "
@@ -34,10 +30,6 @@ flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
                   'eval.evaluators (e.g. whole,slide,tta); default: the '
                   'first of eval.in_training, as training reports it.')
 flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                  '(multi-host, as seg_jax.main): each process reads its '
-                  'part of every batch; process 0 writes the report.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _json_number(value):
@@ -178,11 +170,7 @@ def _progress_bar(name, enabled):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  cli.start(argv)
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,

@@ -7,29 +7,18 @@ nothing is needed.
 import os
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from seg_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', None, 'Training configuration file (a configs/*.py).',
-    lock_config=True)
-flags.DEFINE_string('workdir', None, 'Folder for checkpoints and logs; a '
-                    'workdir with checkpoints is resumed.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                  '(multi-host; coordinator and ranks come from the '
-                  'environment: Slurm, TPU VM, or JAX_COORDINATOR_ADDRESS...).')
-flags.mark_flags_as_required(['config', 'workdir'])
+cli.define_run_flags('Training configuration file (a configs/*.py).',
+                     'Folder for checkpoints and logs; a workdir with '
+                     'checkpoints is resumed.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  cli.start(argv)
   from seg_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)',
                jax.process_index(), jax.process_count(),
