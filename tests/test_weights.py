@@ -108,3 +108,9 @@ def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
       node = node[k]
     np.testing.assert_array_equal(np.asarray(node), value, err_msg=str(p))
   assert 'aspp' in train_state.params and 'aspp' not in expected
+
+
+def test_from_torchvision_is_public_in_models():
+  from seg_jax import models  # pylint: disable=g-import-not-at-top
+  assert models.from_torchvision is convert.from_torchvision
+  assert 'from_torchvision' in models.__all__
