@@ -96,6 +96,14 @@ def get_config():
   c.eval.evaluators.tta = evaluator(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
                                     flip=True)
 
+  c.crf = ml_collections.ConfigDict()  # dense CRF (predict/evaluate --crf)
+  c.crf.iterations = 5  # mean-field iterations
+  c.crf.gaussian_sxy = 3.0  # smoothness kernel: spatial std in pixels
+  c.crf.gaussian_weight = 3.0  # smoothness kernel weight
+  c.crf.bilateral_sxy = 80.0  # appearance kernel: spatial std in pixels
+  c.crf.bilateral_srgb = 13.0  # appearance kernel: colour std (0..255)
+  c.crf.bilateral_weight = 10.0  # appearance kernel weight
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 2000  # save train state + data iterator this often
   c.checkpoint.max_to_keep = 3  # most recent checkpoints kept

@@ -20,16 +20,6 @@ from absl import flags, logging
 from seg_jax import cli
 
 FLAGS = flags.FLAGS
-cli.define_run_flags('The configuration the checkpoint was trained with.',
-                     'The training run folder (holds checkpoints/).')
-flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
-flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
-                    "(data.val_split), 'train' (data.train_split) or a "
-                    "dataset split name such as 'test'.")
-flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
-                  'eval.evaluators (e.g. whole,slide,tta); default: the '
-                  'first of eval.in_training, as training reports it.')
-flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
 
 
 def _json_number(value):
@@ -50,7 +40,8 @@ def report_dict(result, class_names, *, split, step, spec):
   return {
       'step': int(step), 'split': split, 'evaluator': result.name,
       'settings': {k: list(v) if isinstance(v, tuple) else v
-                   for k, v in spec.__dict__.items()},
+                   for k, v in (spec if isinstance(spec, dict)
+                                else spec.__dict__).items()},
       'aAcc': s['pixel_accuracy'], 'mAcc': s['mean_accuracy'],
       'mIoU': s['miou'], 'fwIoU': s['fwiou'], 'mDice': s['mdice'],
       'mFscore': s['mfscore'], 'mPrecision': s['mprecision'],
@@ -112,14 +103,17 @@ def summary_line(result, step, split):
 
 
 def evaluate(config, workdir, *, checkpoint='latest', split='val',
-             names=(), out=''):
+             names=(), out='', use_crf=False):
   """Evaluates a checkpoint of `workdir`; writes and returns the reports.
+
+  With `use_crf`, every prediction is refined with the dense CRF
+  (`config.crf`) and the evaluator is reported as '<name>+crf'.
 
   Returns:
     list of (EvalResult, report dict), one per evaluator.
   """
-  from seg_jax import (data, evaluators, metrics, sharding,  # pylint: disable=g-import-not-at-top
-                       state)
+  from seg_jax import (crf, data, evaluators, metrics,  # pylint: disable=g-import-not-at-top
+                       sharding, state)
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   model, variables, step = state.restore_for_inference(config, workdir, mesh,
                                                        checkpoint)
@@ -130,9 +124,15 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   if writes:
     os.makedirs(out, exist_ok=True)
   reports = []
+  crf_params = crf.CRFParams.from_config(config) if use_crf else None
   for name in names or tuple(config.eval.in_training)[:1]:
-    evaluator = evaluators.Evaluator(name, config, model, mesh, source)
+    evaluator = evaluators.Evaluator(name, config, model, mesh, source,
+                                     crf_params=crf_params)
     result = evaluator.run(variables, progress=_progress_bar(name, writes))
+    if use_crf:
+      result.name = name = f'{name}+crf'
+      evaluator.spec = {**evaluator.spec.__dict__,
+                        'crf': crf_params.__dict__}
     report = report_dict(result, class_names, split=split, step=step,
                          spec=evaluator.spec)
     report = _clean(report)
@@ -169,13 +169,33 @@ def _progress_bar(name, enabled):
   return update
 
 
+
+def _define_flags():
+  """The CLI's flags; defined only when run as a program, so that the
+  module can be imported (by tests, by other programs) without them."""
+  cli.define_run_flags('The configuration the checkpoint was trained with.',
+                       'The training run folder (holds checkpoints/).')
+  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
+                      "(data.val_split), 'train' (data.train_split) or a "
+                      "dataset split name such as 'test'.")
+  flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
+                    'eval.evaluators (e.g. whole,slide,tta); default: the '
+                    'first of eval.in_training, as training reports it.')
+  flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
+  flags.DEFINE_bool('crf', False, 'Refine every prediction with the dense CRF '
+                    '(settings: config.crf); reported as <evaluator>+crf.')
+
+
 def main(argv):
   cli.start(argv)
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-           split=FLAGS.split, names=tuple(FLAGS.evaluators), out=FLAGS.out)
+           split=FLAGS.split, names=tuple(FLAGS.evaluators), out=FLAGS.out,
+           use_crf=FLAGS.crf)
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

@@ -106,10 +106,12 @@ class Evaluator:
     source: the split's random-access source.
     num_shown: examples of the first batch kept for pictures.
     skip_counter: counts bad records skipped by the source.
+    crf_params: a `crf.CRFParams` to refine every prediction with the dense
+      CRF on the host (one process only), or None.
   """
 
   def __init__(self, name, config, model, mesh, source, num_shown=0,
-               skip_counter=None):
+               skip_counter=None, crf_params=None):
     self.name, self.config, self.mesh, self.source = name, config, mesh, source
     self.spec = spec_from_config(config, name)
     self.num_classes = config.model.num_classes
@@ -118,8 +120,12 @@ class Evaluator:
                               'eval.global_batch_size')
     self.num_shown = min(num_shown, self.global_batch // jax.process_count())
     self.skips = skip_counter or pipeline.SkipCounter()
+    self.crf_params = crf_params
+    if crf_params is not None and jax.process_count() > 1:
+      raise ValueError('CRF evaluation runs in one process.')
     self.eval_step = steps.make_eval_step(model, config, mesh, self.spec,
-                                          self.num_shown)
+                                          self.num_shown,
+                                          with_logits=crf_params is not None)
 
   def run(self, variables, progress=None):
     """Evaluates `variables` ({'params', 'batch_stats'}) on the split.
@@ -140,15 +146,40 @@ class Evaluator:
     for i, batch in enumerate(ds):
       inputs = sharding.to_global(
           {k: batch[k] for k in ('image', 'label', 'size')}, self.mesh)
-      m, shown = self.eval_step(variables, inputs)
-      acc.add(m, pixels=batch['label'].size * jax.process_count())
+      if self.crf_params is None:
+        m, shown = self.eval_step(variables, inputs)
+        acc.add(m, pixels=batch['label'].size * jax.process_count())
+        shown = np.asarray(shown) if i == 0 else None
+      else:
+        _, _, logits = self.eval_step(variables, inputs)
+        shown = self._refine_and_count(batch, np.asarray(logits), acc)
       if i == 0 and self.num_shown:
-        examples = _examples(batch, np.asarray(shown))
+        examples = _examples(batch, shown[:self.num_shown])
       if progress is not None:
         progress(i + 1, num_batches)
     confusion, loss = acc.result()
     return EvalResult(self.name, confusion, loss,
                       metrics.scores_from_confusion(confusion), examples)
+
+
+  def _refine_and_count(self, batch, logits, acc):
+    """CRF-refines each example's logits and adds its confusion matrix and
+    cross-entropy to `acc` on the host; returns the refined predictions."""
+    from seg_jax import crf  # pylint: disable=g-import-not-at-top
+    ignore = labels.ignore_label(self.config)
+    predictions = np.zeros(batch['label'].shape, np.int64)
+    for j in np.flatnonzero(batch['index'] >= 0):
+      h, w = batch['size'][j]
+      log_q = np.asarray(crf.refine(batch['image'][j, :h, :w],
+                                    logits[j, :h, :w], self.crf_params))
+      predictions[j, :h, :w] = log_q.argmax(-1)
+      label = batch['label'][j, :h, :w].astype(np.int64)
+      valid = label != ignore
+      acc.add_host(metrics.confusion_matrix_np(
+          predictions[j, :h, :w][valid], label[valid], self.num_classes),
+                   -np.take_along_axis(log_q[valid], label[valid][:, None],
+                                       -1).sum(), int(valid.sum()))
+    return predictions
 
 
 def _examples(batch, predictions):

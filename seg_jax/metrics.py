@@ -31,6 +31,13 @@ def confusion_matrix(preds, labels, num_classes, ignore_label=IGNORE_LABEL):
                           num_classes, num_classes).astype(jnp.int32)
 
 
+def confusion_matrix_np(preds, labels, num_classes):
+  """`confusion_matrix` on the host (int64) for already-filtered pixels."""
+  index = np.asarray(labels, np.int64) * num_classes + np.asarray(preds)
+  return np.bincount(index.ravel(), minlength=num_classes**2).reshape(
+      num_classes, num_classes)
+
+
 def _nanmean(a):
   return float(np.nanmean(a)) if np.any(~np.isnan(a)) else np.nan
 
@@ -153,6 +160,13 @@ class Accumulator:
       self._flush()
     self._pending = m if self._pending is None else self._pending.merge(m)
     self._pixels += pixels
+
+  def add_host(self, confusion, loss_sum, pixels):
+    """Adds counts computed on the host: a (C, C) matrix and the summed
+    loss of `pixels` labelled pixels."""
+    self.confusion += np.asarray(confusion, np.int64)
+    self._loss_total += float(loss_sum)
+    self._loss_count += float(pixels)
 
   def _flush(self):
     if self._pending is None:

@@ -294,13 +294,14 @@ def infer_logits(apply_fn, x, sizes, spec):
   return mean
 
 
-def make_eval_step(model, config, mesh, spec, num_shown=0):
+def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):
   """Returns jitted `eval_step(variables, batch) -> (SegMetrics, shown)`.
 
   `variables` are the model's {'params', 'batch_stats'}; the batch holds
   'image', 'label' and 'size' (see `EvalTransform`). `shown` is the
   (num_shown, H, W) int32 prediction of the batch's first examples, for
-  pictures; the metrics are reduced on device.
+  pictures; the metrics are reduced on device. With `with_logits`, the
+  (N, H, W, C) float32 logits come third (for CRF refinement on the host).
   """
   ignore = seg_labels.ignore_label(config)
 
@@ -312,8 +313,34 @@ def make_eval_step(model, config, mesh, spec, num_shown=0):
     labels = batch['label'].astype(jnp.int32)
     loss = losses.cross_entropy(logits, labels, ignore_label=ignore)
     metrics = seg_metrics.eval_metrics(loss, logits, labels, ignore)
-    return metrics, jnp.argmax(logits[:num_shown], -1).astype(jnp.int32)
+    shown = jnp.argmax(logits[:num_shown], -1).astype(jnp.int32)
+    return (metrics, shown, logits) if with_logits else (metrics, shown)
 
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(eval_step, in_shardings=(repl, batch_sharding),
-                 out_shardings=(repl, repl))
+                 out_shardings=(repl, repl, repl) if with_logits
+                 else (repl, repl))
+
+
+def make_predict_step(model, config, spec, with_logits=False):
+  """Returns jitted `predict_step(variables, images, sizes)`.
+
+  Args:
+    model: the flax module.
+    config: the run's config (normalisation).
+    spec: an `InferenceSpec`.
+    with_logits: also return the logits (for CRF refinement).
+
+  The step maps uint8 images (N, H, W, 3), padded with the mean beyond each
+  example's (h, w) in `sizes` (N, 2), to int32 label maps (N, H, W) (and,
+  with `with_logits`, float32 logits (N, H, W, C)).
+  """
+
+  def predict_step(variables, images, sizes):
+    x = normalize(images, config.data.mean, config.data.std)
+    logits = infer_logits(lambda v: model.apply(variables, v, train=False),
+                          x, sizes, spec)
+    predicted = jnp.argmax(logits, -1).astype(jnp.int32)
+    return (predicted, logits) if with_logits else predicted
+
+  return jax.jit(predict_step)

@@ -1,6 +1,9 @@
 """Datasets by name and the pipelines that feed them to the devices."""
 
 import logging
+import os
+
+import numpy as np
 
 from seg_jax import labels
 from seg_jax.data import files, shapes, sources
@@ -53,6 +56,38 @@ DATASETS = {
     'folder': _folder,
     'tfds': _tfds,
 }
+
+
+# data.name -> (class names, palette) known without reading the dataset.
+_CLASSES = {
+    'shapes': (shapes.CLASS_NAMES, shapes.PALETTE),
+    'voc': (sources.VOC_CLASSES, sources.VOC_PALETTE),
+    'cityscapes': (sources.CITYSCAPES_CLASSES, sources.CITYSCAPES_PALETTE),
+    'ade20k': (sources.ADE20K_CLASSES, sources.ADE20K_PALETTE),
+    'camvid': (sources.CAMVID_CLASSES, sources.CAMVID_PALETTE),
+}
+
+
+def class_info(config):
+  """(class names, (C, 3) uint8 palette) of the config's dataset, without
+  its files (prediction runs where the training data is not): `folder`
+  reads `classes.txt` when its root is there, `tfds` uses
+  `data.tfds.class_names`; otherwise `class_<i>` and the VOC colour map."""
+  num = config.model.num_classes
+  if config.data.name in _CLASSES:
+    names, palette = _CLASSES[config.data.name]
+  else:
+    names = tuple(config.data.tfds.class_names) if config.data.name == 'tfds' \
+        else ()
+    listed = os.path.join(config.data.root or '', 'classes.txt')
+    if config.data.name == 'folder' and os.path.isfile(listed):
+      names = tuple(files.read_list(listed, 'folder'))
+    names = names or tuple(f'class_{i}' for i in range(num))
+    palette = labels.color_map(len(names))
+  if len(names) != num:
+    raise ValueError(f'data.name={config.data.name!r} has {len(names)} '
+                     f'classes but model.num_classes={num}; make them equal.')
+  return tuple(names), np.asarray(palette, np.uint8)
 
 
 def create_source(config, split):

@@ -1,0 +1,138 @@
+"""Export a trained model as StableHLO, and load it without seg_jax.
+
+    python -m seg_jax.export --config=configs/x.py --workdir=DIR --out=FILE
+
+serialises, with `jax.export`, the whole path from uint8 images
+(b, H, W, 3) to int32 label maps (b, H, W): normalisation, the model with
+the checkpoint's weights baked in, the configured inference (scales, flip,
+sliding window) and the argmax. The batch size b is symbolic; H and W are
+fixed (default: `data.eval_pad_size`, else the crop). FILE.json records the
+input size, class names and palette.
+
+`load(FILE)` returns a function numpy images -> numpy labels; it needs only
+jax and numpy (importing this module imports neither flax nor the training
+code, and defines no flags).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def load(path):
+  """The exported model at `path` as a function.
+
+  Returns:
+    (predict, meta): `predict(images)` maps uint8 (b, H, W, 3) to int32
+    label maps (b, H, W) for any b; `meta` is FILE.json as a dict.
+  """
+  with open(path, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  with open(path + '.json') as f:
+    meta = json.load(f)
+  height, width = meta['input_size']
+
+  def predict(images):
+    images = np.asarray(images, np.uint8)
+    if images.ndim != 4 or images.shape[1:] != (height, width, 3):
+      raise ValueError(f'{path} takes uint8 images (b, {height}, {width}, 3);'
+                       f' got {images.shape}: resize or pad them first.')
+    return np.asarray(exported.call(images))
+
+  return predict, meta
+
+
+def export_model(config, workdir, out, *, checkpoint='latest', size=None,
+                 evaluator='', platforms=None):
+  """Writes the StableHLO of preprocessing + model + argmax to `out`.
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training run folder.
+    out: output file (FILE and FILE.json are written).
+    checkpoint: 'latest' or a step.
+    size: (H, W) input size (default: `data.eval_pad_size` or the crop).
+    evaluator: inference settings, a key of `eval.evaluators` (default: the
+      first of `eval.in_training`).
+    platforms: platforms to lower for, e.g. ('cpu', 'cuda') (default: this
+      machine's).
+
+  Returns:
+    The meta dict written to FILE.json.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from seg_jax import (data, evaluators, sharding, state,  # pylint: disable=g-import-not-at-top
+                       steps)
+  from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  height, width = transforms.pair(
+      size or config.data.eval_pad_size or config.data.crop_size)
+  name = evaluator or tuple(config.eval.in_training)[0]
+  spec = evaluators.spec_from_config(config, name)
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])
+  model, variables, step = state.restore_for_inference(config, workdir, mesh,
+                                                       checkpoint)
+  variables = jax.device_get(variables)  # baked into the program
+
+  def predict(images):  # (b, H, W, 3) uint8 -> (b, H, W) int32
+    sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
+                             (images.shape[0], 2))
+    x = steps.normalize(images, config.data.mean, config.data.std)
+    logits = steps.infer_logits(
+        lambda v: model.apply(variables, v, train=False), x, sizes, spec)
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+
+  batch, = jax.export.symbolic_shape('b')
+  exported = jax.export.export(jax.jit(predict), platforms=platforms)(
+      jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8))
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, 'wb') as f:
+    f.write(exported.serialize())
+  class_names, palette = data.class_info(config)
+  meta = {'input_size': [height, width], 'step': int(step),
+          'model': config.model.name, 'inference': name,
+          'class_names': list(class_names), 'palette': palette.tolist(),
+          'platforms': list(exported.platforms)}
+  with open(out + '.json', 'w') as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+def _define_flags():
+  """The CLI's flags; defined only when run as a program, so that `load`
+  can be imported into any program."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_run_flags('The configuration the checkpoint was trained with.',
+                       'The training run folder (holds checkpoints/).')
+  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('out', None, 'Output file; FILE.json is written too.')
+  flags.DEFINE_list('size', [], 'Input height,width (default: '
+                    'data.eval_pad_size, else data.crop_size).')
+  flags.DEFINE_string('evaluator', '', 'Inference settings: a key of '
+                      'eval.evaluators (default: the first of '
+                      'eval.in_training).')
+  flags.DEFINE_list('platforms', [], "Lower for these platforms, e.g. "
+                    "cpu,cuda,tpu (default: this machine's).")
+  flags.mark_flags_as_required(['out'])
+  return flags.FLAGS
+
+
+def main(argv):
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv)
+  f = FLAGS
+  meta = export_model(f.config, f.workdir, f.out, checkpoint=f.checkpoint,
+                      size=tuple(int(v) for v in f.size) or None,
+                      evaluator=f.evaluator,
+                      platforms=tuple(f.platforms) or None)
+  print(f'Exported: step={meta["step"]} input={meta["input_size"]} '
+        f'platforms={",".join(meta["platforms"])} -> {f.out} '
+        f'({os.path.getsize(f.out) / 2**20:.1f} MiB)', flush=True)
+
+
+if __name__ == '__main__':
+  from seg_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  _cli.run(main)

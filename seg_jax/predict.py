@@ -1,0 +1,362 @@
+"""Apply a trained model to images, folders and videos.
+
+    python -m seg_jax.predict --config=configs/x.py --workdir=DIR --out=OUT \\
+        INPUT... [--checkpoint=latest|STEP] [--keep=CLASS,...] [--crf] [--tta]
+
+For every image, OUT gets `<name>.png`, the label map as an indexed PNG with
+the dataset's palette (it opens as colours and reads back as class ids),
+and `<name>_overlay.jpg`, the colours blended over the image; with `--keep`
+also `<name>_keep.png`, the image with every pixel of other classes
+transparent. For every video (read and written frame by frame with PyAV, in
+batches, so memory stays constant), OUT gets `<name>_overlay.mp4` and, with
+`--keep`, `<name>_keep.mp4` where everything else is black; frame rate, size
+and frame count are the input's. Files inside a folder keep their relative
+path under OUT/<folder name>/. An input that cannot be read is reported by
+name, the others are still processed, and the exit status is then 1.
+"""
+
+import dataclasses
+import fractions
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+
+from seg_jax import cli
+
+FLAGS = flags.FLAGS
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
+                    '.mpeg', '.wmv')
+_MULTIPLE = 32  # batch canvases are rounded up to this: few compiles
+
+
+def find_inputs(paths):
+  """[(path, output name)] for files as given and every image or video in
+  the given folders (sorted; names keep the path under the folder)."""
+  found = []
+  for path in paths:
+    if not os.path.isdir(path):
+      found.append((path, os.path.splitext(os.path.basename(path))[0]))
+      continue
+    top = os.path.basename(os.path.normpath(path))
+    for root, dirs, names in os.walk(path):
+      dirs.sort()
+      for name in sorted(names):
+        if name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+          full = os.path.join(root, name)
+          rel = os.path.splitext(os.path.relpath(full, path))[0]
+          found.append((full, os.path.join(top, rel)))
+  return _unique_names(found)
+
+
+def _unique_names(found):
+  seen, out = set(), []
+  for path, name in found:
+    base, k = name, 1
+    while name in seen:
+      k += 1
+      name = f'{base}_{k}'
+    seen.add(name)
+    out.append((path, name))
+  return out
+
+
+def parse_keep(tokens, class_names):
+  """Class ids from names (any case) or ids; an unknown one is an error
+  listing the valid names."""
+  lower = {n.lower(): i for i, n in enumerate(class_names)}
+  ids = []
+  for token in tokens:
+    if token.isdigit() and int(token) < len(class_names):
+      ids.append(int(token))
+    elif token.lower() in lower:
+      ids.append(lower[token.lower()])
+    else:
+      raise app.UsageError(f'--keep={token!r} is not a class of this model; '
+                           f'use ids 0..{len(class_names) - 1} or names: '
+                           f'{", ".join(class_names)}.')
+  return sorted(set(ids))
+
+
+class Predictor:
+  """Label maps for lists of images, one device batch at a time.
+
+  A batch holds images of one canvas size, their own size rounded up to a
+  multiple of 32 (padded with the mean), and is always `batch_size` long:
+  an image's labels depend on itself only, not on what it is batched
+  with, and each canvas size compiles once. Label maps come back at each
+  image's own size.
+  """
+
+  def __init__(self, config, model, variables, spec, batch_size,
+               crf_params=None):
+    from seg_jax import steps  # pylint: disable=g-import-not-at-top
+    from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    self.variables, self.batch_size = variables, batch_size
+    self.crf_params = crf_params
+    self.fill = transforms.fill_value(config.data.mean)
+    self.step = steps.make_predict_step(model, config, spec,
+                                        with_logits=crf_params is not None)
+
+  def __call__(self, images):
+    """(H_i, W_i) int32 label maps of up to `batch_size` RGB uint8 images
+    that have one `canvas`."""
+    assert 0 < len(images) <= self.batch_size
+    h, w = canvas(images[0])
+    assert all(canvas(i) == (h, w) for i in images)
+    batch = np.empty((self.batch_size, h, w, 3), np.uint8)
+    batch[...] = self.fill
+    sizes = np.tile(np.array([h, w], np.int32), (self.batch_size, 1))
+    for k, image in enumerate(images):
+      batch[k, :image.shape[0], :image.shape[1]] = image
+      sizes[k] = image.shape[:2]
+    out = self.step(self.variables, batch, sizes)
+    if self.crf_params is None:
+      out = np.asarray(out)
+      return [out[k, :s[0], :s[1]] for k, s in enumerate(sizes[:len(images)])]
+    from seg_jax import crf  # pylint: disable=g-import-not-at-top
+    logits = np.asarray(out[1])
+    return [np.asarray(crf.refine(image, logits[k, :image.shape[0],
+                                                :image.shape[1]],
+                                  self.crf_params)).argmax(-1)
+            for k, image in enumerate(images)]
+
+
+def canvas(image):
+  """The batch canvas of an image: its size rounded up to a multiple of 32."""
+  return tuple(-(-n // _MULTIPLE) * _MULTIPLE for n in image.shape[:2])
+
+
+@dataclasses.dataclass
+class Outputs:
+  """Where and how results are written."""
+  folder: str
+  palette: np.ndarray
+  keep: list
+  alpha: float
+
+  def path(self, name, suffix):
+    path = os.path.join(self.folder, name + suffix)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+  def overlay(self, image, label):
+    from seg_jax import labels  # pylint: disable=g-import-not-at-top
+    return labels.overlay(image, label, self.palette, self.alpha)
+
+  def cut_out(self, image, label, transparent):
+    """Kept classes as they are; the rest transparent (RGBA) or black."""
+    kept = np.isin(label, self.keep)
+    if transparent:
+      return np.dstack([image, np.where(kept, 255, 0).astype(np.uint8)])
+    return np.where(kept[..., None], image, 0).astype(np.uint8)
+
+  def write_image(self, name, image, label):
+    indexed = Image.fromarray(label.astype(np.uint8), mode='P')
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(self.palette)] = self.palette
+    indexed.putpalette(palette.ravel().tolist())
+    indexed.save(self.path(name, '.png'))
+    Image.fromarray(self.overlay(image, label)).save(
+        self.path(name, '_overlay.jpg'), quality=92)
+    if self.keep:
+      Image.fromarray(self.cut_out(image, label, True), 'RGBA').save(
+          self.path(name, '_keep.png'))
+
+
+class _VideoWriter:
+  """An H.264 (or MPEG-4 Part 2) video written frame by frame with PyAV."""
+
+  def __init__(self, path, rate, width, height):
+    import av  # pylint: disable=g-import-not-at-top
+    self._container = av.open(path, 'w')
+    codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
+    self._stream = self._container.add_stream(codec, rate=rate)
+    self._stream.width, self._stream.height = width, height
+    # 4:2:0 needs even sides; x264 takes odd ones in 4:4:4.
+    even = width % 2 == 0 and height % 2 == 0
+    self._stream.pix_fmt = 'yuv420p' if even or codec != 'libx264' \
+        else 'yuv444p'
+    self._av = av
+
+  def write(self, rgb):
+    frame = self._av.VideoFrame.from_ndarray(rgb, format='rgb24')
+    for packet in self._stream.encode(frame):
+      self._container.mux(packet)
+
+  def close(self):
+    for packet in self._stream.encode():
+      self._container.mux(packet)
+    self._container.close()
+
+
+def predict_video(path, name, predictor, outputs, progress=None):
+  """Overlay (and cut-out) videos of `path`; returns the frame count."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(path) as source:
+    stream = source.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
+    width, height = stream.codec_context.width, stream.codec_context.height
+    writers = [(_VideoWriter(outputs.path(name, '_overlay.mp4'), rate, width,
+                             height), outputs.overlay)]
+    if outputs.keep:
+      writers.append((_VideoWriter(outputs.path(name, '_keep.mp4'), rate,
+                                   width, height),
+                      lambda im, lab: outputs.cut_out(im, lab, False)))
+    count, batch = 0, []
+
+    def flush():
+      for image, label in zip(batch, predictor(batch)):
+        for writer, render in writers:
+          writer.write(render(image, label))
+      if progress is not None:
+        progress(len(batch), stream.frames or None)
+      batch.clear()
+
+    try:
+      for frame in source.decode(stream):
+        batch.append(frame.to_ndarray(format='rgb24'))
+        count += 1
+        if len(batch) == predictor.batch_size:
+          flush()
+      if batch:
+        flush()
+    finally:
+      for writer, _ in writers:
+        writer.close()
+  return count
+
+
+def predict_images(items, predictor, outputs, progress=None):
+  """Writes the outputs of every readable image; returns the failures.
+
+  Images wait in one queue per canvas size until a batch is full, so at
+  most (canvas sizes x batch size) images are held at a time.
+  """
+  from seg_jax.data import files  # pylint: disable=g-import-not-at-top
+  failures, queues = [], {}
+
+  def flush(queue):
+    for (name, image), label in zip(queue, predictor([q[1] for q in queue])):
+      outputs.write_image(name, image, label)
+    if progress is not None:
+      progress(len(queue))
+    queue.clear()
+
+  for path, name in items:
+    try:
+      image = files.read_image(path)
+    except (files.BadSampleError, OSError) as e:
+      failures.append((path, str(e)))
+      if progress is not None:
+        progress(1)
+      continue
+    queue = queues.setdefault(canvas(image), [])
+    queue.append((name, image))
+    if len(queue) == predictor.batch_size:
+      flush(queue)
+  for queue in queues.values():
+    if queue:
+      flush(queue)
+  return failures
+
+
+def _bar(total, unit, desc):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr,
+              mininterval=2.0)
+
+
+def run(inputs, predictor, outputs):
+  """Predicts every input; returns (images done, frames done, failures)."""
+  found = find_inputs(inputs)
+  videos = [f for f in found if f[0].lower().endswith(VIDEO_EXTENSIONS)]
+  images = [f for f in found if f not in videos]
+  failures = []
+  if images:
+    with _bar(len(images), 'img', 'images') as bar:
+      failures += predict_images(images, predictor, outputs, bar.update)
+  done, frames = len(images) - len(failures), 0
+  for path, name in videos:
+    try:
+      with _bar(None, 'frame', os.path.basename(path)) as bar:
+        frames += predict_video(path, name, predictor, outputs,
+                                lambda n, total, b=bar: _advance(b, n, total))
+    except Exception as e:  # pylint: disable=broad-except
+      # PyAV raises many types for a bad file; the other inputs go on.
+      failures.append((path, f'{type(e).__name__}: {e}'))
+  return done, frames, failures
+
+
+def _advance(bar, n, total):
+  if total and bar.total != total:
+    bar.total = total
+  bar.update(n)
+
+
+
+def _define_flags():
+  """The CLI's flags; defined only when run as a program, so that the
+  module can be imported (by tests, by other programs) without them."""
+  cli.define_run_flags('The configuration the checkpoint was trained with.',
+                       'The training run folder (holds checkpoints/).')
+  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('out', None, 'Output folder (created).')
+  flags.DEFINE_list('keep', [], 'Class names or ids to keep in cut-outs; '
+                    'everything else becomes transparent (images) or black '
+                    '(videos).')
+  flags.DEFINE_bool('crf', False, 'Refine each prediction with the dense CRF '
+                    '(settings: config.crf).')
+  flags.DEFINE_bool('tta', False, "Use the 'tta' evaluator's multi-scale + "
+                    'flip inference (config.eval.evaluators.tta).')
+  flags.DEFINE_string('evaluator', '', 'Inference settings: a key of '
+                      'eval.evaluators (default: the first of '
+                      'eval.in_training; --tta means tta).')
+  flags.DEFINE_integer('batch_size', 8, 'Images or frames per device batch.')
+  flags.DEFINE_float('alpha', 0.5, 'Weight of the class colours in overlays.')
+  flags.mark_flags_as_required(['out'])
+
+
+def main(argv):
+  inputs = argv[1:]
+  if not inputs:
+    raise app.UsageError('Give one or more images, folders or videos.')
+  if FLAGS.distributed:
+    raise app.UsageError('predict runs in one process; drop --distributed.')
+  cli.quiet_library_logs()
+  from seg_jax import (crf, data, evaluators, sharding,  # pylint: disable=g-import-not-at-top
+                       state)
+  config = FLAGS.config
+  class_names, palette = data.class_info(config)
+  keep = parse_keep(FLAGS.keep, class_names)
+  name = 'tta' if FLAGS.tta else (FLAGS.evaluator or
+                                  tuple(config.eval.in_training)[0])
+  spec = evaluators.spec_from_config(config, name)
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])
+  model, variables, step = state.restore_for_inference(
+      config, FLAGS.workdir, mesh, FLAGS.checkpoint)
+  predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
+                        crf.CRFParams.from_config(config) if FLAGS.crf
+                        else None)
+  os.makedirs(FLAGS.out, exist_ok=True)
+  done, frames, failures = run(
+      inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha))
+  for path, reason in failures:
+    print(f'Failed: {reason if path in reason else f"{path}: {reason}"}',
+          file=sys.stderr)
+  logging.info('Checkpoint step %d, inference %s%s.', step, name,
+               ' + CRF' if FLAGS.crf else '')
+  print(f'Predicted: {done} images, {frames} video frames, {len(failures)} '
+        f'failed -> {FLAGS.out}', flush=True)
+  if failures:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  cli.run(main)
