@@ -32,7 +32,6 @@ FLAGS = flags.FLAGS
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
                     '.mpeg', '.wmv')
-_MULTIPLE = 32  # batch canvases are rounded up to this: few compiles
 
 
 def find_inputs(paths):
@@ -87,28 +86,34 @@ class Predictor:
   """Label maps for lists of images, one device batch at a time.
 
   A batch holds images of one canvas size, their own size rounded up to a
-  multiple of 32 (padded with the mean), and is always `batch_size` long:
-  an image's labels depend on itself only, not on what it is batched
-  with, and each canvas size compiles once. Label maps come back at each
-  image's own size.
+  multiple of `size_multiple` (padded with the mean, as evaluation pads),
+  and is always `batch_size` long: an image's labels depend on itself
+  only, not on what it is batched with, and each canvas size compiles
+  once. Label maps come back at each image's own size.
   """
 
   def __init__(self, config, model, variables, spec, batch_size,
-               crf_params=None):
+               crf_params=None, size_multiple=8):
     from seg_jax import steps  # pylint: disable=g-import-not-at-top
     from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
     self.variables, self.batch_size = variables, batch_size
+    self.size_multiple = size_multiple
     self.crf_params = crf_params
     self.fill = transforms.fill_value(config.data.mean)
     self.step = steps.make_predict_step(model, config, spec,
                                         with_logits=crf_params is not None)
 
+  def canvas(self, image):
+    """The batch canvas of an image: its size rounded up to the multiple."""
+    m = self.size_multiple
+    return tuple(-(-n // m) * m for n in image.shape[:2])
+
   def __call__(self, images):
     """(H_i, W_i) int32 label maps of up to `batch_size` RGB uint8 images
     that have one `canvas`."""
     assert 0 < len(images) <= self.batch_size
-    h, w = canvas(images[0])
-    assert all(canvas(i) == (h, w) for i in images)
+    h, w = self.canvas(images[0])
+    assert all(self.canvas(i) == (h, w) for i in images)
     batch = np.empty((self.batch_size, h, w, 3), np.uint8)
     batch[...] = self.fill
     sizes = np.tile(np.array([h, w], np.int32), (self.batch_size, 1))
@@ -125,11 +130,6 @@ class Predictor:
                                                 :image.shape[1]],
                                   self.crf_params)).argmax(-1)
             for k, image in enumerate(images)]
-
-
-def canvas(image):
-  """The batch canvas of an image: its size rounded up to a multiple of 32."""
-  return tuple(-(-n // _MULTIPLE) * _MULTIPLE for n in image.shape[:2])
 
 
 @dataclasses.dataclass
@@ -256,7 +256,7 @@ def predict_images(items, predictor, outputs, progress=None):
       if progress is not None:
         progress(1)
       continue
-    queue = queues.setdefault(canvas(image), [])
+    queue = queues.setdefault(predictor.canvas(image), [])
     queue.append((name, image))
     if len(queue) == predictor.batch_size:
       flush(queue)
@@ -318,6 +318,10 @@ def _define_flags():
                       'eval.evaluators (default: the first of '
                       'eval.in_training; --tta means tta).')
   flags.DEFINE_integer('batch_size', 8, 'Images or frames per device batch.')
+  flags.DEFINE_integer('size_multiple', 8, 'Images are padded to a multiple '
+                       'of this (one compile per padded size): larger values '
+                       'compile less for folders of many sizes, smaller ones '
+                       'pad less.')
   flags.DEFINE_float('alpha', 0.5, 'Weight of the class colours in overlays.')
   flags.mark_flags_as_required(['out'])
 
@@ -342,7 +346,7 @@ def main(argv):
       config, FLAGS.workdir, mesh, FLAGS.checkpoint)
   predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
                         crf.CRFParams.from_config(config) if FLAGS.crf
-                        else None)
+                        else None, FLAGS.size_multiple)
   os.makedirs(FLAGS.out, exist_ok=True)
   done, frames, failures = run(
       inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha))
