@@ -10,8 +10,8 @@ fixed (default: `data.eval_pad_size`, else the crop). FILE.json records the
 input size, class names and palette.
 
 `load(FILE)` returns a function numpy images -> numpy labels; it needs only
-jax and numpy (importing this module imports neither flax nor the training
-code, and defines no flags).
+jax, numpy and flatbuffers (jax.export's serialiser). Importing this module
+imports neither flax nor the training code, and defines no flags.
 """
 
 import json
