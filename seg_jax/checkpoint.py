@@ -100,7 +100,8 @@ class Checkpointer:
     # first step it sees, so it is overridden.
     return self._manager.save(step, force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))))
+        data_iter=grain.checkpoint.CheckpointSave(
+            _IteratorSnapshot(data_iter))))
 
   def close(self):
     """Waits for pending writes and releases the manager."""
@@ -126,9 +127,11 @@ def restore_variables(directory, step, abstract):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints: {directory} does not exist; '
                             'train first or check --workdir.')
-  with ocp.CheckpointManager(
-      directory, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
-  ) as manager:
+  # The data-iterator item is registered, not read, so that orbax does not
+  # warn that it cannot restore it.
+  handlers = {'state': ocp.PyTreeCheckpointHandler(),
+              'data_iter': grain.checkpoint.CheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')
