@@ -299,7 +299,6 @@ def _advance(bar, n, total):
   bar.update(n)
 
 
-
 def _define_flags():
   """The CLI's flags; defined only when run as a program, so that the
   module can be imported (by tests, by other programs) without them."""
