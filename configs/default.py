@@ -18,6 +18,8 @@ def evaluator(mode='whole', window=(), stride=(), scales=(1.0,), flip=False,
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds parameter init, shuffling, augmentation and dropout
+  # Compiled steps are kept here and reused by the next start ('': off).
+  c.compilation_cache_dir = '~/.cache/seg_jax/xla'
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'unet'  # a key of seg_jax.models.MODELS

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by seg_jax's CLIs (main, evaluate, ...)."""
 
 import logging as pylogging
+import os
 import sys
 
 import jax
@@ -36,12 +37,28 @@ def define_run_flags(config_help, workdir_help):
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def enable_compilation_cache(directory):
+  """Keeps compiled XLA programs in `directory` ('' : off), so that a
+  restart of the same config on the same machine loads its steps instead
+  of compiling them again. `JAX_COMPILATION_CACHE_DIR`, when set, wins."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR') or not directory:
+    return
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.expanduser(directory))
+  # Cache every program that took a second or more to compile.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
 def start(argv):
   """Common start of a run-folder CLI: no stray arguments, quiet library
-  logs, `jax.distributed` when --distributed."""
+  logs, the compilation cache (`config.compilation_cache_dir`),
+  `jax.distributed` when --distributed."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
+  enable_compilation_cache(flags.FLAGS.config.get('compilation_cache_dir',
+                                                  ''))
   if flags.FLAGS.distributed:
     jax.distributed.initialize()
 

@@ -332,6 +332,7 @@ def main(argv):
   if FLAGS.distributed:
     raise app.UsageError('predict runs in one process; drop --distributed.')
   cli.quiet_library_logs()
+  cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (crf, data, evaluators, sharding,  # pylint: disable=g-import-not-at-top
                        state)
   config = FLAGS.config

@@ -75,7 +75,8 @@ def pretrained_init_fn(config):
 
   def init_fn(variables):
     tensors = weights.load_weights(path)
-    pretrained = convert.from_torchvision(fmt, tensors)
+    pretrained = convert.from_torchvision(
+        fmt, tensors, scan_blocks=config.model.kwargs.get('scan_blocks', False))
     variables, n, skipped = convert.load_pretrained(
         variables, pretrained, f'model.init_from={path}')
     logging.info('Loaded %d tensors from %s (%s); kept fresh: %s', n, path,

@@ -2,12 +2,11 @@
 
 Prints parameters per module and ends with one line
 `params=<int> gflops=<float>`: trainable parameters and forward FLOPs per
-image at the config's crop size, from XLA's cost analysis of the compiled
-forward pass.
+image at the config's crop size, counted from the forward pass's jaxpr
+(`seg_jax.flops`).
 """
 
 import collections
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -34,23 +33,21 @@ def count_params(params, depth):
 
 
 def forward_gflops(model, variables, shape):
-  """Forward GFLOPs for one input of `shape`, from XLA's cost analysis."""
-  fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  compiled = fn.lower(variables, jnp.zeros(shape, jnp.float32)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) / 1e9
+  """Forward GFLOPs for one input of `shape` (`seg_jax.flops`: 2 x
+  multiply-adds of convolutions and matrix products, every iteration of a
+  scanned stage counted)."""
+  from seg_jax import flops  # pylint: disable=g-import-not-at-top
+  from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
+  with layers.all_taps():
+    return flops.count_flops(
+        lambda v, x: model.apply(v, x, train=False), variables,
+        jax.ShapeDtypeStruct(shape, jnp.float32)) / 1e9
 
 
 def summarize(config, depth=2):
   """(table text, total params, forward GFLOPs per image)."""
-  from seg_jax import models, state  # pylint: disable=g-import-not-at-top
+  from seg_jax import state  # pylint: disable=g-import-not-at-top
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  if 'scan_blocks' in inspect.signature(
-      models.MODELS[config.model.name]).parameters:
-    # XLA's cost analysis counts a scanned (looped) block once: unroll.
-    config.model.kwargs = {**config.model.kwargs, 'scan_blocks': False}
   model = state.create_model(config)
   shape = (1, *transforms.pair(config.data.crop_size), 3)
   variables = jax.jit(lambda: model.init(

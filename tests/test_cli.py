@@ -103,7 +103,8 @@ def _check_evaluate(workdir, miou, config):
 
 def test_every_cli_help_exits_zero():
   clis = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.predict',
-          'seg_jax.export', 'seg_jax.summary', 'seg_jax.data.bench',
+          'seg_jax.export', 'seg_jax.summary', 'seg_jax.bench',
+          'seg_jax.data.bench',
           'seg_jax.data.samples']
   procs = [subprocess.Popen([sys.executable, '-m', m, '--help'], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

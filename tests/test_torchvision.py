@@ -40,9 +40,12 @@ def _relative_error(a, b):
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize('name', ['fcn_resnet50', 'deeplabv3_resnet50'])
-@pytest.mark.parametrize('aux', [False, True])
-def test_logits_match_torchvision(name, aux):
+@pytest.mark.parametrize('name,aux,scan', [
+    ('fcn_resnet50', False, False), ('fcn_resnet50', True, False),
+    ('deeplabv3_resnet50', False, False), ('deeplabv3_resnet50', True, False),
+    ('deeplabv3_resnet50', True, True)])
+def test_logits_match_torchvision(name, aux, scan):
+  """Both stage layouts: one module per block (default) and scanned."""
   torch.manual_seed(0)
   tmodel = getattr(tv_seg, name)(weights=None, weights_backbone=None,
                                  num_classes=21, aux_loss=aux).eval()
@@ -50,8 +53,9 @@ def test_logits_match_torchvision(name, aux):
   x = np.random.default_rng(0).normal(size=(2, 97, 131, 3)).astype(np.float32)
   expected = _torch_logits(tmodel, x)
 
-  variables = convert.from_torchvision(name, tmodel.state_dict())
-  model = models.create_model(name, 21, aux_head=aux)
+  variables = convert.from_torchvision(name, tmodel.state_dict(),
+                                       scan_blocks=scan)
+  model = models.create_model(name, 21, aux_head=aux, scan_blocks=scan)
   init = model.init(jax.random.key(0), jnp.zeros((1, 97, 131, 3)))
   variables, n, skipped = convert.load_pretrained(init, variables)
   assert not skipped and n == len(jax.tree.leaves(init))
@@ -105,3 +109,20 @@ def test_torch_file_loads_without_torch_unpickling(tmp_path):
   assert set(tensors) == set(sd)
   for k, v in sd.items():
     np.testing.assert_array_equal(tensors[k], v.numpy())
+
+
+@pytest.mark.parametrize('config_name', ['fcn_resnet50_voc',
+                                         'deeplabv3_resnet50_voc'])
+def test_train_step_flops_match_torch_flop_counter(config_name):
+  """seg_jax's FLOPs for the default train step (aux head, output stride 8)
+  vs. torch's FlopCounterMode on the torchvision twin's forward+backward."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from seg_jax import bench, sharding  # pylint: disable=g-import-not-at-top
+  config = bench.configure(
+      importlib.import_module(f'configs.{config_name}').get_config(),
+      batch=8, crop=(64, 96))
+  ours = bench.step_flops(config, sharding.create_mesh(), 'train')
+  model, images, labels, loss_fn, _, _, _ = bench.torch_twin(config, 'train')
+  theirs = bench.torch_flops(model.train(), images, labels, loss_fn)
+  assert theirs > 1e10
+  np.testing.assert_allclose(ours, theirs, rtol=0.05)

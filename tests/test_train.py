@@ -15,8 +15,16 @@ from conftest import REPO
 
 def test_train_and_evaluate_end_to_end(tiny_config, tmp_path):
   tiny_config.train.num_steps = 9
-  result = train.train_and_evaluate(tiny_config, str(tmp_path))
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  try:
+    result = trainer.run()
+  finally:
+    trainer.checkpointer.close()
   assert result['step'] == 9
+  # 9 steps, checkpoints at 3, 6 and 9, evaluations at 6 and 9, metrics
+  # logged at 3, 6 and 9: the train and eval steps each compiled once.
+  assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+  assert [e.eval_step._cache_size() for e in trainer.evaluators] == [1]  # pylint: disable=protected-access
   assert 0.0 <= result['miou'] <= 1.0
   assert set(result) >= {'loss', 'pixel_accuracy', 'mean_accuracy',
                          'iou/circle'}

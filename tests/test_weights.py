@@ -72,7 +72,7 @@ def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from seg_jax import optim, sharding, state  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  mapping, _ = convert._mapping('resnet50', False)  # pylint: disable=protected-access
+  mapping, _ = convert._mapping('resnet50', False, False)  # pylint: disable=protected-access
   tiny_config.model.name, tiny_config.model.kwargs = 'deeplabv3_resnet50', {}
   model = state.create_model(tiny_config)
   shapes = jax.eval_shape(lambda: model.init(

@@ -223,20 +223,56 @@ def test_resnet_options(kwargs):
 
 
 def test_summary_flops_count_every_scanned_block(tiny_config):
-  """XLA counts a loop body once; the summary unrolls ResNet stages, so
-  ResNet-101 reports more FLOPs than ResNet-50 by its extra 17 blocks."""
+  """XLA's cost analysis counts a loop body once; the jaxpr count counts a
+  scanned stage like its unrolled twin, and ResNet-101 has exactly its
+  extra 17 blocks more than ResNet-50."""
+  from seg_jax import flops as seg_flops  # pylint: disable=g-import-not-at-top
   from seg_jax import summary  # pylint: disable=g-import-not-at-top
   flops = {}
   for name in ('fcn_resnet50', 'fcn_resnet101'):
     tiny_config.model.name, tiny_config.model.kwargs = name, {'width': 8}
     _, _, flops[name] = summary.summarize(tiny_config)
-  scanned = models.create_model('fcn_resnet101', 5, width=8)
-  v = jax.eval_shape(lambda: scanned.init(jax.random.key(0),
-                                          jnp.zeros((1, 32, 32, 3))))
-  looped = summary.forward_gflops(scanned, v, (1, 32, 32, 3))
-  assert flops['fcn_resnet101'] > 1.3 * looped
+  scanned = models.create_model('fcn_resnet101', 5, width=8,
+                                scan_blocks=True)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  v = jax.eval_shape(lambda x: scanned.init(jax.random.key(0), x), x)
+  fwd = lambda v, x: scanned.apply(v, x, train=False)
+  np.testing.assert_allclose(
+      seg_flops.count_flops(fwd, v, x) / 1e9, flops['fcn_resnet101'],
+      rtol=1e-12)
+  cost = jax.jit(fwd).lower(v, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert flops['fcn_resnet101'] > 1.3 * cost['flops'] / 1e9
   # layer3 at stride 8: 17 more blocks of (1x1 128->32, 3x3 32->32,
   # 1x1 32->128) MACs on a 4x4 map.
   per_block = 2 * 16 * (128 * 32 + 9 * 32 * 32 + 32 * 128)
   np.testing.assert_allclose(flops['fcn_resnet101'] - flops['fcn_resnet50'],
-                             17 * per_block / 1e9, rtol=0.1)
+                             17 * per_block / 1e9, rtol=1e-9)
+
+
+@pytest.mark.parametrize('dilation', [1, 4, 6, 8])
+def test_conv_skipping_padding_taps_is_exact(dilation):
+  """On a 5x7 map, dilation 6 leaves the off-centre rows in the padding
+  only, dilation 8 every off-centre tap: outputs and kernel gradients equal
+  the full convolution's (the skipped taps' gradient is exactly 0)."""
+  conv = layers.Conv(6, 3, dilation=dilation)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 4)),
+                  jnp.float32)
+  v = conv.init(jax.random.key(0), x)
+
+  def loss(v):
+    return jnp.sum(jnp.sin(conv.apply(v, x)))
+
+  with layers.all_taps():
+    full_out, full_grad = conv.apply(v, x), jax.grad(loss)(v)
+  out, grad = conv.apply(v, x), jax.grad(loss)(v)
+  np.testing.assert_allclose(out, full_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad['params']['kernel'],
+                             full_grad['params']['kernel'], rtol=1e-5,
+                             atol=1e-5)
+  if dilation >= 7:
+    assert not np.any(np.asarray(grad['params']['kernel'])[[0, 2]])
+  from seg_jax import flops  # pylint: disable=g-import-not-at-top
+  taps = {1: 9, 4: 9, 6: 3, 8: 1}[dilation]  # the taps computed
+  assert flops.count_flops(lambda v: conv.apply(v, x), v) == (
+      2 * (2 * 5 * 7 * 6) * 4 * taps)

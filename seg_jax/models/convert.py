@@ -44,7 +44,7 @@ def _stacked(mapping):
           for i, (path, _, fn) in enumerate(first)]
 
 
-def _resnet(depth, prefix):
+def _resnet(depth, prefix, scan_blocks):
   ours = ('backbone',)
   yield from _conv_bn((*ours, 'conv1'), f'{prefix}conv1', f'{prefix}bn1')
 
@@ -58,6 +58,10 @@ def _resnet(depth, prefix):
   for i, blocks in enumerate(STAGE_SIZES[depth]):
     t = f'{prefix}layer{i + 1}.'
     yield from block((*ours, f'layer{i + 1}_0'), f'{t}0.', True)
+    if not scan_blocks:
+      for b in range(1, blocks):
+        yield from block((*ours, f'layer{i + 1}_{b}'), f'{t}{b}.', False)
+      continue
     rest = (*ours, f'layer{i + 1}_rest', 'block')
     yield from _stacked([list(block(rest, f'{t}{b}.', False))
                          for b in range(1, blocks)])
@@ -102,11 +106,11 @@ def _vgg16():
   yield ('params', 'fc7', 'bias'), 'classifier.3.bias', None
 
 
-def _mapping(name, has_aux):
+def _mapping(name, has_aux, scan_blocks):
   """(our path, torch key, converter) triples for a torchvision model."""
   depth = 101 if name.endswith('101') else 50
   if name in ('resnet50', 'resnet101'):
-    return list(_resnet(depth, '')), ('fc.',)
+    return list(_resnet(depth, '', scan_blocks)), ('fc.',)
   if name == 'vgg16':
     return list(_vgg16()), ('classifier.6.',)
   if name in ('fcn_resnet50', 'fcn_resnet101'):
@@ -117,19 +121,23 @@ def _mapping(name, has_aux):
     raise ValueError(f'from_torchvision: unsupported name {name!r}; use one '
                      f'of {SUPPORTED}.')
   aux = list(_fcn_head('aux', 'aux_classifier')) if has_aux else []
-  return list(_resnet(depth, 'backbone.')) + head + aux, ()
+  return list(_resnet(depth, 'backbone.', scan_blocks)) + head + aux, ()
 
 
 SUPPORTED = ('fcn_resnet50', 'fcn_resnet101', 'deeplabv3_resnet50',
              'deeplabv3_resnet101', 'resnet50', 'resnet101', 'vgg16')
 
 
-def from_torchvision(name, state_dict):
+def from_torchvision(name, state_dict, scan_blocks=False):
   """Maps a torchvision state dict onto seg_jax variables.
 
   Args:
     name: one of `SUPPORTED` (the torchvision constructor's name).
     state_dict: {key: tensor or numpy array}, as `model.state_dict()`.
+    scan_blocks: the layout of the target model's ResNet stages: one module
+      per block (`layer3_1`, ...; the default) or, for a model built with
+      `scan_blocks=True`, each stage's blocks after the first stacked in
+      `layer{i}_rest`.
 
   Returns:
     {'params': ..., 'batch_stats': ...} nested dicts of numpy float32 arrays;
@@ -141,7 +149,7 @@ def from_torchvision(name, state_dict):
   sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
         for k, v in state_dict.items()}
   has_aux = any(k.startswith('aux_classifier.') for k in sd)
-  mapping, ignored_prefixes = _mapping(name, has_aux)
+  mapping, ignored_prefixes = _mapping(name, has_aux, scan_blocks)
   keys = lambda t: t if isinstance(t, list) else [t]
   missing = [k for _, t, _ in mapping for k in keys(t) if k not in sd]
   if missing:

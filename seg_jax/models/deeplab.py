@@ -60,7 +60,7 @@ class DeepLabV3(nn.Module):
   deep_stem: bool = False
   plus: bool = False
   width: int = 64
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -108,7 +108,7 @@ class FCNResNet(nn.Module):
   aux_head: bool = False
   deep_stem: bool = False
   width: int = 64
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact

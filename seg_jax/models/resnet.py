@@ -85,7 +85,7 @@ class ResNet(nn.Module):
   multi_grid: Sequence[int] | None = None
   deep_stem: bool = False
   width: int = 64
-  scan_blocks: bool = True
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact

@@ -1,0 +1,88 @@
+"""The benchmark: FLOPs counted from the jaxpr (convolutions and matrix
+products, torch's convention, scans counted per iteration) and the CLI's
+report."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seg_jax import flops
+
+from conftest import REPO
+
+
+def _conv(x, w, stride=1, dilation=1):
+  pad = dilation * (w.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad),) * 2,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def test_flops_of_convolutions_and_products_forward_and_backward():
+  """3x3/2 conv 3->8 on 2x16x16, dilated 3x3/2 conv 8->16 on 8x8, 1x1 as a
+  dot 16->5: forward, then the gradient of the kernels (every layer's
+  weight gradient costs its forward; the input gradient is needed by all
+  but the first layer; a strided layer's input gradient costs its forward,
+  not the zeros a transposed convolution inserts)."""
+  ks = [jax.ShapeDtypeStruct(s, jnp.float32)
+        for s in [(3, 3, 3, 8), (3, 3, 8, 16), (16, 5)]]
+  x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+
+  def forward(ks, x):
+    y = jax.nn.relu(_conv(x, ks[0], stride=2))  # (2, 8, 8, 8)
+    y = jax.nn.relu(_conv(y, ks[1], stride=2, dilation=2))  # (2, 4, 4, 16)
+    return jnp.dot(y, ks[2])  # (2, 4, 4, 5)
+
+  f1 = 2 * (2 * 8 * 8) * 8 * (9 * 3)
+  f2 = 2 * (2 * 4 * 4) * 16 * (9 * 8)
+  f3 = 2 * (2 * 4 * 4) * 5 * 16
+  assert flops.count_flops(forward, ks, x) == f1 + f2 + f3
+  grad = jax.grad(lambda ks, x: jnp.sum(forward(ks, x) ** 2))
+  assert flops.count_flops(grad, ks, x) == 2 * f1 + 3 * f2 + 3 * f3
+  # Inside jit, a scan (counted per iteration) and a cond (its costliest
+  # branch).
+  w = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+  v = jax.ShapeDtypeStruct((4, 16), jnp.float32)
+
+  def looped(w, v):
+    v, _ = jax.lax.scan(lambda v, _: (jnp.tanh(v @ w), None), v, None,
+                        length=7)
+    return jax.lax.cond(v[0, 0] > 0, lambda v: v @ w @ w, lambda v: v, v)
+
+  assert flops.count_flops(jax.jit(looped), w, v) == (7 + 2) * 2 * 4 * 16 * 16
+
+
+def test_bench_cli_reports_the_step_and_the_input_loop():
+  """The tiny config on 8 devices; --vs-torch without a twin (or without
+  torch) says why it is skipped; the last line is key=value."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.bench',
+       '--config=configs/unet_shapes_tiny.py', '--steps=2', '--repeats=2',
+       '--warmup=1', '--input=both', '--loop_steps=3', '--vs-torch',
+       '--config.compilation_cache_dir='],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0].startswith('unet train, batch 8, 32x32, float32, 8 x ')
+  assert any(l.startswith('torch: skipped: ') for l in lines), lines
+  fields = dict(kv.split('=') for kv in lines[-1].split())
+  assert list(fields)[:3] == ['images_per_sec', 'mfu', 'peak_gib']
+  values = {k: float(v) for k, v in fields.items()}
+  np.testing.assert_allclose(values['images_per_sec'],
+                             8 / values['step_s'], rtol=1e-4)
+  assert 0 < values['mfu'] < 1 and values['peak_gib'] > 0
+  assert values['compile_s'] > 0 and values['real_images_per_sec'] > 0
+  np.testing.assert_allclose(
+      values['real_vs_synthetic'],
+      values['real_images_per_sec'] / values['synthetic_loop_images_per_sec'],
+      rtol=1e-3)
+  # The tiny U-Net's FLOPs, counted in this process for the same step.
+  from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
+  from seg_jax import bench, sharding  # pylint: disable=g-import-not-at-top
+  expected = bench.step_flops(unet_shapes_tiny.get_config(),
+                              sharding.create_mesh(), 'train')
+  np.testing.assert_allclose(values['flops'], expected, rtol=1e-5)
