@@ -57,10 +57,11 @@ def test_flops_of_convolutions_and_products_forward_and_backward():
 
 
 def test_bench_cli_reports_the_step_and_the_input_loop():
-  """The tiny config on 8 devices; --vs-torch without a twin (or without
-  torch) says why it is skipped; the last line is key=value."""
+  """The tiny config on 8 devices, TensorFlow hidden; --vs-torch without a
+  twin (or without torch) says why it is skipped; the last line is
+  key=value."""
   out = subprocess.run(
-      [sys.executable, '-m', 'seg_jax.bench',
+      [sys.executable, 'tests/no_tensorflow.py', '-m', 'seg_jax.bench',
        '--config=configs/unet_shapes_tiny.py', '--steps=2', '--repeats=2',
        '--warmup=1', '--input=both', '--loop_steps=3', '--vs-torch',
        '--config.compilation_cache_dir='],

@@ -254,8 +254,11 @@ def test_summary_flops_count_every_scanned_block(tiny_config):
 @pytest.mark.parametrize('dilation', [1, 4, 6, 8])
 def test_conv_skipping_padding_taps_is_exact(dilation):
   """On a 5x7 map, dilation 6 leaves the off-centre rows in the padding
-  only, dilation 8 every off-centre tap: outputs and kernel gradients equal
-  the full convolution's (the skipped taps' gradient is exactly 0)."""
+  only, dilation 8 every off-centre tap; at dilation 4 and 6 most products
+  would be with padding, so on CPU the convolution is a sum of per-tap
+  products over the valid positions only. Outputs and kernel gradients
+  equal the full convolution's (the skipped taps' gradient is exactly
+  0)."""
   conv = layers.Conv(6, 3, dilation=dilation)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 7, 4)),
                   jnp.float32)
@@ -274,6 +277,14 @@ def test_conv_skipping_padding_taps_is_exact(dilation):
   if dilation >= 7:
     assert not np.any(np.asarray(grad['params']['kernel'])[[0, 2]])
   from seg_jax import flops  # pylint: disable=g-import-not-at-top
-  taps = {1: 9, 4: 9, 6: 3, 8: 1}[dilation]  # the taps computed
+  # 2 N Cin Cout x (output rows a kept tap computes, summed over the
+  # kernel's rows) x (the same for columns).
+  rows, cols = {1: (15, 21),  # all 9 taps everywhere (a convolution)
+                4: (1 + 5 + 1, 3 + 7 + 3),  # only where each tap is valid
+                6: (5, 1 + 7 + 1),  # centre row; valid columns only
+                8: (5, 7)}[dilation]  # the centre tap
   assert flops.count_flops(lambda v: conv.apply(v, x), v) == (
-      2 * (2 * 5 * 7 * 6) * 4 * taps)
+      2 * 2 * 4 * 6 * rows * cols)
+  with layers.all_taps():  # model FLOPs: every tap everywhere
+    assert flops.count_flops(lambda v: conv.apply(v, x), v) == (
+        2 * 2 * 4 * 6 * 15 * 21)

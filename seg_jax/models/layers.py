@@ -103,15 +103,54 @@ def _taps_in_image(kernel, dilation, size):
           if abs((i - kernel // 2) * dilation) < size]
 
 
+def _valid_taps(kernel, dilation, size):
+  """Per tap along one axis: how many output positions it meets the image
+  at (stride 1, 'same' padding)."""
+  return [max(0, size - abs((i - kernel // 2) * dilation))
+          for i in range(kernel)]
+
+
+def _tap_sum(x, k, dilation):
+  """A stride-1 'same' convolution as a sum over kernel taps of matrix
+  products, each over only the output positions where its tap meets the
+  image: no products with the padding are computed."""
+  _, h, w, _ = x.shape
+  kh, kw = k.shape[:2]
+  out = None
+  for i in range(kh):
+    oy = (i - kh // 2) * dilation
+    r0, r1 = max(0, -oy), min(h, h - oy)
+    for j in range(kw):
+      ox = (j - kw // 2) * dilation
+      c0, c1 = max(0, -ox), min(w, w - ox)
+      part = jnp.dot(x[:, r0 + oy:r1 + oy, c0 + ox:c1 + ox], k[i, j])
+      part = jnp.pad(part, ((0, 0), (r0, h - r1), (c0, w - c1), (0, 0)))
+      out = part if out is None else out + part
+  return out
+
+
+# A dilated convolution becomes a sum of per-tap products on CPU when at
+# most this share of its (output position, tap) pairs meets the image.
+# Measured on CPU, forward + backward, 2048 -> 256 channels: ASPP rate 12
+# on a 16x16 map (25% valid) 7.6x faster, rate 24 on 64x64 (56%) 1.7x;
+# a backbone 3x3 at dilation 4 on 16x16, 512 channels (69%), 1.8x slower.
+TAP_SUM_MAX_VALID = 0.6
+
+
 class Conv(nn.Module):
   """`nn.Conv` without bias (same parameter, same initialisation).
 
-  Two exact reformulations: a 1x1 kernel is a matrix product over channels
-  where `one_by_one_as_dot()`; and kernel taps that, at this input size,
-  only ever meet the zero padding are not computed (DeepLab's ASPP at
-  rates 12/24/36 on a 16x16 map of a 128x128 crop: the rate-24 and
-  rate-36 branches are exactly 1x1 convolutions with the centre taps, and
-  their other taps get the zero gradient they get anyway).
+  Exact reformulations (outside `all_taps()`):
+  - kernel taps that, at this input size, only ever meet the zero padding
+    are not computed (DeepLab's ASPP at rates 12/24/36 on the 16x16 map of
+    a 128x128 crop: the rate-24 and rate-36 branches are exactly 1x1
+    convolutions with the centre taps; the other taps get the zero
+    gradient they get anyway);
+  - on CPU, a dilated convolution that would mostly multiply padding (see
+    `TAP_SUM_MAX_VALID`) is a sum of per-tap matrix products over only the
+    positions each tap meets the image at;
+  - a 1x1 kernel is a matrix product over channels where
+    `one_by_one_as_dot()`.
   """
   features: int
   kernel: int = 3
@@ -129,6 +168,12 @@ class Conv(nn.Module):
       rows = _taps_in_image(self.kernel, self.dilation, x.shape[1])
       cols = _taps_in_image(self.kernel, self.dilation, x.shape[2])
       k = k[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+      valid = (sum(_valid_taps(k.shape[0], self.dilation, x.shape[1])) *
+               sum(_valid_taps(k.shape[1], self.dilation, x.shape[2])) /
+               (k.shape[0] * k.shape[1] * x.shape[1] * x.shape[2]))
+      if (_SKIP_PADDING_TAPS[-1] and one_by_one_as_dot() and
+          k.shape[0] * k.shape[1] > 1 and valid <= TAP_SUM_MAX_VALID):
+        return _tap_sum(x, k, self.dilation)
     if k.shape[:2] == (1, 1) and one_by_one_as_dot():
       if self.stride > 1:
         x = x[:, ::self.stride, ::self.stride]
