@@ -171,7 +171,7 @@ class Conv(nn.Module):
       valid = (sum(_valid_taps(k.shape[0], self.dilation, x.shape[1])) *
                sum(_valid_taps(k.shape[1], self.dilation, x.shape[2])) /
                (k.shape[0] * k.shape[1] * x.shape[1] * x.shape[2]))
-      if (_SKIP_PADDING_TAPS[-1] and one_by_one_as_dot() and
+      if (_SKIP_PADDING_TAPS[-1] and jax.default_backend() == 'cpu' and
           k.shape[0] * k.shape[1] > 1 and valid <= TAP_SUM_MAX_VALID):
         return _tap_sum(x, k, self.dilation)
     if k.shape[:2] == (1, 1) and one_by_one_as_dot():
