@@ -87,3 +87,19 @@ def test_bench_cli_reports_the_step_and_the_input_loop():
   expected = bench.step_flops(unet_shapes_tiny.get_config(),
                               sharding.create_mesh(), 'train')
   np.testing.assert_allclose(values['flops'], expected, rtol=1e-5)
+
+
+def test_infer_mode_counts_the_forward_pass(tiny_config):
+  """--mode=infer times the sharded forward pass; its FLOPs are the
+  summary's per-image forward FLOPs times the batch."""
+  from seg_jax import bench, state, summary  # pylint: disable=g-import-not-at-top
+  r = bench.benchmark(tiny_config, mode='infer', steps=2, repeats=1,
+                      warmup=1)
+  model = state.create_model(tiny_config)
+  shape = (1, 32, 32, 3)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                jnp.zeros(shape)))
+  per_image = summary.forward_gflops(model, variables, shape) * 1e9
+  np.testing.assert_allclose(r['flops'], 8 * per_image, rtol=1e-9)
+  np.testing.assert_allclose(r['images_per_sec'], 8 / r['step_s'])
+  assert r['runs_s'] == [r['step_s']] and r['compile_s'] > 0
