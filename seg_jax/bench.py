@@ -31,8 +31,6 @@ The last line is machine-readable:
 ratio_eager=<f> ratio_compile=<f>] compile_s=<f> ...`.
 """
 
-import functools
-import os
 import resource
 import statistics
 import sys
@@ -41,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from seg_jax import cli
@@ -114,17 +112,24 @@ def synthetic_batch(config, rng=0):
   return batch
 
 
-def build(config, mesh, mode):
-  """(jitted step, its arguments) for the train step or inference."""
-  from seg_jax import optim, sharding, state, steps  # pylint: disable=g-import-not-at-top
+def _train_setup(config, mesh):
+  """(model, jitted train step, initial train state) as `main` builds
+  them (random initialisation)."""
+  from seg_jax import optim, state, steps  # pylint: disable=g-import-not-at-top
   model = state.create_model(config)
   tx = optim.create_optimizer(config.train)
   train_state = state.create_train_state(
       model, tx, jax.random.key(config.seed), state.init_input_shape(config),
       mesh)
+  return model, steps.make_train_step(model, tx, config, mesh), train_state
+
+
+def build(config, mesh, mode):
+  """(jitted step, its arguments) for the train step or inference."""
+  from seg_jax import sharding, steps  # pylint: disable=g-import-not-at-top
+  model, step, train_state = _train_setup(config, mesh)
   batch = sharding.to_global(synthetic_batch(config), mesh)
   if mode == 'train':
-    step = steps.make_train_step(model, tx, config, mesh)
     return step, (train_state, batch, jax.random.key(1))
   variables = {'params': train_state.params,
                'batch_stats': train_state.batch_stats}
@@ -146,10 +151,7 @@ def step_flops(config, mesh, mode):
   from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
   model = state.create_model(config)
   tx = optim.create_optimizer(config.train)
-  abstract = jax.eval_shape(
-      lambda: state._state_of(model.init(  # pylint: disable=protected-access
-          jax.random.key(0), jnp.zeros(state.init_input_shape(config)),
-          train=False), tx))
+  abstract = state.abstract_train_state(config, mesh)
   batch = synthetic_batch_abstract(config)
   with layers.all_taps():  # model FLOPs: padding-only taps count too
     if mode == 'train':
@@ -242,14 +244,8 @@ def time_loop(config, mesh, source_iter, steps, warmup):
   """Seconds per step of the training loop as `train.Trainer` runs it
   (global batch assembly, step, metric accumulation), fed by
   `source_iter` (host batches)."""
-  from seg_jax import metrics, optim, sharding, state  # pylint: disable=g-import-not-at-top
-  from seg_jax import steps as seg_steps  # pylint: disable=g-import-not-at-top
-  model = state.create_model(config)
-  tx = optim.create_optimizer(config.train)
-  train_state = state.create_train_state(
-      model, tx, jax.random.key(config.seed), state.init_input_shape(config),
-      mesh)
-  step = seg_steps.make_train_step(model, tx, config, mesh)
+  from seg_jax import metrics, sharding  # pylint: disable=g-import-not-at-top
+  _, step, train_state = _train_setup(config, mesh)
   acc = metrics.Accumulator(config.model.num_classes)
   rng = jax.random.key(1)
   pixels = int(np.prod(synthetic_batch(config)['label'].shape))
@@ -300,7 +296,7 @@ def torch_flops(model, images, labels, loss_fn):
   return float(counter.get_total_flops())
 
 
-def torch_twin(config, mode):
+def torch_twin(config):
   """(model, images, labels, loss_fn, optimizer, autocast dtype, device) of
   the torchvision twin of `config`, or a reason it has none."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -354,7 +350,7 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
   except ImportError:
     return {'skipped': 'torch is not installed (pip install torch '
                        'torchvision)'}
-  twin = torch_twin(config, mode)
+  twin = torch_twin(config)
   if isinstance(twin, str):
     return {'skipped': twin}
   model, images, labels, loss_fn, opt, amp, device = twin

@@ -20,14 +20,13 @@ from jax.extend import core as jex_core
 
 
 def _conv_flops(eqn):
-  lhs, rhs = (v.aval for v in eqn.invars)
+  rhs = eqn.invars[1].aval
   out = eqn.outvars[0].aval
-  dn = eqn.params['dimension_numbers']
-  rhs_spec = dn.rhs_spec  # (out feature, in feature, spatial...)
+  # (out feature, in feature, spatial...)
+  rhs_spec = eqn.params['dimension_numbers'].rhs_spec
   kernel_spatial = math.prod(rhs.shape[d] for d in rhs_spec[2:])
   in_per_group = rhs.shape[rhs_spec[1]]
   zeros_inserted = math.prod(eqn.params.get('lhs_dilation') or (1,))
-  del lhs
   return 2 * math.prod(out.shape) * kernel_spatial * in_per_group // (
       zeros_inserted)
 

@@ -122,7 +122,7 @@ def test_train_step_flops_match_torch_flop_counter(config_name):
       importlib.import_module(f'configs.{config_name}').get_config(),
       batch=8, crop=(64, 96))
   ours = bench.step_flops(config, sharding.create_mesh(), 'train')
-  model, images, labels, loss_fn, _, _, _ = bench.torch_twin(config, 'train')
+  model, images, labels, loss_fn, _, _, _ = bench.torch_twin(config)
   theirs = bench.torch_flops(model.train(), images, labels, loss_fn)
   assert theirs > 1e10
   np.testing.assert_allclose(ours, theirs, rtol=0.05)
