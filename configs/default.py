@@ -112,5 +112,6 @@ def get_config():
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # devices per axis; -1 takes all remaining devices
-  c.mesh.axes = ('data',)  # axis names; the batch is split over 'data'
+  c.mesh.axes = ('data',)  # 'data', optionally 'fsdp'; batch split over both
+  c.mesh.fsdp_min_size = 1024  # on 'fsdp': smaller arrays stay replicated
   return c

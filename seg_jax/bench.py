@@ -120,7 +120,7 @@ def _train_setup(config, mesh):
   tx = optim.create_optimizer(config.train)
   train_state = state.create_train_state(
       model, tx, jax.random.key(config.seed), state.init_input_shape(config),
-      mesh)
+      mesh, fsdp_min_size=config.mesh.fsdp_min_size)
   return model, steps.make_train_step(model, tx, config, mesh), train_state
 
 
@@ -138,8 +138,8 @@ def build(config, mesh, mode):
     x = steps.normalize(images, config.data.mean, config.data.std)
     return jnp.argmax(model.apply(variables, x, train=False), -1)
 
-  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  step = jax.jit(infer, in_shardings=(repl, data), out_shardings=data)
+  data = sharding.data_sharding(mesh)
+  step = jax.jit(infer, in_shardings=(None, data), out_shardings=data)
   return step, (variables, batch['image'])
 
 

@@ -1,8 +1,11 @@
 """Checkpoints: the one file that talks to orbax.
 
-A checkpoint is one orbax step folder holding the train state and the grain
-iterator state of every process together, so a resume continues both the
-model and the data exactly where they were. Saves are asynchronous and
+A checkpoint is one orbax step folder holding the train state and the
+data-iterator state of every process together, so a resume continues both
+the model and the data exactly where they were. Both restore onto another
+topology: the state is resharded onto the new mesh (any device count, any
+`mesh.shape`), and the data stream, a function of the global batch number
+alone, is re-split over the new number of processes. Saves are asynchronous and
 atomic: a save cut short leaves a `*.orbax-checkpoint-tmp-*` folder that is
 never restored from.
 """
@@ -46,7 +49,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=True, create=True)
-    self._manager = ocp.CheckpointManager(directory, options=options)
+    self._manager = ocp.CheckpointManager(directory, options=options,
+                                          item_handlers=_item_handlers())
     self.directory = directory
     self.every_steps = every_steps
 
@@ -77,10 +81,10 @@ class Checkpointer:
     """Restores checkpoint `step`; see `restore_or_keep`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        state=ocp.args.StandardRestore(abstract)))
+    data_iter.set_state(_data_iterator_state(self.directory, step))
     logging.info('Restored checkpoint %d from %s', step, self.directory)
-    return restored['state'], restored['data_iter']
+    return restored['state'], data_iter
 
   def maybe_save(self, step, state, data_iter, force=False):
     """Saves if `step` is on the interval (or `force`); returns whether."""
@@ -129,9 +133,8 @@ def restore_variables(directory, step, abstract):
                             'train first or check --workdir.')
   # The data-iterator item is registered, not read, so that orbax does not
   # warn that it cannot restore it.
-  handlers = {'state': ocp.PyTreeCheckpointHandler(),
-              'data_iter': grain.checkpoint.CheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+  with ocp.CheckpointManager(directory, item_handlers=_item_handlers(
+      ocp.PyTreeCheckpointHandler())) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')
@@ -152,6 +155,36 @@ def restore_variables(directory, step, abstract):
   logging.info('Restored %s of checkpoint %d from %s', sorted(abstract),
                step, directory)
   return restored, step
+
+
+def _item_handlers(state_handler=None):
+  return {'state': state_handler or ocp.StandardCheckpointHandler(),
+          'data_iter': grain.checkpoint.CheckpointHandler()}
+
+
+def _data_iterator_state(directory, step):
+  """The data-iterator state saved at `step`, for this process.
+
+  Every process saves the same position (global batches taken), so when
+  the process count changed the first process's file serves all; a
+  checkpoint of an older seg_jax (raw grain state) continues at batch
+  `step` of the current stream, with a warning.
+  """
+  folder = pathlib.Path(directory, str(step), 'data_iter')
+  own = folder / (f'process_{jax.process_index()}-of-'
+                  f'{jax.process_count()}.json')
+  files = [own] if own.exists() else sorted(folder.glob('process_0-of-*.json'))
+  if not files:
+    raise FileNotFoundError(f'Checkpoint {folder.parent} has no data-iterator '
+                            f'state ({folder}/process_*.json): it is damaged; '
+                            'restore another step or start a new workdir.')
+  state = json.loads(files[0].read_text())
+  if 'position' not in state:
+    logging.warning('Checkpoint %s holds an older data-iterator state; the '
+                    'data stream continues at batch %d of the current '
+                    'order.', folder.parent, step)
+    state = {'position': step}
+  return state
 
 
 def _shapes(tree):

@@ -38,8 +38,17 @@ def init_input_shape(config):
   return (1, *transforms.pair(config.data.crop_size), 3)
 
 
-def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None):
-  """Initialises parameters and optimizer state, replicated on the mesh.
+def train_state_shapes(model, tx, input_shape):
+  """`jax.ShapeDtypeStruct`s of the train state; nothing is computed."""
+  return jax.eval_shape(lambda: _state_of(
+      model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32),
+                 train=False), tx))
+
+
+def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None,
+                       fsdp_min_size=sharding.FSDP_MIN_SIZE):
+  """Initialises parameters and optimizer state, laid out on the mesh as
+  `sharding.state_shardings` says (replicated, or split over 'fsdp').
 
   Args:
     model: the flax module.
@@ -49,14 +58,21 @@ def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None):
     mesh: device mesh.
     init_fn: optional host function variables -> variables applied after
       initialisation (e.g. loading pretrained weights).
+    fsdp_min_size: arrays smaller than this stay replicated on 'fsdp'.
   """
-  repl = sharding.replicated(mesh)
-  variables = jax.jit(
-      lambda rng: model.init(rng, jnp.zeros(input_shape, jnp.float32),
-                             train=False), out_shardings=repl)(rng)
-  if init_fn is not None:
-    variables = init_fn(jax.device_get(variables))
-  return jax.jit(lambda v: _state_of(v, tx), out_shardings=repl)(variables)
+  shardings = sharding.state_shardings(
+      train_state_shapes(model, tx, input_shape), mesh, fsdp_min_size)
+
+  def init(rng):
+    return model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+
+  if init_fn is None:
+    return jax.jit(lambda rng: _state_of(init(rng), tx),
+                   out_shardings=shardings)(rng)
+  variables = init_fn(jax.device_get(
+      jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)))
+  return jax.jit(lambda v: _state_of(v, tx), out_shardings=shardings)(
+      variables)
 
 
 def _state_of(variables, tx):
@@ -87,17 +103,16 @@ def pretrained_init_fn(config):
 
 
 def abstract_train_state(config, mesh):
-  """Shapes, dtypes and (replicated) shardings of the train state of
-  `config`, computed without initialising anything."""
-  model = create_model(config)
-  tx = optim.create_optimizer(config.train)
-  shapes = jax.eval_shape(
-      lambda: _state_of(model.init(jax.random.key(0),
-                                   jnp.zeros(init_input_shape(config)),
-                                   train=False), tx))
-  repl = sharding.replicated(mesh)
+  """Shapes, dtypes and shardings (`sharding.state_shardings`) of the train
+  state of `config`, computed without initialising anything."""
+  shapes = train_state_shapes(create_model(config),
+                              optim.create_optimizer(config.train),
+                              init_input_shape(config))
+  shardings = sharding.state_shardings(shapes, mesh,
+                                       config.mesh.fsdp_min_size)
   return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
 
 
 def checkpoint_dir(workdir):
@@ -108,7 +123,7 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
   """The model and the variables a checkpoint of `workdir` holds.
 
   Only parameters and BatchNorm statistics are read (not the optimizer
-  state), replicated on `mesh`.
+  state), laid out on `mesh` as training lays them out.
 
   Args:
     config: the config the checkpoint was trained with.

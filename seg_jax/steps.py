@@ -17,6 +17,7 @@ import optax
 
 from seg_jax import labels as seg_labels
 from seg_jax import losses, sharding
+from seg_jax import state as seg_state
 from seg_jax import metrics as seg_metrics
 from seg_jax.data import transforms
 
@@ -38,8 +39,9 @@ def preprocess(batch, config):
 def make_train_step(model, tx, config, mesh):
   """Returns jitted `train_step(state, batch, rng) -> (state, SegMetrics)`.
 
-  The batch is sharded over 'data', the state replicated and donated;
-  BatchNorm statistics under jit are global over the sharded batch.
+  The batch is split over the mesh's batch axes; the state is laid out as
+  `sharding.state_shardings` says (replicated, or split over 'fsdp') and
+  donated. BatchNorm statistics under jit are global over the sharded batch.
   """
   ignore = seg_labels.ignore_label(config)
   aux_weight = config.train.aux_loss_weight
@@ -77,8 +79,13 @@ def make_train_step(model, tx, config, mesh):
         loss=loss, logits=logits, labels=labels, ignore_label=ignore)
 
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(repl, batch_sharding, repl),
-                 out_shardings=(repl, repl), donate_argnums=0)
+  state_sharding = sharding.state_shardings(
+      seg_state.train_state_shapes(model, tx,
+                                   seg_state.init_input_shape(config)),
+      mesh, config.mesh.fsdp_min_size)
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, batch_sharding, repl),
+                 out_shardings=(state_sharding, repl), donate_argnums=0)
 
 
 # --- Inference ------------------------------------------------------------
@@ -316,8 +323,9 @@ def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):
     shown = jnp.argmax(logits[:num_shown], -1).astype(jnp.int32)
     return (metrics, shown, logits) if with_logits else (metrics, shown)
 
+  # The variables keep the layout they come with (the train state's).
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(repl, batch_sharding),
+  return jax.jit(eval_step, in_shardings=(None, batch_sharding),
                  out_shardings=(repl, repl, repl) if with_logits
                  else (repl, repl))
 

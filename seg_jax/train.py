@@ -71,7 +71,8 @@ class Trainer:
     self.lr_fn = optim.create_learning_rate_fn(config.train)
     self.state = state.create_train_state(
         model, tx, jax.random.key(config.seed), state.init_input_shape(config),
-        self.mesh, state.pretrained_init_fn(config))
+        self.mesh, state.pretrained_init_fn(config),
+        fsdp_min_size=config.mesh.fsdp_min_size)
     self.train_step = steps.make_train_step(model, tx, config, self.mesh)
     self.evaluators = evaluators.create_evaluators(
         config, model, self.mesh, data.create_source(config, 'val'),

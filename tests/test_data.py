@@ -90,30 +90,57 @@ def test_train_batches_shapes_and_epoch_reshuffle(tiny_config):
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_same_seed_same_batches_and_exact_resume(tiny_config, workers):
-  reference = _take(iter(_train_ds(tiny_config, workers)), 7)
+  """Worker processes change neither the stream nor how it resumes."""
+  reference = _take(iter(_train_ds(tiny_config, 0)), 7)
   it = iter(_train_ds(tiny_config, workers))
   first = _take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
+  assert state == {'position': 3, 'global_batch_size': 8, 'seed': 0,
+                   'process_count': 1}
   restored = iter(_train_ds(tiny_config, workers))
   restored.set_state(state)
   _assert_same_batches(first + _take(restored, 4), reference)
 
 
-def test_processes_get_disjoint_shards(tiny_config):
+def _part_ds(src, batch_size, p, count, seed=0):
+  return pipeline.create_train_dataset(
+      src, transforms.TrainTransform(crop_size=(32, 32), flip=True,
+                                     scale_range=(0.5, 1.5)),
+      seed=seed, batch_size=batch_size, num_threads=1, process_index=p,
+      process_count=count)
+
+
+@pytest.mark.parametrize('count', [2, 4])
+def test_process_parts_make_up_the_global_batch(tiny_config, count):
+  """Over 10 batches (past the 8-batch epoch), the processes' parts of each
+  batch, in process order, are exactly the batch one process reads with the
+  same seed; and a state saved by `count` processes continues on one."""
   src = data.create_source(tiny_config, 'train')
-  seen = []
-  for p in range(2):
-    ds = pipeline.create_train_dataset(
-        src, transforms.TrainTransform(crop_size=(32, 32), flip=False),
-        seed=0, batch_size=4, num_threads=1, process_index=p, process_count=2)
-    it = iter(ds)
-    ids = set()
-    for _ in range(8):  # one epoch of this process's 32 examples
-      for image in next(it)['image']:
-        ids.add(image.tobytes())
-    seen.append(ids)
-  assert len(seen[0]) == len(seen[1]) == 32
-  assert not seen[0] & seen[1]
+  whole = _take(iter(_part_ds(src, 8, 0, 1)), 10)
+  parts = [_take(iter(_part_ds(src, 8 // count, p, count)), 10)
+           for p in range(count)]
+  joined = [{k: np.concatenate([parts[p][b][k] for p in range(count)])
+             for k in ('image', 'label')} for b in range(10)]
+  _assert_same_batches(joined, whole)
+  it = iter(_part_ds(src, 8 // count, 1, count))
+  _take(it, 6)
+  one = iter(_part_ds(src, 8, 0, 1))
+  one.set_state(json.loads(json.dumps(it.get_state())))
+  _assert_same_batches(_take(one, 4), whole[6:])
+
+
+def test_state_of_another_stream_is_refused(tiny_config):
+  src = data.create_source(tiny_config, 'train')
+  it = iter(_part_ds(src, 8, 0, 1))
+  next(it)
+  state = it.get_state()
+  with pytest.raises(ValueError, match='global_batch_size=8, the config has '
+                     '4: the stream would not continue'):
+    iter(_part_ds(src, 4, 0, 1)).set_state(state)
+  with pytest.raises(ValueError, match='seed=0, the config has 3'):
+    iter(_part_ds(src, 8, 0, 1, seed=3)).set_state(state)
+  with pytest.raises(ValueError, match='not a seg_jax TrainIterator state'):
+    iter(_part_ds(src, 8, 0, 1)).set_state({'next_index': 5})
 
 
 @pytest.mark.parametrize('n,global_batch,processes', [(21, 8, 1), (21, 8, 2),

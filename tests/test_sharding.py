@@ -56,9 +56,12 @@ def test_batch_is_split_over_data_axis(tiny_config):
 
 
 @pytest.mark.parametrize('shape,axes,msg', [
-    ((3,), ('data',), 'needs 3 devices'),
-    ((-1, -1), ('data', 'model'), 'at most one entry'),
+    ((16,), ('data',), 'needs 16 devices'),
+    ((3, -1), ('data', 'fsdp'), 'do not split into groups of 3'),
+    ((-1, -1), ('data', 'fsdp'), 'at most one entry'),
     ((-1,), ('batch',), "include 'data'"),
+    ((2, 4), ('data', 'model'), "one of \\('data', 'fsdp'\\)"),
+    ((0,), ('data',), 'must be positive'),
 ])
 def test_bad_mesh_config_errors(shape, axes, msg):
   with pytest.raises(ValueError, match=msg):

@@ -371,7 +371,7 @@ def test_skip_mode_counts_bad_samples_in_train_and_eval(tmp_path):
       num_threads=1, skip_counter=counter)
   it = iter(ds)
   batches = [next(it) for _ in range(5)]  # 20 good pairs: 2.5 epochs
-  assert 8 <= counter.count <= 12  # 4 bad ones per epoch
+  assert counter.count == _bad_slots(src, seed=0, n=20) >= 4
   assert all(b['image'].shape == (4, 6, 8, 3) for b in batches)
   # Every image trained on is one of the good ones.
   good = [src[i]['image'] for i in range(len(src))
@@ -411,32 +411,43 @@ def test_unknown_on_bad_sample_value(tmp_path):
                                on_bad_sample='ignore'), 'train')
 
 
-def test_skip_count_is_exactly_the_bad_records_read(tmp_path):
-  """The count equals the bad records before the 16th good one in the
-  loader's own (shuffled, repeated) order."""
+def _bad_slots(src, seed, n):
+  """How many of the first n slots of the loader's own (shuffled, repeated)
+  order hold a bad record."""
   import grain  # pylint: disable=g-import-not-at-top
+  order = grain.MapDataset.source(list(range(len(src)))).shuffle(
+      seed=seed).repeat(None)
+  return sum(_is_bad(src, order[i]) for i in range(n))
+
+
+def _is_bad(src, i):
+  return os.path.basename(src.pairs[i][0]).startswith('bad_')
+
+
+def test_skip_count_is_exactly_the_bad_records_read(tmp_path):
+  """The count equals the bad records in the first 16 slots of the loader's
+  order; each is replaced by the next good record in that order."""
   _bad_folder(tmp_path)
   cfg = _config('folder', tmp_path, 3, on_bad_sample='skip')
   src = data.create_source(cfg, 'train')
-  order = grain.MapDataset.source(list(range(len(src)))).shuffle(
-      seed=5).repeat(None)
-  bad_stems = {i for i in range(len(src)) if 'bad_' in src.pairs[i][0]}
-  good = expected = 0
-  for i in order:
-    if i in bad_stems:
-      expected += 1
-    else:
-      good += 1
-      if good == 16:
-        break
+  expected = _bad_slots(src, seed=5, n=16)
   counter = pipeline.SkipCounter()
   cfg.data.crop_size, cfg.data.scale_range = (6, 8), (1.0, 1.0)
+  cfg.data.flip = False
   it = iter(pipeline.create_train_dataset(
       src, pipeline.train_transform(cfg), seed=5, batch_size=4,
       num_threads=1, skip_counter=counter))
-  for _ in range(4):
-    next(it)
-  assert counter.count == expected and expected >= 4
+  images = np.concatenate([next(it)['image'] for _ in range(4)])
+  assert counter.count == expected >= 4
+  import grain  # pylint: disable=g-import-not-at-top
+  order = grain.MapDataset.source(list(range(len(src)))).shuffle(
+      seed=5).repeat(None)
+  for slot, image in enumerate(images):
+    k = slot
+    while _is_bad(src, order[k]):
+      k += 1
+    np.testing.assert_array_equal(
+        image, np.asarray(src[order[k]]['image'], np.uint8)[:6, :8])
 
 
 def test_one_bit_and_sixteen_bit_masks_read_as_values(tmp_path):

@@ -16,11 +16,12 @@ from seg_jax.data import files, transforms
 class SkipCounter:
   """Counts the bad records a source skipped ('skip' mode) on this process.
 
-  Training pipelines drop skipped records where they are read (in the worker
-  processes) and tag each batch with how many were dropped while forming it
-  ('num_skipped'); `count_batch` adds that up here. Evaluation passes each
-  record through `keep`. Either raises once `max_in_a_row` records in a row
-  were bad: a dataset that is bad everywhere must not spin forever.
+  Training pipelines replace a skipped record where they read it (in the
+  worker processes) and tag each record with 'num_skipped' (1 when its own
+  slot held a bad record); `count_batch` adds that up here. Evaluation
+  passes each record through `keep`. Training raises once `max_in_a_row`
+  records in a row were bad: a dataset that is bad everywhere must not spin
+  forever.
   """
 
   def __init__(self, max_in_a_row=1000):
@@ -47,48 +48,140 @@ class SkipCounter:
     return False
 
 
-class _DropSkipped(grain.IterDataset):
-  """Drops skipped-record markers; tags each record kept with 'num_skipped',
-  the number dropped just before it. Checkpoints as its parent does."""
+class _ReplaceSkipped(grain.MapDataset):
+  """Slot i holds record i, or when that is a skipped bad record the next
+  good one after it in the (shuffled, augmented) stream; tagged with
+  'num_skipped' = 1 when slot i's own record was bad. A function of i
+  alone, so every process and worker count sees the same stream."""
 
   def __init__(self, parent, max_in_a_row):
     super().__init__(parent)
     self._max = max_in_a_row
+
+  def __len__(self):
+    return len(self._parent)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    for j in range(self._max):
+      element = self._parent[index + j]
+      if not files.is_skipped(element):
+        return {**element, 'num_skipped': np.int32(j > 0)}
+      if j == 0:
+        logging.warning('Skipped bad sample: %s', element['skipped'])
+    raise RuntimeError(f'{self._max} bad samples in a row; the last: '
+                       f'{element["skipped"]}')
+
+
+class _ProcessPart(grain.MapDataset):
+  """This process's records of every global batch: its record k is record
+  (k // local) * global + process * local + k % local of the global stream,
+  so the processes' parts of batch b together are exactly batch b."""
+
+  def __init__(self, parent, global_batch, local_batch, process_index):
+    super().__init__(parent)
+    self._global, self._local, self._proc = (global_batch, local_batch,
+                                             process_index)
+
+  def __len__(self):
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    b, j = divmod(index, self._local)
+    return self._parent[b * self._global + self._proc * self._local + j]
+
+
+class TrainDataset:
+  """The endless training batch stream of one process.
+
+  Global batch b (every process's part of it together) is a function of the
+  seed and b only: the same for any number of processes, devices or grain
+  workers. So the stream's state is just the number of batches taken, and a
+  checkpoint resumes on another topology (see `TrainIterator`).
+  """
+
+  def __init__(self, batches, *, global_batch_size, seed, process_count,
+               read_options, worker_count, skip_counter):
+    self._batches = batches  # grain.MapDataset; element b = this part of b
+    self.global_batch_size, self.seed = global_batch_size, seed
+    self.process_count = process_count
+    self._read_options, self._workers = read_options, worker_count
+    self._counter = skip_counter
 
   def __iter__(self):
-    return _DropSkippedIterator(self._parent.__iter__(), self._max)
+    return TrainIterator(self)
+
+  def iterate_from(self, position):
+    """A grain iterator over this process's batches from batch `position`."""
+    ds = self._batches[position:].to_iter_dataset(self._read_options)
+    if self._workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers))
+    return iter(ds.map(self._counter.count_batch))
 
 
-class _DropSkippedIterator(grain.DatasetIterator):
+class TrainIterator:
+  """Iterates a `TrainDataset`; its state is JSON:
+  {'position': batches taken, 'global_batch_size', 'seed', 'process_count'}.
 
-  def __init__(self, parent, max_in_a_row):
-    super().__init__(parent)
-    self._max = max_in_a_row
+  `set_state` accepts a state saved with another process count (the stream
+  is re-split at the same global batch), and refuses one saved with another
+  global batch size or seed, which would not continue the same stream.
+  """
+
+  def __init__(self, dataset, position=0):
+    self._ds, self.position, self._it = dataset, position, None
+
+  def __iter__(self):
+    return self
 
   def __next__(self):
-    dropped = 0
-    while True:
-      element = next(self._parent)
-      if not files.is_skipped(element):
-        return {**element, 'num_skipped': np.int32(dropped)}
-      dropped += 1
-      logging.warning('Skipped bad sample: %s', element['skipped'])
-      if dropped >= self._max:
-        raise RuntimeError(f'{dropped} bad samples in a row; the last: '
-                           f'{element["skipped"]}')
+    if self._it is None:
+      self._it = self._ds.iterate_from(self.position)
+    batch = next(self._it)
+    self.position += 1
+    return batch
 
   def get_state(self):
-    return self._parent.get_state()
+    return {'position': self.position,
+            'global_batch_size': self._ds.global_batch_size,
+            'seed': self._ds.seed, 'process_count': self._ds.process_count}
 
   def set_state(self, state):
-    self._parent.set_state(state)
+    """Continues at `state['position']`; see the class docstring."""
+    if 'position' not in state:
+      raise ValueError(f'Data-iterator state {state} is not a seg_jax '
+                       'TrainIterator state (written by an older version?).')
+    for key, ours in (('global_batch_size', self._ds.global_batch_size),
+                      ('seed', self._ds.seed)):
+      if state.get(key, ours) != ours:
+        raise ValueError(
+            f'The checkpoint\'s data stream was drawn with {key}='
+            f'{state[key]}, the config has {ours}: the stream would not '
+            f'continue. Resume with {key}={state[key]}, or train in a new '
+            'workdir.')
+    if state.get('process_count', self._ds.process_count) != \
+        self._ds.process_count:
+      logging.info('Data stream re-split at batch %d: saved by %d '
+                   'processes, continued by %d.', state['position'],
+                   state['process_count'], self._ds.process_count)
+    self.position, self._it = int(state['position']), None
 
 
 def create_train_dataset(source, transform, *, seed, batch_size,
                          worker_count=0, num_threads=2, prefetch=8,
                          process_index=None, process_count=None,
                          skip_counter=None):
-  """An endless, per-epoch reshuffled, augmented and batched grain dataset.
+  """An endless, per-epoch reshuffled, augmented and batched stream.
+
+  The global stream shuffles the whole source each epoch and augments
+  record i with a key drawn from (seed, i); global batch b is records
+  [b * G, (b + 1) * G) of it, G = batch_size x process_count, and process
+  p takes the p-th contiguous part. A bad record skipped by the source is
+  replaced by the next good one in the stream.
 
   Args:
     source: random-access source (`len`, `__getitem__`).
@@ -96,34 +189,36 @@ def create_train_dataset(source, transform, *, seed, batch_size,
     seed: shuffle and augmentation seed.
     batch_size: per-process batch size.
     worker_count: grain worker processes (0: read in this process).
-    num_threads: reader threads per process (or per worker).
-    prefetch: elements each reader keeps ready.
-    process_index, process_count: this process's shard (default: JAX's).
+    num_threads: reader threads per process (or per worker); each reads
+      whole batches.
+    prefetch: records each reader keeps ready (rounded up to batches).
+    process_index, process_count: this process's part (default: JAX's).
     skip_counter: the `SkipCounter` that counts skipped bad records
       (default: a new one).
 
   Returns:
-    `grain.IterDataset`; `iter()` of it has `get_state`/`set_state`.
-    Decoding, augmentation, dropping skipped records and batching run in the
-    worker processes (one batch crosses the process boundary at a time).
+    `TrainDataset`; `iter()` of it is a `TrainIterator` with
+    `get_state`/`set_state`. Decoding, augmentation, replacing skipped
+    records and batching run in the worker processes (one batch crosses
+    the process boundary at a time).
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if len(source) < count * batch_size:
     raise ValueError(f'{source!r} has {len(source)} examples, fewer than one '
                      f'global batch ({count} x {batch_size}).')
-  ds = grain.MapDataset.source(source)[index::count]
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.random_map(transform, seed=seed + 1)
   counter = skip_counter or SkipCounter()
-  it_ds = _DropSkipped(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=prefetch)),
-                       counter.max_in_a_row)
-  it_ds = it_ds.batch(batch_size, drop_remainder=True)
-  if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count))
-  return it_ds.map(counter.count_batch)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = ds.random_map(transform, seed=seed + 1)
+  ds = _ReplaceSkipped(ds, counter.max_in_a_row)
+  ds = _ProcessPart(ds, count * batch_size, batch_size, index)
+  batches = ds.batch(batch_size, drop_remainder=True)
+  read = grain.ReadOptions(
+      num_threads=num_threads,
+      prefetch_buffer_size=max(num_threads, -(-prefetch // batch_size)))
+  return TrainDataset(batches, global_batch_size=count * batch_size,
+                      seed=seed, process_count=count, read_options=read,
+                      worker_count=worker_count, skip_counter=counter)
 
 
 class _PaddedEvalSource:
