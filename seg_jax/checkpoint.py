@@ -216,11 +216,17 @@ def read_state(directory, step):
   """Reads the train state stored at `step` as a pytree of arrays.
 
   For tools and tests that need the stored values without building a
-  template (shapes and dtypes as saved, arrays on the default device).
+  template: shapes and dtypes as saved, arrays on the first device,
+  whatever topology wrote them.
   """
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.CheckpointManager(os.path.abspath(directory),
+                             item_handlers=_item_handlers()) as manager:
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step)['state'])
     return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+        state=ocp.args.StandardRestore(target)))['state']
 
 
 def read_data_iterator_state(directory, step):

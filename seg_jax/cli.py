@@ -25,16 +25,82 @@ def quiet_library_logs():
 
 
 def define_run_flags(config_help, workdir_help):
-  """--config (a configs/*.py, overridable), --workdir and --distributed:
-  the flags of the CLIs that work on a training run's folder."""
+  """--config (a configs/*.py, overridable), --workdir and the multi-process
+  flags (`define_distributed_flags`): the flags of the CLIs that work on a
+  training run's folder."""
   config_flags.DEFINE_config_file('config', None, config_help,
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() '
-                    '(multi-host; coordinator and ranks come from the '
-                    'environment: Slurm, TPU VM, or '
-                    'JAX_COORDINATOR_ADDRESS...).')
+  define_distributed_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_distributed_flags():
+  """--distributed, --coordinator_address, --num_processes, --process_id."""
+  flags.DEFINE_bool(
+      'distributed', None, 'Join a multi-process JAX job '
+      '(jax.distributed.initialize). Default: auto, on when more than one '
+      'process is launched (--num_processes / JAX_NUM_PROCESSES > 1, a Slurm '
+      'step with SLURM_NTASKS > 1, a TPU slice with several '
+      'TPU_WORKER_HOSTNAMES). --distributed with no other flag lets JAX '
+      'detect the cluster (Slurm, TPU VM, Open MPI).')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 '
+                      '(default: $JAX_COORDINATOR_ADDRESS, or detected).')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the job '
+                       '(default: $JAX_NUM_PROCESSES, or detected).')
+  flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 '
+                       '(default: $JAX_PROCESS_ID, or detected).')
+
+
+def _env_int(name):
+  value = os.environ.get(name, '')
+  if value and not value.lstrip('-').isdigit():
+    raise ValueError(f'${name}={value!r} is not an integer.')
+  return int(value) if value else None
+
+
+def distributed_settings(f=None, environ=None):
+  """(wanted, coordinator_address, num_processes, process_id) from the
+  flags and the environment; None where JAX should detect it."""
+  f = f or flags.FLAGS
+  env = os.environ if environ is None else environ
+  address = f.coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
+  n = f.num_processes if f.num_processes is not None else _env_int(
+      'JAX_NUM_PROCESSES')
+  pid = f.process_id if f.process_id is not None else _env_int(
+      'JAX_PROCESS_ID')
+  wanted = f.distributed
+  if wanted is None:
+    slurm_tasks = int(env.get('SLURM_NTASKS', '1') or 1)
+    tpu_hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',')
+                 if h]
+    wanted = ((n or 1) > 1 or
+              (slurm_tasks > 1 and 'SLURM_STEP_NODELIST' in env) or
+              len(tpu_hosts) > 1)
+  if wanted and n is not None and pid is not None and not 0 <= pid < n:
+    raise ValueError(f'process_id={pid} is outside 0..{n - 1} '
+                     f'(num_processes={n}).')
+  return wanted, address, n, pid
+
+
+def init_distributed():
+  """Joins the multi-process JAX job the flags and environment describe
+  (see `define_distributed_flags`); does nothing for a single process.
+
+  CPU devices talk over gloo. Processes other than 0 log warnings and
+  errors only.
+  """
+  wanted, address, n, pid = distributed_settings()
+  if not wanted:
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=address, num_processes=n,
+                             process_id=pid)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info('JAX process %d of %d; %d local / %d global devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def enable_compilation_cache(directory):
@@ -53,14 +119,13 @@ def enable_compilation_cache(directory):
 def start(argv):
   """Common start of a run-folder CLI: no stray arguments, quiet library
   logs, the compilation cache (`config.compilation_cache_dir`),
-  `jax.distributed` when --distributed."""
+  `jax.distributed` when the job has several processes."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   enable_compilation_cache(flags.FLAGS.config.get('compilation_cache_dir',
                                                   ''))
-  if flags.FLAGS.distributed:
-    jax.distributed.initialize()
+  init_distributed()
 
 
 def run(main):

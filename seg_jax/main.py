@@ -1,7 +1,8 @@
 """Entry point: `python -m seg_jax.main --config=configs/x.py --workdir=DIR`.
 
-Multi-host jobs call `jax.distributed.initialize()` first; on one machine
-nothing is needed.
+A job of several processes (launch/*.sh, Slurm, TPU VM slices) joins JAX's
+distributed runtime first (`cli.init_distributed`); only process 0 writes
+logs, summaries and the final line. One process needs nothing.
 """
 
 import os
@@ -26,6 +27,8 @@ def main(argv):
                jax.default_backend())
   os.makedirs(FLAGS.workdir, exist_ok=True)
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() != 0:
+    return
   print(f"Finished: step={result['step']} " + ' '.join(
       f'{k}={result[k]:.4f}' for k in ('loss', 'pixel_accuracy',
                                        'mean_accuracy', 'miou')
