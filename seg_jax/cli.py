@@ -52,8 +52,8 @@ def define_distributed_flags():
                        '(default: $JAX_PROCESS_ID, or detected).')
 
 
-def _env_int(name):
-  value = os.environ.get(name, '')
+def _env_int(env, name):
+  value = env.get(name, '')
   if value and not value.lstrip('-').isdigit():
     raise ValueError(f'${name}={value!r} is not an integer.')
   return int(value) if value else None
@@ -66,9 +66,9 @@ def distributed_settings(f=None, environ=None):
   env = os.environ if environ is None else environ
   address = f.coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
   n = f.num_processes if f.num_processes is not None else _env_int(
-      'JAX_NUM_PROCESSES')
+      env, 'JAX_NUM_PROCESSES')
   pid = f.process_id if f.process_id is not None else _env_int(
-      'JAX_PROCESS_ID')
+      env, 'JAX_PROCESS_ID')
   wanted = f.distributed
   if wanted is None:
     slurm_tasks = int(env.get('SLURM_NTASKS', '1') or 1)

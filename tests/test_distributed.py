@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -27,6 +28,9 @@ LAUNCH = os.path.join(REPO, 'launch')
 def _config(tiny_config, num_steps=6, **mesh):
   c = tiny_config
   c.train.optimizer, c.train.learning_rate = 'sgd', 0.05  # no Adam noise
+  # A constant rate: a run to step 9 passes through the same states as one
+  # to step 6 that is then resumed to 9.
+  c.train.schedule, c.train.warmup_steps = 'constant', 0
   c.train.num_steps, c.train.log_every_steps = num_steps, 1
   c.eval.every_steps = 6
   c.compilation_cache_dir = ''
@@ -40,6 +44,7 @@ def _overrides(config):
   `config` (the keys `_config` sets)."""
   return [f'--config.train.optimizer={config.train.optimizer}',
           f'--config.train.learning_rate={config.train.learning_rate}',
+          '--config.train.schedule=constant', '--config.train.warmup_steps=0',
           f'--config.train.num_steps={config.train.num_steps}',
           '--config.train.log_every_steps=1', '--config.eval.every_steps=6',
           '--config.compilation_cache_dir=']
@@ -58,7 +63,7 @@ def _launch(n, args, devices_per_process=2):
 def _assert_close_trees(a, b, rtol=2e-5, atol=1e-6):
   paths = jax.tree_util.tree_leaves_with_path(a)
   leaves = jax.tree.leaves(b)
-  assert len(paths) == len(leaves) > 10
+  assert len(paths) == len(leaves) > 5
   for (path, x), y in zip(paths, leaves):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=rtol,
                                atol=atol, err_msg=jax.tree_util.keystr(path))
@@ -95,17 +100,20 @@ def test_two_processes_equal_one_process_on_four_devices(tiny_config,
                           'data_iter')) == ['process_0-of-2.json',
                                             'process_1-of-2.json']
 
-  config.mesh.shape = (4,)
-  _, result = _run(config, single)
+  # The reference goes on to step 9 in one go (evaluating at 6 and 9).
+  config.mesh.shape, config.train.num_steps = (4,), 9
+  _run(config, single)
   want, got = _losses(single), _losses(multi)
-  assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([got[s] for s in want], list(want.values()),
+  assert sorted(got) == [1, 2, 3, 4, 5, 6] and len(want) == 9
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got],
                              rtol=1e-5)
   _assert_close_trees(checkpoint.read_state(str(multi / 'checkpoints'), 6),
                       checkpoint.read_state(str(single / 'checkpoints'), 6))
   multi_eval = tb_events.scalars_by_tag(tb_events.read_events(multi))
-  np.testing.assert_allclose(multi_eval['eval/miou'][6], result['miou'],
-                             rtol=1e-5)
+  single_eval = tb_events.scalars_by_tag(tb_events.read_events(single))
+  for key in ('eval/miou', 'eval/loss'):
+    np.testing.assert_allclose(dict(multi_eval[key])[6],
+                               dict(single_eval[key])[6], rtol=1e-5)
 
   # Evaluating the 2-process checkpoint with 2 processes counts every
   # example once: the same confusion matrix as one process.
@@ -128,13 +136,21 @@ def test_two_processes_equal_one_process_on_four_devices(tiny_config,
                                 np.bincount(labels[labels < 5], minlength=5))
   np.testing.assert_allclose(two['loss'], one.loss, rtol=1e-5)
 
-  # Resume both runs in one process to step 9: the 2-process data position
-  # is re-split, and the two stay equal.
-  config.train.num_steps = 9
+  # The 2-process run resumed in one process to step 9: the data position
+  # is re-split, and it stays with the reference. Resuming is bit-exact on
+  # either side, but the step-6 states differ by float noise (<= 1.2e-7,
+  # measured), which the next three steps amplify to ~1.6e-5 in the
+  # parameters (optimizer momentum is left out: its entries for weights that
+  # feed BatchNorm are float noise themselves).
   _run(config, multi)
-  _run(config, single)
-  _assert_close_trees(checkpoint.read_state(str(multi / 'checkpoints'), 9),
-                      checkpoint.read_state(str(single / 'checkpoints'), 9))
+  want, got = _losses(single), _losses(multi)
+  np.testing.assert_allclose([got[s] for s in (7, 8, 9)],
+                             [want[s] for s in (7, 8, 9)], rtol=1e-5)
+  for part in ('params', 'batch_stats'):
+    _assert_close_trees(
+        checkpoint.read_state(str(multi / 'checkpoints'), 9)[part],
+        checkpoint.read_state(str(single / 'checkpoints'), 9)[part],
+        atol=5e-5)
   assert checkpoint.read_data_iterator_state(str(multi / 'checkpoints'), 9) \
       == [{'position': 9, 'global_batch_size': 8, 'seed': 0,
            'process_count': 1}]
@@ -249,3 +265,36 @@ def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):
   address, n, *args = (tmp_path / 'zero.txt').read_text().split()
   assert address == '127.0.0.1:4567' and n == '2'
   assert args == ['-m', 'seg_jax.evaluate', '--workdir=x']
+
+
+def _settings(environ, **flag_values):
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  f = types.SimpleNamespace(distributed=None, coordinator_address=None,
+                            num_processes=None, process_id=None)
+  vars(f).update(flag_values)
+  return cli.distributed_settings(f, environ)
+
+
+def test_when_a_job_joins_jax_distributed():
+  """One process: no; JAX_* or flags with more than one: yes, with their
+  values; a Slurm step or a multi-host TPU slice: yes, JAX detects the
+  rest; --distributed / --nodistributed win."""
+  assert _settings({}) == (False, None, None, None)
+  assert _settings({'JAX_NUM_PROCESSES': '1'}) == (False, None, 1, None)
+  assert _settings({'JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234',
+                    'JAX_NUM_PROCESSES': '4', 'JAX_PROCESS_ID': '3'}) == (
+                        True, '10.0.0.1:1234', 4, 3)
+  assert _settings({'JAX_NUM_PROCESSES': '4'}, num_processes=2,
+                   process_id=1, coordinator_address='h:1') == (
+                       True, 'h:1', 2, 1)
+  slurm = {'SLURM_NTASKS': '16', 'SLURM_STEP_NODELIST': 'gpu[01-02]'}
+  assert _settings(slurm) == (True, None, None, None)
+  assert _settings({'SLURM_NTASKS': '16'})[0] is False  # sbatch, not srun
+  assert _settings({'TPU_WORKER_HOSTNAMES': 'w0,w1,w2,w3'})[0] is True
+  assert _settings({'TPU_WORKER_HOSTNAMES': 'w0'})[0] is False
+  assert _settings({}, distributed=True) == (True, None, None, None)
+  assert _settings(slurm, distributed=False)[0] is False
+  with pytest.raises(ValueError, match=r'process_id=2 is outside 0..1'):
+    _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '2'})
+  with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID='one'"):
+    _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': 'one'})
