@@ -247,10 +247,14 @@ def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):
   """Process 1 fails at once while process 0 would wait a minute for it:
   the launcher stops process 0 and exits with process 1's status."""
   fake = tmp_path / 'python'
+  zero = tmp_path / 'zero.txt'
   fake.write_text('#!/usr/bin/env bash\n'
-                  'if [[ $JAX_PROCESS_ID == 1 ]]; then exit 3; fi\n'
+                  'if [[ $JAX_PROCESS_ID == 1 ]]; then\n'
+                  f'  while [[ ! -s {zero} ]]; do sleep 0.05; done\n'
+                  '  exit 3\n'
+                  'fi\n'
                   'echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $*" '
-                  f'> {tmp_path}/zero.txt\n'
+                  f'> {zero}.part && mv {zero}.part {zero}\n'
                   'exec sleep 60\n')
   fake.chmod(0o755)
   start = time.time()
@@ -262,7 +266,7 @@ def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):
   assert proc.returncode == 3
   assert time.time() - start < 30
   assert 'a process exited with status 3; stopping the others' in proc.stderr
-  address, n, *args = (tmp_path / 'zero.txt').read_text().split()
+  address, n, *args = zero.read_text().split()
   assert address == '127.0.0.1:4567' and n == '2'
   assert args == ['-m', 'seg_jax.evaluate', '--workdir=x']
 
