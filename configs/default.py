@@ -82,6 +82,9 @@ def get_config():
   c.train.class_weights = ()  # per-class loss weights (empty: all 1)
   c.train.precision = 'float32'  # 'float32' or 'bfloat16' (f32 params, loss)
   c.train.log_every_steps = 50  # train metrics written every this many steps
+  # A step with a NaN/Inf loss or gradient norm: False stops the run (naming
+  # the step and the last good checkpoint); True skips its update, counted.
+  c.train.skip_nonfinite = False
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2000  # evaluate on the whole val split this often

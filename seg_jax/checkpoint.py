@@ -5,9 +5,9 @@ data-iterator state of every process together, so a resume continues both
 the model and the data exactly where they were. Both restore onto another
 topology: the state is resharded onto the new mesh (any device count, any
 `mesh.shape`), and the data stream, a function of the global batch number
-alone, is re-split over the new number of processes. Saves are asynchronous and
-atomic: a save cut short leaves a `*.orbax-checkpoint-tmp-*` folder that is
-never restored from.
+alone, is re-split over the new number of processes. Saves are
+asynchronous and atomic: a save cut short leaves a
+`*.orbax-checkpoint-tmp-*` folder that is never restored from.
 """
 
 import json
@@ -18,6 +18,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from seg_jax import validate
 
 
 class _IteratorSnapshot:
@@ -80,11 +82,26 @@ class Checkpointer:
   def restore(self, step, state, data_iter):
     """Restores checkpoint `step`; see `restore_or_keep`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    if hasattr(abstract, 'params'):  # a TrainState (tests save plain dicts)
+      _check_shapes(self._manager.item_metadata(step)['state'],
+                    {'params': abstract.params,
+                     'batch_stats': abstract.batch_stats},
+                    f'{self.directory}/{step}', exact=True)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     data_iter.set_state(_data_iterator_state(self.directory, step))
     logging.info('Restored checkpoint %d from %s', step, self.directory)
     return restored['state'], data_iter
+
+  def reached_preemption(self, step):
+    """Whether a multi-process job was told to stop (SIGTERM on any
+    process), agreed at `step` by all processes; False in one process,
+    where the train loop handles signals itself."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def wait(self):
+    """Waits for an in-flight save to be complete on disk."""
+    self._manager.wait_until_finished()
 
   def maybe_save(self, step, state, data_iter, force=False):
     """Saves if `step` is on the interval (or `force`); returns whether."""
@@ -194,22 +211,35 @@ def _shapes(tree):
           for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_shapes(stored, wanted, where):
-  """Raises naming the first parameter whose stored shape differs from the
-  model the config builds (or that is missing)."""
+def _check_shapes(stored, wanted, where, exact=False):
+  """Raises `validate.ConfigError` naming the first parameter whose stored
+  shape differs from the model the config builds, that is missing, or (with
+  `exact`) that the checkpoint holds beyond the model's."""
   stored = _shapes({k: stored[k] for k in wanted if k in stored})
-  for path, shape in _shapes(wanted).items():
+  wanted = _shapes(wanted)
+  # Parameters first: the first one named is the most telling.
+  for path, shape in sorted(wanted.items(),
+                            key=lambda kv: not kv[0].startswith('params/')):
     if path not in stored:
-      raise ValueError(
+      raise validate.ConfigError(
           f'Checkpoint {where} has no {path} (shape {shape}) that the '
           'config\'s model needs: was it trained with another model.name or '
-          'model.kwargs? Use the config the run was trained with.')
+          'model.kwargs? Use the config the run was trained with (or '
+          'model.init_from to start a new run from its weights).')
     if stored[path] != shape:
-      raise ValueError(
+      raise validate.ConfigError(
           f'Checkpoint {where} stores {path} with shape {stored[path]} but '
           f'the config\'s model has {shape}: was it trained with another '
           'model.num_classes or model.kwargs? Use the config the run was '
-          'trained with.')
+          'trained with (or model.init_from to start a new run from its '
+          'weights).')
+  extra = sorted(set(stored) - set(wanted))
+  if exact and extra:
+    raise validate.ConfigError(
+        f'Checkpoint {where} holds {extra[0]} (shape {stored[extra[0]]}) '
+        'that the config\'s model does not have: was it trained with another '
+        'model.name or model.kwargs? Use the config the run was trained '
+        'with.')
 
 
 def read_state(directory, step):

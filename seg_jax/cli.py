@@ -129,11 +129,14 @@ def start(argv):
 
 
 def run(main):
-  """`absl.app.run(main)`, where `--help` (or `-h`) prints help and exits 0.
+  """`absl.app.run(main)`, where `--help` (or `-h`) prints help and exits 0,
+  and a `validate.UserError` is one line on stderr and its exit status
+  (2 for a config error).
 
   absl exits with status 1 after printing help; asking for help is not an
   error.
   """
+  from seg_jax import validate  # pylint: disable=g-import-not-at-top
   sys.argv = ['--help' if a == '-h' else a for a in sys.argv]
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   try:
@@ -142,3 +145,6 @@ def run(main):
     if wants_help and e.code == 1:
       sys.exit(0)
     raise
+  except validate.UserError as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(e.exit_code)

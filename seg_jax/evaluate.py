@@ -189,6 +189,8 @@ def _define_flags():
 
 def main(argv):
   cli.start(argv)
+  from seg_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.check_config(FLAGS.config)
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,

@@ -20,14 +20,20 @@ cli.define_run_flags('Training configuration file (a configs/*.py).',
 
 def main(argv):
   cli.start(argv)
-  from seg_jax import train  # pylint: disable=g-import-not-at-top
+  from seg_jax import train, validate  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d/%d, %d local / %d global devices (%s)',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  validate.check_config(FLAGS.config, FLAGS.workdir)
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() != 0:
+    return
+  if result.get('stopped'):
+    print(f"Stopped by {result['stopped']} at step {result['step']}: "
+          f"checkpoint {result['step']} saved in "
+          f"{os.path.join(FLAGS.workdir, 'checkpoints')}; run the same "
+          'command to resume.', flush=True)
     return
   print(f"Finished: step={result['step']} " + ' '.join(
       f'{k}={result[k]:.4f}' for k in ('loss', 'pixel_accuracy',

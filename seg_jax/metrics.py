@@ -128,6 +128,39 @@ class SegMetrics(clu_metrics.Collection):
   confusion: ConfusionMatrix
 
 
+@flax.struct.dataclass
+class NonFinite(clu_metrics.Metric):
+  """How many train steps had a non-finite loss or gradient norm, and the
+  first of them (int32 max when none)."""
+  count: jnp.ndarray
+  first_step: jnp.ndarray
+
+  @classmethod
+  def from_model_output(cls, *, nonfinite, step, **_):
+    return cls(count=nonfinite.astype(jnp.int32),
+               first_step=jnp.where(nonfinite, step,
+                                    jnp.iinfo(jnp.int32).max).astype(
+                                        jnp.int32))
+
+  def merge(self, other):
+    return type(self)(count=self.count + other.count,
+                      first_step=jnp.minimum(self.first_step,
+                                             other.first_step))
+
+  def compute(self):
+    return self.count
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  """`SegMetrics` of train steps (the loss of finite steps only), plus the
+  gradient norm and the non-finite steps."""
+  loss: clu_metrics.Average.from_output('loss')
+  confusion: ConfusionMatrix
+  grad_norm: clu_metrics.Average.from_output('grad_norm')
+  nonfinite: NonFinite
+
+
 def eval_metrics(loss, logits, labels, ignore_label=IGNORE_LABEL):
   """`SegMetrics` of an evaluation batch, the loss weighted by the batch's
   labelled pixels: merged over a split, it is the mean over its pixels, and

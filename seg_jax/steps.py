@@ -37,7 +37,11 @@ def preprocess(batch, config):
 
 
 def make_train_step(model, tx, config, mesh):
-  """Returns jitted `train_step(state, batch, rng) -> (state, SegMetrics)`.
+  """Returns jitted `train_step(state, batch, rng) -> (state, TrainMetrics)`.
+
+  The metrics flag a step whose loss or gradient norm is not finite; with
+  `train.skip_nonfinite` such a step leaves parameters, optimizer state and
+  BatchNorm statistics as they were (only the step count moves on).
 
   The batch is split over the mesh's batch axes; the state is laid out as
   `sharding.state_shardings` says (replicated, or split over 'fsdp') and
@@ -51,6 +55,7 @@ def make_train_step(model, tx, config, mesh):
                      f'model.num_classes={config.model.num_classes}.')
   ce = functools.partial(losses.cross_entropy, class_weights=weights,
                          ignore_label=ignore)
+  skip_nonfinite = config.train.skip_nonfinite
 
   def train_step(state, batch, rng):
     images = preprocess(batch, config)
@@ -75,8 +80,20 @@ def make_train_step(model, tx, config, mesh):
         step=state.step + 1, params=optax.apply_updates(state.params,
                                                         updates_tx),
         batch_stats=updates.get('batch_stats', {}), opt_state=opt_state)
-    return new_state, seg_metrics.SegMetrics.single_from_model_output(
-        loss=loss, logits=logits, labels=labels, ignore_label=ignore)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:  # keep parameters, optimizer and BatchNorm state
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                               new_state, state.replace(step=state.step + 1))
+    m = seg_metrics.TrainMetrics.single_from_model_output(
+        loss=loss, logits=logits, labels=labels, ignore_label=ignore,
+        grad_norm=jnp.where(finite, grad_norm, 0.0), nonfinite=~finite,
+        step=state.step + 1)
+    finite_f = finite.astype(jnp.float32)
+    return new_state, m.replace(
+        loss=type(m.loss)(total=jnp.where(finite, loss, 0.0), count=finite_f),
+        grad_norm=type(m.grad_norm)(total=m.grad_norm.total, count=finite_f))
 
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
   state_sharding = sharding.state_shardings(

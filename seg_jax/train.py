@@ -14,34 +14,44 @@ import numpy as np
 from absl import logging
 
 from seg_jax import (checkpoint, data, evaluators, labels, metrics, optim,
-                     sharding, state, steps, writers)
+                     sharding, state, steps, validate, writers)
 from seg_jax.data import pipeline, transforms
 
 
 class _StopSignal:
-  """Turns SIGTERM into a flag the loop checks, to save before exiting.
+  """Turns SIGTERM and SIGINT into a flag the loop checks, to finish the
+  step, save and exit.
 
-  orbax's own preemption check only works under `jax.distributed`; a
-  single-process job needs this.
+  A single process handles both itself (orbax's preemption check only works
+  under `jax.distributed`); in a multi-process job JAX's preemption notice
+  (SIGTERM) is agreed on by all processes through the checkpointer, and
+  SIGINT keeps its default. A second signal of the same kind stops at once.
   """
 
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
-    self.received = False
-    self._previous = None
+    self.received = None  # the signal's name, once one arrived
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self._SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint, then stopping.')
-    self.received = True
+    del frame
+    name = signal.Signals(signum).name
+    if self.received == name:
+      raise KeyboardInterrupt(f'second {name}')
+    logging.warning('%s received: finishing the step, saving a checkpoint, '
+                    'then stopping (send it again to stop at once).', name)
+    self.received = name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _eval_prefix(index, name):
@@ -79,6 +89,8 @@ class Trainer:
         tuple(config.eval.in_training), num_shown=config.eval.num_images,
         skip_counter=self.skips)
     self.step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    self._nonfinite = None  # metrics.NonFinite since the last check
+    self.skipped_nonfinite = 0
     self.checkpointer = checkpoint.Checkpointer(
         state.checkpoint_dir(workdir),
         every_steps=config.checkpoint.every_steps,
@@ -121,7 +133,8 @@ class Trainer:
       writer.close()
 
   def _loop(self, start, train_iter, writer):
-    """Steps from `start` to the end (or SIGTERM); returns the last eval."""
+    """Steps from `start` to the end (or a stop signal); returns the last
+    eval, or {'step', 'stopped': signal name} when stopped."""
     cfg = self.config
     report_progress = writers.ProgressReporter(cfg.train.num_steps, writer,
                                                first_step=start)
@@ -134,14 +147,52 @@ class Trainer:
         batch = sharding.to_global(next(train_iter), self.mesh)
         self.state, m = self.train_step(self.state, batch, self.step_rng)
         train_metrics.add(m, pixels)
+        self._nonfinite = (m.nonfinite if self._nonfinite is None
+                           else self._nonfinite.merge(m.nonfinite))
         report_progress(step)
+        if not stop.received and self.checkpointer.reached_preemption(step):
+          stop.received = 'SIGTERM'
+        save = bool(stop.received) or step % cfg.checkpoint.every_steps == 0
+        if save or step % cfg.train.log_every_steps == 0:
+          self._check_finite(writer)  # before a save and at log time
         train_metrics = self._maybe_log(step, train_metrics, writer)
         result = self._maybe_eval(step, writer) or result
         self.checkpointer.maybe_save(step, self.state, train_iter,
-                                     force=stop.received)
+                                     force=bool(stop.received))
         if stop.received:
-          return {'step': step}
+          return {'step': step, 'stopped': stop.received}
+    self._check_finite(writer)
     return result
+
+  def _check_finite(self, writer):
+    """Reads the non-finite steps since the last check: stops the run
+    (`validate.NonFiniteError`), or with `train.skip_nonfinite` counts them
+    (their updates were skipped on device)."""
+    if self._nonfinite is None:
+      return
+    count = int(self._nonfinite.count)
+    first = int(self._nonfinite.first_step)
+    self._nonfinite = None
+    if not count:
+      return
+    if self.config.train.skip_nonfinite:
+      self.skipped_nonfinite += count
+      logging.warning('%d step(s) with a non-finite loss or gradient norm '
+                      '(first: step %d) skipped; %d so far.', count, first,
+                      self.skipped_nonfinite)
+      writer.write_scalars(first, {'train/skipped_nonfinite_steps':
+                                   self.skipped_nonfinite})
+      return
+    self.checkpointer.wait()
+    last = self.checkpointer.latest_step()
+    where = (f'the last good checkpoint is step {last} in '
+             f'{self.checkpointer.directory}' if last is not None
+             else 'no checkpoint was saved before it')
+    raise validate.NonFiniteError(
+        f'Step {first}: the loss or gradient norm is NaN/Inf; training '
+        f'stopped and {where}. Lower train.learning_rate, set '
+        'train.grad_clip_norm, check the data, or set '
+        'train.skip_nonfinite=True to skip such updates.')
 
   def _maybe_log(self, step, train_metrics, writer):
     """Writes accumulated train metrics every `log_every_steps`; returns a

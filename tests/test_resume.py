@@ -115,7 +115,11 @@ def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
     np.testing.assert_array_equal(got['label'], want['label'])
 
 
-def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_current_step_and_exits_cleanly(tmp_path, sig):
+  """SIGTERM (preemption) or SIGINT (Ctrl-C): the step finishes, its
+  checkpoint (state and data position) is written, exit status 0, a line
+  names the step; well within a step plus a save."""
   workdir = str(tmp_path)
   proc = subprocess.Popen(
       [sys.executable, '-m', 'seg_jax.main', f'--workdir={workdir}',
@@ -127,11 +131,21 @@ def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
   while not os.path.isdir(os.path.join(workdir, 'checkpoints', '7')):
     assert proc.poll() is None and time.time() < deadline
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  sent = time.time()
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
+  assert time.time() - sent < 20
   assert proc.returncode == 0, out[-3000:]
-  stopped = int(re.search(r'Finished: step=(\d+)', out).group(1))
+  name = signal.Signals(sig).name
+  match = re.search(rf'Stopped by {name} at step (\d+): checkpoint (\d+) '
+                    rf'saved in {workdir}/checkpoints; run the same command '
+                    'to resume.', out)
+  stopped = int(match.group(1))
+  assert int(match.group(2)) == stopped and 7 <= stopped < 100000
   steps = checkpoint.Checkpointer(f'{workdir}/checkpoints', 7, 3).all_steps()
-  assert 7 <= stopped < 100000
   assert max(steps) == stopped  # the step it stopped at is saved
+  assert int(checkpoint.read_state(f'{workdir}/checkpoints',
+                                   stopped)['step']) == stopped
+  assert checkpoint.read_data_iterator_state(f'{workdir}/checkpoints',
+                                             stopped)[0]['position'] == stopped
   assert not [f for f in os.listdir(f'{workdir}/checkpoints') if 'tmp' in f]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from seg_jax import checkpoint, optim, state, train
+from seg_jax import checkpoint, optim, state, train, validate
 
 from conftest import REPO
 
@@ -138,3 +138,79 @@ def test_eval_at_half_scale_scores_every_full_resolution_pixel(tiny_config,
   labelled = sum(int(np.sum(source[i]['label'] != 255))
                  for i in range(len(source)))
   assert int(result.confusion.sum()) == labelled
+
+
+class _Poisoned:
+  """Wraps a train dataset; batch `at` (1-based) gets a NaN colour matrix,
+  as a corrupt float input would make it."""
+
+  def __init__(self, ds, at):
+    self._ds, self._at = ds, at
+
+  def __iter__(self):
+    it = iter(self._ds)
+    outer = self
+
+    class _It:
+      def __next__(self):
+        batch = next(it)
+        if it.position == outer._at:
+          batch = {**batch, 'colour': np.full_like(batch['colour'], np.nan)}
+        return batch
+
+      def get_state(self):
+        return it.get_state()
+
+      def set_state(self, state):
+        it.set_state(state)
+
+    return _It()
+
+
+def _poisoned_trainer(config, workdir, at):
+  config.data.photometric.enabled = True  # batches carry a colour matrix
+  config.eval.every_steps = 100
+  trainer = train.Trainer(config, str(workdir))
+  trainer.train_ds = _Poisoned(trainer.train_ds, at)
+  return trainer
+
+
+def test_nonfinite_step_stops_naming_it_and_the_last_checkpoint(tiny_config,
+                                                                tmp_path):
+  tiny_config.train.num_steps, tiny_config.train.log_every_steps = 9, 1
+  trainer = _poisoned_trainer(tiny_config, tmp_path, at=5)
+  with pytest.raises(validate.NonFiniteError,
+                     match=rf'^Step 5: the loss or gradient norm is NaN/Inf; '
+                     rf'training stopped and the last good checkpoint is step '
+                     rf'3 in {tmp_path}/checkpoints. Lower '):
+    trainer.run()
+  trainer.checkpointer.close()
+  assert checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 3,
+                                 3).all_steps() == [3]
+
+
+def test_nonfinite_step_is_skipped_and_counted(tiny_config, tmp_path):
+  """With train.skip_nonfinite the poisoned step changes nothing but the
+  step count: state after step 4 (poisoned) equals state after step 3."""
+  tiny_config.train.skip_nonfinite = True
+  tiny_config.train.num_steps, tiny_config.checkpoint.every_steps = 4, 1
+  tiny_config.checkpoint.max_to_keep = 5
+  trainer = _poisoned_trainer(tiny_config, tmp_path, at=4)
+  try:
+    trainer.run()
+  finally:
+    trainer.checkpointer.close()
+  assert trainer.skipped_nonfinite == 1
+  ckpt = str(tmp_path / 'checkpoints')
+  before, after = checkpoint.read_state(ckpt, 3), checkpoint.read_state(ckpt, 4)
+  assert int(after['step']) == 4
+  for part in ('params', 'batch_stats', 'opt_state'):
+    for a, b in zip(jax.tree.leaves(before[part]),
+                    jax.tree.leaves(after[part])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = checkpoint.read_state(ckpt, 2)['params']
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(changed), jax.tree.leaves(before['params'])))
+  from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
+  assert dict(scalars_by_tag(read_events(str(tmp_path)))[
+      'train/skipped_nonfinite_steps']) == {4: 1}

@@ -1,0 +1,109 @@
+"""Config validation: each impossible setting is one line naming the key;
+a checkpoint of another model is refused naming the parameter."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seg_jax import train, validate
+
+from conftest import REPO
+
+
+def _set(config, key, value):
+  *parents, last = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[last] = value
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('train.num_steps', 0, r'^train.num_steps=0: give an integer >= 1.$'),
+    ('data.eval_pad_size', (16, 16),
+     r'^data.crop_size=\(32, 32\) is larger than data.eval_pad_size='
+     r'\(16, 16\): evaluation pads'),
+    ('train.global_batch_size', 12,
+     r'^train.global_batch_size=12 must be divisible by the 8 devices the '
+     r'batch is split over \(data=8\) and by the 1 processes; use a multiple '
+     r'of 8.$'),
+    ('eval.global_batch_size', 4, r'^eval.global_batch_size=4 must be'),
+    ('model.name', 'unet3',
+     r"^Unknown model.name='unet3'; choose one of \[.*'fcn8s'.*'unet'"),
+    ('data.name', 'pascal',
+     r"^Unknown data.name='pascal'; choose one of \['ade20k', 'camvid'"),
+    ('model.num_classes', 7,
+     r"^data.name='shapes' has 5 classes but model.num_classes=7; make them "
+     r'equal.$'),
+    ('train.optimizer', 'adam', r"^train.optimizer='adam'; use 'sgd' or"),
+    ('train.schedule', 'step', r"^train.schedule='step'; use 'poly'"),
+    ('train.precision', 'float16', r"^train.precision='float16'; use one of"),
+    ('data.scale_range', (2.0, 1.0),
+     r'^data.scale_range=\(2.0, 1.0\): give 0 < low <= high.$'),
+    ('train.warmup_steps', 6,
+     r'^train.warmup_steps=6 is not below train.num_steps=6.$'),
+    ('train.learning_rate', -0.1, r'^train.learning_rate=-0.1: give a '),
+    ('eval.in_training', ('whole', 'nope'),
+     r"^Unknown evaluator 'nope': config.eval.evaluators defines"),
+    ('model.kwargs', {'width': 4, 'wings': 2},
+     r"^model 'unet' does not take option\(s\) \['wings'\]"),
+    ('mesh.shape', (3, 3), r'mesh.shape=\(3, 3\) and mesh.axes=\(.data.,\) '
+     'must have equal length'),
+    ('checkpoint.max_to_keep', 0,
+     r'^checkpoint.max_to_keep=0: give an integer >= 1.$'),
+])
+def test_each_impossible_setting_is_one_line_naming_the_key(
+    tiny_config, key, value, message):
+  _set(tiny_config, key, value)
+  with pytest.raises(validate.ConfigError, match=message) as e:
+    validate.check_config(tiny_config)
+  assert '\n' not in str(e.value)
+
+
+def test_unwritable_workdir(tiny_config, tmp_path):
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(validate.ConfigError,
+                     match=r'--workdir=.*file/run is not writable \(Not a '
+                     r'directory\): choose a folder you can write to.$'):
+    validate.check_config(tiny_config, str(tmp_path / 'file' / 'run'))
+  validate.check_config(tiny_config, str(tmp_path / 'ok'))
+  assert os.path.isdir(tmp_path / 'ok')
+
+
+def test_cli_prints_one_line_and_exits_2_without_a_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.main',
+       '--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}',
+       '--config.data.eval_pad_size=(16,16)'], cwd=REPO,
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: data.crop_size=(32, 32) is larger than data.eval_pad_size='
+      '(16, 16): evaluation pads images to at least the crop size; raise '
+      'data.eval_pad_size or lower data.crop_size.')
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_parameter(
+    tiny_config, tmp_path):
+  tiny_config.train.num_steps = 3
+  tiny_config.eval.every_steps = 100
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model.kwargs.width = 8
+  tiny_config.train.num_steps = 6
+  with pytest.raises(validate.ConfigError,
+                     match=rf'^Checkpoint {tmp_path}/checkpoints/3 stores '
+                     r'params/\S+ with shape \(\d+(, \d+)*,?\) but the '
+                     r"config's model has \(\d+(, \d+)*,?\): was it trained "
+                     r'with another model.num_classes or model.kwargs\?'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model.kwargs = {'width': 4, 'depth': 2, 'batch_norm': False}
+  with pytest.raises(validate.ConfigError,
+                     match=r'has no params/\S+/bias \(shape \(\d+,\)\) that '
+                     r"the config's model needs: was it trained with another "
+                     r'model.name or model.kwargs\?'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
