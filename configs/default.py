@@ -111,7 +111,10 @@ def get_config():
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 2000  # save train state + data iterator this often
-  c.checkpoint.max_to_keep = 3  # most recent checkpoints kept
+  c.checkpoint.max_to_keep = 3  # most recent checkpoints kept (+ the best)
+  # A damaged latest checkpoint: 'raise' (name the file), or 'previous'
+  # (warn and resume from the newest good one).
+  c.checkpoint.on_corrupt = 'raise'
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1,)  # devices per axis; -1 takes all remaining devices

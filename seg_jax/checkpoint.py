@@ -18,6 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from seg_jax import validate
 
@@ -40,21 +41,41 @@ class _IteratorSnapshot:
 class Checkpointer:
   """Saves and restores (train state, data iterator) in `directory`.
 
+  Keeps the newest `max_to_keep` checkpoints **and** the best one by
+  validation mIoU (saved with `metrics={'miou': ...}`), whichever they are:
+  the best never pushes out the newest, which a resume needs, and survives
+  a resume (its mIoU is stored beside it).
+
   Args:
     directory: checkpoint folder (created if needed).
     every_steps: save when step % every_steps == 0.
     max_to_keep: number of most recent checkpoints kept.
+    on_corrupt: 'raise' (a damaged latest checkpoint is an error) or
+      'previous' (fall back to the newest good one, with a warning).
   """
 
-  def __init__(self, directory, every_steps, max_to_keep):
+  def __init__(self, directory, every_steps, max_to_keep, on_corrupt='raise'):
+    if on_corrupt not in ('raise', 'previous'):
+      raise validate.ConfigError(
+          f"checkpoint.on_corrupt={on_corrupt!r}; use 'raise' or 'previous'.")
+    self.on_corrupt = on_corrupt
+    self._unlisted = []  # saved steps whose file list is not written yet
     directory = os.path.abspath(directory)  # orbax rejects relative paths
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        best_fn=_miou, best_mode='max',
+        preservation_policy=pp.AnyPreservationPolicy([
+            pp.LatestN(max_to_keep),
+            pp.BestN(get_metric_fn=_miou, n=1,
+                     keep_checkpoints_without_metrics=False)]),
         enable_async_checkpointing=True, create=True)
     self._manager = ocp.CheckpointManager(directory, options=options,
                                           item_handlers=_item_handlers())
     self.directory = directory
     self.every_steps = every_steps
+
+  def best(self):
+    """(step, mIoU) of the best checkpoint kept, or None if none has one."""
+    return _best(self._manager)
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -66,6 +87,11 @@ class Checkpointer:
   def restore_or_keep(self, state, data_iter):
     """Restores the latest checkpoint into (state, data_iter) if one exists.
 
+    A damaged checkpoint (a file missing or of another size than written,
+    or one orbax cannot read) raises `CheckpointError` naming the file;
+    with `on_corrupt='previous'` the next older checkpoint is tried instead,
+    with a warning naming what was skipped.
+
     Args:
       state: a freshly initialised `TrainState`; its shapes, dtypes and
         shardings are the template.
@@ -74,10 +100,37 @@ class Checkpointer:
     Returns:
       (state, data_iter): restored, or the inputs when there is nothing.
     """
-    step = self.latest_step()
-    if step is None:
-      return state, data_iter
-    return self.restore(step, state, data_iter)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        verify(self.directory, step)
+        return self.restore(step, state, data_iter)
+      except validate.ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        problem = e if isinstance(e, CheckpointError) else CheckpointError(
+            f'Checkpoint {self.directory}/{step} cannot be restored '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:300]}).')
+        if self.on_corrupt != 'previous':
+          raise CheckpointError(
+              f'{problem} Move {self.directory}/{step} away to resume from '
+              'the previous checkpoint, or set '
+              "checkpoint.on_corrupt='previous'.") from None
+        self._set_aside(step)
+        logging.warning("%s Moved to %s/damaged_%d; trying the previous "
+                        "checkpoint (checkpoint.on_corrupt='previous').",
+                        problem, self.directory, step)
+    return state, data_iter
+
+  def _set_aside(self, step):
+    """Renames a damaged step folder to damaged_<step> (kept for a look,
+    out of orbax's list, so training can save that step again)."""
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)),
+                 os.path.join(self.directory, f'damaged_{step}'))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'seg_jax_set_aside_{step}')
+    self._manager.reload()
 
   def restore(self, step, state, data_iter):
     """Restores checkpoint `step`; see `restore_or_keep`."""
@@ -102,32 +155,90 @@ class Checkpointer:
   def wait(self):
     """Waits for an in-flight save to be complete on disk."""
     self._manager.wait_until_finished()
+    self._write_file_lists()
 
-  def maybe_save(self, step, state, data_iter, force=False):
-    """Saves if `step` is on the interval (or `force`); returns whether."""
+  def maybe_save(self, step, state, data_iter, force=False, metrics=None):
+    """Saves if `step` is on the interval (or `force`); returns whether.
+    `metrics` ({'miou': float}) marks an evaluated step for 'best'."""
     if not force and step % self.every_steps:
       return False
-    return self._save(step, state, data_iter)
+    return self._save(step, state, data_iter, metrics)
 
-  def save_final(self, step, state, data_iter):
+  def save_final(self, step, state, data_iter, metrics=None):
     """Saves `step` unless it is already saved, then waits for the write."""
     self._manager.wait_until_finished()  # an in-flight save is not listed yet
     if step not in self._manager.all_steps() and step > 0:
-      self._save(step, state, data_iter)
-    self._manager.wait_until_finished()
+      self._save(step, state, data_iter, metrics)
+    self.wait()
 
-  def _save(self, step, state, data_iter):
+  def _save(self, step, state, data_iter, metrics=None):
     # The interval is decided above; orbax's own policy would also save the
-    # first step it sees, so it is overridden.
-    return self._manager.save(step, force=True, args=ocp.args.Composite(
+    # first step it sees, so it is overridden. orbax finishes the previous
+    # save before it starts this one: that one's files are final.
+    saved = self._manager.save(step, force=True, metrics=metrics,
+                               args=self._save_args(state, data_iter))
+    self._write_file_lists(keep_last=True)
+    self._unlisted.append(step)
+    return saved
+
+  def _write_file_lists(self, keep_last=False):
+    """Writes FILES.json into each finished step folder (process 0)."""
+    pending = self._unlisted[-1:] if keep_last else []
+    for step in self._unlisted[:len(self._unlisted) - len(pending)]:
+      if jax.process_index() == 0 and step in self._manager.all_steps():
+        write_file_list(self.directory, step)
+    self._unlisted = pending
+
+  def _save_args(self, state, data_iter):
+    return ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_iter=grain.checkpoint.CheckpointSave(
-            _IteratorSnapshot(data_iter))))
+            _IteratorSnapshot(data_iter)))
 
   def close(self):
     """Waits for pending writes and releases the manager."""
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+class CheckpointError(validate.UserError):
+  """A checkpoint that is damaged or cannot be read."""
+
+
+FILE_LIST = 'FILES.json'
+
+
+def write_file_list(directory, step):
+  """Records every file of a finished step folder and its size in
+  `<step>/FILES.json`, so that a later missing or truncated file is found
+  and named (`verify`)."""
+  root = pathlib.Path(directory, str(step))
+  sizes = {str(f.relative_to(root)): f.stat().st_size
+           for f in sorted(root.rglob('*')) if f.is_file()
+           and f.name != FILE_LIST}
+  tmp = root / f'{FILE_LIST}.tmp'
+  tmp.write_text(json.dumps(sizes, indent=0))
+  tmp.replace(root / FILE_LIST)
+
+
+def verify(directory, step):
+  """Raises `CheckpointError` naming the first file of checkpoint `step`
+  that is missing or not the size it was written with (checkpoints
+  without a file list, e.g. the newest while its save was cut short, are
+  left to orbax)."""
+  root = pathlib.Path(directory, str(step))
+  listed = root / FILE_LIST
+  if not listed.exists():
+    return
+  for name, size in json.loads(listed.read_text()).items():
+    path = root / name
+    if not path.exists():
+      raise CheckpointError(f'Checkpoint {root} is damaged: {path} is '
+                            'missing.')
+    if path.stat().st_size != size:
+      raise CheckpointError(
+          f'Checkpoint {root} is damaged: {path} has '
+          f'{path.stat().st_size} bytes, {size} were written.')
 
 
 def restore_variables(directory, step, abstract):
@@ -137,7 +248,8 @@ def restore_variables(directory, step, abstract):
 
   Args:
     directory: the checkpoint folder (`<workdir>/checkpoints`).
-    step: 'latest' or a step number (int or digit string).
+    step: 'latest', 'best' (highest validation mIoU kept) or a step number
+      (int or digit string).
     abstract: dict of train-state fields to read (e.g. 'params',
       'batch_stats', 'step') holding `jax.ShapeDtypeStruct`s with shardings.
 
@@ -157,11 +269,20 @@ def restore_variables(directory, step, abstract):
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')
     if step in ('latest', None, ''):
       step = steps[-1]
+    elif step == 'best':
+      best = _best(manager)
+      if best is None:
+        raise validate.ConfigError(
+            f'--checkpoint=best: no checkpoint in {directory} was saved '
+            f'with a validation mIoU (steps {steps}); use "latest" or a step.')
+      step = best[0]
     elif str(step).isdigit() and int(step) in steps:
       step = int(step)
     else:
-      raise ValueError(f'--checkpoint={step!r}: {directory} holds steps '
-                       f'{steps}; use one of them or "latest".')
+      raise validate.ConfigError(
+          f'--checkpoint={step!r}: {directory} holds steps {steps}; use one '
+          'of them, "latest" or "best".')
+    verify(directory, step)
     _check_shapes(manager.item_metadata(step)['state'], abstract,
                   f'{directory}/{step}')
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -172,6 +293,20 @@ def restore_variables(directory, step, abstract):
   logging.info('Restored %s of checkpoint %d from %s', sorted(abstract),
                step, directory)
   return restored, step
+
+
+def _miou(metrics):
+  return metrics['miou']
+
+
+def _best(manager):
+  """(step, mIoU) of the kept checkpoint with the highest stored mIoU."""
+  scored = [(m['miou'], s) for s in manager.all_steps()
+            if (m := manager.metrics(s)) and 'miou' in m]
+  if not scored:
+    return None
+  miou, step = max(scored)
+  return step, float(miou)
 
 
 def _item_handlers(state_handler=None):

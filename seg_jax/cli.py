@@ -12,10 +12,13 @@ _HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull')
 
 
 class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the logs."""
+  """Keeps orbax's and grain's per-save INFO chatter out of the logs, and
+  orbax's warning that a checkpoint between evaluations has no mIoU."""
 
   def filter(self, record):
     noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
+    if noisy and 'did not provide metrics' in str(record.msg):
+      return False
     return record.levelno >= pylogging.WARNING or not noisy
 
 

@@ -175,7 +175,8 @@ def _define_flags():
   module can be imported (by tests, by other programs) without them."""
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
+                     'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
                       "(data.val_split), 'train' (data.train_split) or a "
                       "dataset split name such as 'test'.")

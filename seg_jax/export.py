@@ -106,7 +106,8 @@ def _define_flags():
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
+                     'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('out', None, 'Output file; FILE.json is written too.')
   flags.DEFINE_list('size', [], 'Input height,width (default: '
                     'data.eval_pad_size, else data.crop_size).')

@@ -304,7 +304,8 @@ def _define_flags():
   module can be imported (by tests, by other programs) without them."""
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest' or a step number.")
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
+                     'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('out', None, 'Output folder (created).')
   flags.DEFINE_list('keep', [], 'Class names or ids to keep in cut-outs; '
                     'everything else becomes transparent (images) or black '

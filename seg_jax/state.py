@@ -129,7 +129,8 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
     config: the config the checkpoint was trained with.
     workdir: the training run's folder (checkpoints under `checkpoints/`).
     mesh: device mesh the variables are placed on.
-    step: 'latest' or a step number (int or digit string).
+    step: 'latest', 'best' (highest validation mIoU kept) or a step number
+      (int or digit string).
 
   Returns:
     (model, variables {'params', 'batch_stats'}, step restored).

@@ -90,11 +90,14 @@ class Trainer:
         skip_counter=self.skips)
     self.step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     self._nonfinite = None  # metrics.NonFinite since the last check
+    self.best = None  # (step, mIoU) of the best evaluation so far
+    self._last_eval = None  # (step, mIoU) of the latest evaluation
     self.skipped_nonfinite = 0
     self.checkpointer = checkpoint.Checkpointer(
         state.checkpoint_dir(workdir),
         every_steps=config.checkpoint.every_steps,
-        max_to_keep=config.checkpoint.max_to_keep)
+        max_to_keep=config.checkpoint.max_to_keep,
+        on_corrupt=config.checkpoint.on_corrupt)
 
   def variables(self):
     """The model variables of the current train state."""
@@ -116,16 +119,20 @@ class Trainer:
     self.state, train_iter = self.checkpointer.restore_or_keep(
         self.state, train_iter)
     start = int(self.state.step)
+    self.best = self.checkpointer.best()
     if start:
-      logging.info('Resumed from step %d in %s', start, self.workdir)
+      logging.info('Resumed from step %d in %s; best mIoU so far: %s',
+                   start, self.workdir, 'none' if self.best is None else
+                   f'{self.best[1]:.4f} at step {self.best[0]}')
     writer = writers.create_writer(self.workdir,
                                    write_files=jax.process_index() == 0)
     try:
       if not start:
         writer.write_hparams(self.config.to_dict())
       result = self._loop(start, train_iter, writer)
-      self.checkpointer.save_final(int(self.state.step), self.state,
-                                   train_iter)
+      step = int(self.state.step)
+      self.checkpointer.save_final(step, self.state, train_iter,
+                                   self._eval_metrics(step))
       if not result:  # resumed from a finished run: report its final metrics
         result = self._maybe_eval(int(self.state.step), None, force=True)
       return result
@@ -157,8 +164,11 @@ class Trainer:
           self._check_finite(writer)  # before a save and at log time
         train_metrics = self._maybe_log(step, train_metrics, writer)
         result = self._maybe_eval(step, writer) or result
+        evaluated = self._eval_metrics(step)
+        new_best = evaluated is not None and self.best[0] == step
         self.checkpointer.maybe_save(step, self.state, train_iter,
-                                     force=bool(stop.received))
+                                     force=bool(stop.received) or new_best,
+                                     metrics=evaluated)
         if stop.received:
           return {'step': step, 'stopped': stop.received}
     self._check_finite(writer)
@@ -228,7 +238,24 @@ class Trainer:
       logging.info('eval %s at step %d took %.1fs: mIoU=%.4f', r.name, step,
                    time.time() - t0, scalars['miou'])
       result = result or {'step': step, **scalars}
+    self._record_eval(step, result['miou'], writer)
     return result
+
+  def _record_eval(self, step, miou, writer):
+    """Keeps the first evaluator's mIoU of `step` for the checkpoint saved
+    there, and the best so far (written as eval/best_miou, best_step)."""
+    self._last_eval = (step, miou)
+    if self.best is None or miou > self.best[1]:
+      self.best = (step, miou)
+    if writer is not None:
+      writer.write_scalars(step, {'eval/best_miou': self.best[1],
+                                  'eval/best_step': self.best[0]})
+
+  def _eval_metrics(self, step):
+    """{'miou': ...} when `step` was just evaluated, else None."""
+    if self._last_eval is None or self._last_eval[0] != step:
+      return None
+    return {'miou': float(self._last_eval[1])}
 
   def _write_eval(self, step, writer, prefix, result, scalars):
     writer.write_scalars(step, {f'{prefix}/{k}': v

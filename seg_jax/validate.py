@@ -56,6 +56,9 @@ def _check_numbers(c):
   for key in ('weight_decay', 'aux_loss_weight', 'grad_clip_norm'):
     if c.train[key] < 0:
       raise ConfigError(f'train.{key}={c.train[key]!r}: give a value >= 0.')
+  if c.checkpoint.on_corrupt not in ('raise', 'previous'):
+    raise ConfigError(f'checkpoint.on_corrupt={c.checkpoint.on_corrupt!r}; '
+                      "use 'raise' or 'previous'.")
   if not 0 <= c.train.momentum < 1:
     raise ConfigError(f'train.momentum={c.train.momentum!r}: give a value in '
                       '[0, 1).')

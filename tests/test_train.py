@@ -1,5 +1,6 @@
 """The training loop end to end on the tiny config, and config errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -214,3 +215,105 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_config, tmp_path):
   from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
   assert dict(scalars_by_tag(read_events(str(tmp_path)))[
       'train/skipped_nonfinite_steps']) == {4: 1}
+
+
+class _FakeEvaluator:
+  """Reports the given mIoUs in turn (5 classes, perfect diagonal plus a
+  uniform error chosen to give that mIoU), without running the model."""
+
+  def __init__(self, mious):
+    self._mious = list(mious)
+
+  def run(self, variables):
+    del variables
+    from seg_jax import evaluators, metrics  # pylint: disable=g-import-not-at-top
+    miou = self._mious.pop(0)
+    # IoU of each class = d / (d + 8 e) for diagonal d and off-diagonal e.
+    e = 0.0 if miou == 1.0 else 100 * (1 - miou) / (8 * miou)
+    confusion = np.full((5, 5), e) + np.eye(5) * (100 - e)
+    scores = metrics.scores_from_confusion(confusion)
+    np.testing.assert_allclose(scores['miou'], miou)
+    return evaluators.EvalResult('whole', confusion, 0.5, scores, [])
+
+
+def _run_with_mious(config, workdir, mious):
+  trainer = train.Trainer(config, str(workdir))
+  trainer.evaluators = [_FakeEvaluator(mious)]
+  try:
+    trainer.run()
+  finally:
+    trainer.checkpointer.close()
+  return trainer
+
+
+def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
+                                                             tmp_path):
+  """The best (an early step, evaluated between saves) and the newest
+  `max_to_keep` are all kept; a resume knows the best and keeps it;
+  'best' restores it."""
+  c = tiny_config
+  c.train.num_steps, c.eval.every_steps = 10, 2
+  c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 2
+  ckpt = str(tmp_path / 'checkpoints')
+  trainer = _run_with_mious(c, tmp_path, [1.0, 0.9, 0.8, 0.7, 0.6])
+  assert trainer.best == (2, 1.0)
+  assert checkpoint.Checkpointer(ckpt, 3, 2).all_steps() == [2, 9, 10]
+  c.train.num_steps = 14
+  trainer = train.Trainer(c, str(tmp_path))
+  trainer.evaluators = [_FakeEvaluator([0.5, 0.4])]
+  it = iter(trainer.train_ds)
+  trainer.state, it = trainer.checkpointer.restore_or_keep(trainer.state, it)
+  assert trainer.checkpointer.best() == (2, 1.0)
+  trainer.checkpointer.close()
+  trainer = _run_with_mious(c, tmp_path, [0.5, 0.4])
+  assert trainer.best == (2, 1.0)
+  kept = checkpoint.Checkpointer(ckpt, 3, 2)
+  assert kept.all_steps() == [2, 12, 14] and kept.best() == (2, 1.0)
+  from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
+  scalars = scalars_by_tag(read_events(str(tmp_path)))
+  assert dict(scalars['eval/best_miou'])[14] == 1.0
+  assert dict(scalars['eval/best_step'])[14] == 2
+  abstract = state.abstract_train_state(
+      c, jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)))
+  _, step = checkpoint.restore_variables(ckpt, 'best',
+                                         {'params': abstract.params})
+  assert step == 2
+
+
+def test_damaged_checkpoint_is_reported_by_path(tiny_config, tmp_path):
+  """A truncated or missing file of the latest checkpoint is named; the run
+  falls back to the previous step only with checkpoint.on_corrupt set."""
+  c = tiny_config
+  c.eval.every_steps = 100
+  train.train_and_evaluate(c, str(tmp_path))
+  ckpt = tmp_path / 'checkpoints'
+  assert (ckpt / '3' / 'FILES.json').exists()
+  listed = json.loads((ckpt / '6' / 'FILES.json').read_text())
+  assert any(name.startswith('state/') for name in listed)
+  name = max((n for n in listed if n.startswith('state/')),
+             key=lambda n: listed[n])
+  path = ckpt / '6' / name
+  path.write_bytes(path.read_bytes()[:listed[name] // 2])
+  c.train.num_steps = 9
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'^Checkpoint {ckpt}/6 is damaged: {path} has '
+                     rf'{listed[name] // 2} bytes, {listed[name]} were '
+                     rf'written. Move {ckpt}/6 away to resume from the '
+                     r"previous checkpoint, or set checkpoint.on_corrupt="):
+    train.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(checkpoint.CheckpointError, match=rf'{path} has'):
+    checkpoint.restore_variables(str(ckpt), 'latest', {})
+  path.unlink()
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'^Checkpoint {ckpt}/6 is damaged: {path} is '
+                     'missing.'):
+    train.train_and_evaluate(c, str(tmp_path))
+  c.checkpoint.on_corrupt = 'previous'
+  trainer = train.Trainer(c, str(tmp_path))
+  it = iter(trainer.train_ds)
+  restored, it = trainer.checkpointer.restore_or_keep(trainer.state, it)
+  assert int(restored.step) == 3 and it.position == 3
+  trainer.checkpointer.close()
+  assert (ckpt / 'damaged_6' / 'FILES.json').exists()  # set aside, kept
+  assert train.train_and_evaluate(c, str(tmp_path))['step'] == 9
+  assert checkpoint.Checkpointer(str(ckpt), 3, 3).all_steps() == [3, 6, 9]
