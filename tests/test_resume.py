@@ -1,8 +1,10 @@
-"""Exact resume: a run killed after a checkpoint and restarted ends with the
-same parameters, bit for bit, as a run that was never interrupted, and sees
-the same batches after resuming."""
+"""Exact resume: a run killed again and again (also mid-save) and restarted
+ends with the same parameters, bit for bit, as a run that was never
+interrupted, and trains every step on the same batches; SIGTERM/SIGINT save
+and stop cleanly."""
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -18,7 +20,7 @@ from seg_jax.data import pipeline
 
 from conftest import REPO
 
-NUM_STEPS = 100
+NUM_STEPS = 150
 EVERY = 10
 ARGS = [
     '--config=configs/unet_shapes_tiny.py',
@@ -26,8 +28,9 @@ ARGS = [
     f'--config.checkpoint.every_steps={EVERY}',
     '--config.checkpoint.max_to_keep=1000',
     f'--config.eval.every_steps={NUM_STEPS}',
-    '--config.train.log_every_steps=50',
+    '--config.train.log_every_steps=1',
 ]
+LOSS_LINE = re.compile(r'\[(\d+)\] train/loss=([^,\s]+)')
 
 
 def _main(workdir):
@@ -43,37 +46,85 @@ def _finish(proc):
   return out
 
 
-def _kill_after_first_checkpoint(workdir):
-  """Starts a run, SIGKILLs it once a checkpoint is complete; returns when."""
+def _complete_steps(ckpt_dir):
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def _saving(ckpt_dir):
+  return os.path.isdir(ckpt_dir) and any(
+      'orbax-checkpoint-tmp' in d for d in os.listdir(ckpt_dir))
+
+
+def _kill_once(workdir, rng, mid_save):
+  """Starts the run and SIGKILLs it once it has saved a checkpoint beyond
+  the one it resumed from: at the next moment a save is in flight
+  (`mid_save`), or after a random 0-0.4 s. Returns (output, whether a
+  half-written step folder was left)."""
+  ckpt = os.path.join(workdir, 'checkpoints')
+  before = max(_complete_steps(ckpt), default=0)
   proc = _main(workdir)
-  ckpt = os.path.join(workdir, 'checkpoints', str(EVERY))
   deadline = time.time() + 240
-  while not os.path.isdir(ckpt):
+  while max(_complete_steps(ckpt), default=0) <= before:
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     assert time.time() < deadline, 'no checkpoint appeared'
-    time.sleep(0.02)
+    time.sleep(0.01)
+  if mid_save:
+    while not _saving(ckpt) and proc.poll() is None:
+      time.sleep(0.001)
+  else:
+    time.sleep(rng.uniform(0.0, 0.4))
   assert proc.poll() is None, 'the run finished before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  return proc.stdout.read(), _saving(ckpt)
 
 
-def test_killed_and_resumed_run_is_bit_identical(tmp_path):
+def _losses(out):
+  """{step: loss as printed} of one process's output."""
+  return {int(s): v for s, v in LOSS_LINE.findall(out)}
+
+
+def test_random_sigkills_end_bit_identical(tmp_path):
+  """Fault injection: SIGKILL at 6 moments (4 random, 2 aimed at a
+  checkpoint write, at least one of which must cut one short), restarting
+  each time. Each restart resumes from the newest
+  complete checkpoint; every step trained (some twice) saw the same data
+  and gave the same loss as the uninterrupted run; the final state and
+  every later checkpoint equal it bit for bit."""
+  rng = random.Random(0)
   ref_dir, cut_dir = str(tmp_path / 'ref'), str(tmp_path / 'cut')
   ref = _main(ref_dir)
-  _kill_after_first_checkpoint(cut_dir)
-  _finish(ref)
-  killed_at = checkpoint.Checkpointer(f'{cut_dir}/checkpoints', EVERY,
-                                      1000).all_steps()
+  outputs, cut_mid_save = [], 0
+  for i in range(6):
+    out, half_written = _kill_once(cut_dir, rng, mid_save=i in (1, 3))
+    outputs.append(out)
+    cut_mid_save += half_written
+  assert cut_mid_save >= 1, 'no kill landed during a checkpoint write'
+  complete = _complete_steps(f'{cut_dir}/checkpoints')
   out = _finish(_main(cut_dir))
+  outputs.append(out)
+  ref_out = _finish(ref)
   resumed = int(re.search(r'Resumed from step (\d+)', out).group(1))
-  assert resumed == max(killed_at) and 0 < resumed < NUM_STEPS
+  assert resumed == max(complete) and 0 < resumed < NUM_STEPS
   assert f'step={NUM_STEPS}' in out.splitlines()[-1]
 
+  want = _losses(ref_out)
+  assert sorted(want) == list(range(1, NUM_STEPS + 1))
+  trained = 0
+  for run in outputs:
+    got = _losses(run)
+    trained += len(got)
+    assert {s: want[s] for s in got} == got  # same data, same loss
+  assert trained > NUM_STEPS  # steps after a checkpoint ran again
+
   ref_ckpt, cut_ckpt = f'{ref_dir}/checkpoints', f'{cut_dir}/checkpoints'
-  # Every checkpoint written after the resume equals the uninterrupted run's:
-  # parameters, BatchNorm statistics, optimizer state, step, data position.
-  later = [s for s in range(resumed, NUM_STEPS + 1, EVERY)]
-  assert len(later) >= 2
+  # Every checkpoint written after the last resume equals the uninterrupted
+  # run's: parameters, BatchNorm statistics, optimizer state, step, data
+  # position.
+  later = list(range(resumed, NUM_STEPS + 1, EVERY))
+  assert later[-1] == NUM_STEPS and len(later) >= 2
   for step in later:
     a = checkpoint.read_state(ref_ckpt, step)
     b = checkpoint.read_state(cut_ckpt, step)
