@@ -2,6 +2,7 @@
 
 import logging as pylogging
 import os
+import re
 import sys
 
 import jax
@@ -131,6 +132,43 @@ def start(argv):
   init_distributed()
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, where a bad flag, an unknown `--config.` key or a
+  config file that fails to load is one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.stderr.write(f'error: {_flag_error(argv, e)}\n')
+    sys.exit(2)
+
+
+def _flag_error(argv, error):
+  """One line saying which flag or config key is wrong."""
+  path = next((a.split('=', 1)[1] for a in argv
+               if a.startswith('--config=')), None)
+  keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
+          if a.startswith('--config.')]
+  if path and keys:
+    try:
+      import runpy  # pylint: disable=g-import-not-at-top
+      config = runpy.run_path(path)['get_config']()
+    except Exception:  # pylint: disable=broad-except
+      config = None
+    for key in keys if config is not None else ():
+      node = config
+      for part in key.split('.'):
+        if not hasattr(node, 'keys') or part not in node:
+          return (f'--config.{key}: {path} has no such key; every key is '
+                  'listed, with its meaning, in configs/default.py.')
+        node = node[part]
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  causes = [l for l in lines if re.match(r'^\w+(Error|Exception): ', l)]
+  cause = re.sub(r'^\w+: ', '', causes[-1]) if causes else None
+  if cause and path:
+    return f'--config={path}: {cause}'
+  return lines[0] if lines else type(error).__name__
+
+
 def run(main):
   """`absl.app.run(main)`, where `--help` (or `-h`) prints help and exits 0,
   and a `validate.UserError` is one line on stderr and its exit status
@@ -143,7 +181,7 @@ def run(main):
   sys.argv = ['--help' if a == '-h' else a for a in sys.argv]
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:
     if wants_help and e.code == 1:
       sys.exit(0)

@@ -89,8 +89,30 @@ def test_cli_rejects_unknown_config_key(tmp_path):
        '--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}',
        '--config.train.num_stepz=3'], cwd=REPO, capture_output=True,
       text=True, timeout=120)
-  assert out.returncode != 0
-  assert 'num_stepz' in out.stderr
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      'error: --config.train.num_stepz: configs/unet_shapes_tiny.py has no '
+      'such key; every key is listed, with its meaning, in '
+      'configs/default.py.')
+
+
+def test_cli_config_file_of_wrong_type_is_one_line(tmp_path):
+  bad = tmp_path / 'bad.py'
+  bad.write_text('from configs import unet_shapes_tiny\n'
+                 'def get_config():\n'
+                 '  c = unet_shapes_tiny.get_config()\n'
+                 "  c.train.num_steps = '100'\n"
+                 '  return c\n')
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.main', f'--config={bad}',
+       f'--workdir={tmp_path}/run', '--config.train.num_steps=abc'],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': REPO})
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: --config={bad}: Could not override field 'num_steps' "
+      "(reference). 100 is of original type <class 'str'> and cannot be "
+      "casted to type <class 'int'>")
 
 
 def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
