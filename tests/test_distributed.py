@@ -7,7 +7,9 @@ lint clean."""
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -302,3 +304,50 @@ def test_when_a_job_joins_jax_distributed():
     _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '2'})
   with pytest.raises(ValueError, match=r"\$JAX_PROCESS_ID='one'"):
     _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': 'one'})
+
+
+def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path):
+  """SIGTERM to process 1 of 2 (a preemption notice): JAX's preemption sync
+  makes both stop after the same step, save it together and exit 0."""
+  env = {**os.environ, 'PYTHON': sys.executable, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
+                      '--xla_backend_optimization_level=0'}
+  proc = subprocess.Popen(
+      [os.path.join(LAUNCH, 'local_multiprocess.sh'), '2',
+       '--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}',
+       '--config.train.num_steps=100000', '--config.checkpoint.every_steps=5',
+       '--config.eval.every_steps=100000', '--config.compilation_cache_dir='],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  deadline = time.time() + 240
+  while not os.path.isdir(tmp_path / 'checkpoints' / '5'):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  ids = {}  # JAX process id -> pid of the python process
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        cmdline = f.read().split(b'\0')
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environ = dict(v.split(b'=', 1) for v in f.read().split(b'\0')
+                       if b'=' in v)
+    except OSError:
+      continue
+    if (f'--workdir={tmp_path}'.encode() in cmdline and
+        b'seg_jax.main' in cmdline and b'JAX_PROCESS_ID' in environ):
+      ids[int(environ[b'JAX_PROCESS_ID'])] = int(pid)
+  assert sorted(ids) == [0, 1]
+  os.kill(ids[1], signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = re.findall(r'Stopped by SIGTERM at step (\d+)', out)
+  assert len(stopped) == 1, out[-3000:]  # printed by process 0 only
+  step = int(stopped[0])
+  assert max(_complete(tmp_path / 'checkpoints')) == step
+  assert sorted(glob.glob('process_*', root_dir=tmp_path / 'checkpoints' /
+                          str(step) / 'data_iter')) == [
+                              'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def _complete(folder):
+  return [int(d) for d in os.listdir(folder) if d.isdigit()]

@@ -106,13 +106,14 @@ SMALL = {
 }
 
 
-# The ResNet-101 models share every line with their ResNet-50 twins, and
-# FCN-16s/8s their VGG trunk and training path with FCN-32s (their skip
-# heads are checked by the forward and parameter-count tests): they run with
-# `pytest -m slow` (FCN-8s alone takes ~75 s here: 6 s a step on its
-# 100-pixel-padded input), keeping the default suite under 10 minutes on
-# 2 cores.
-SLOW_TRAIN = ('fcn16s', 'fcn8s')
+# The ResNet-101 models share every line with their ResNet-50 twins,
+# FCN-16s/8s their VGG trunk and training path with FCN-32s, and
+# fcn_resnet50 / deeplabv3plus_resnet50 their dilated ResNet-50 trunk, aux
+# head and bf16 path with deeplabv3_resnet50 (their heads are checked by the
+# forward and parameter-count tests): they run with `pytest -m slow`
+# (FCN-8s alone takes ~75 s here: 6 s a step on its 100-pixel-padded
+# input), keeping the default suite under 10 minutes on 2 cores.
+SLOW_TRAIN = ('fcn16s', 'fcn8s', 'fcn_resnet50', 'deeplabv3plus_resnet50')
 TRAIN_CASES = [pytest.param(n, marks=pytest.mark.slow)
                if n.endswith('101') or n in SLOW_TRAIN else n for n in ALL]
 
