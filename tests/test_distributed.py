@@ -318,7 +318,16 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path):
        '--config.train.num_steps=100000', '--config.checkpoint.every_steps=5',
        '--config.eval.every_steps=100000', '--config.compilation_cache_dir='],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+      text=True, start_new_session=True)
+  try:
+    _stop_one_of_two(proc, tmp_path)
+  finally:  # never leave the job running when an assertion fails
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+
+
+def _stop_one_of_two(proc, tmp_path):
   deadline = time.time() + 240
   while not os.path.isdir(tmp_path / 'checkpoints' / '5'):
     assert proc.poll() is None and time.time() < deadline

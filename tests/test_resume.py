@@ -65,6 +65,15 @@ def _kill_once(workdir, rng, mid_save):
   ckpt = os.path.join(workdir, 'checkpoints')
   before = max(_complete_steps(ckpt), default=0)
   proc = _main(workdir)
+  try:
+    return _kill_when(proc, ckpt, before, rng, mid_save)
+  finally:  # never leave the run going when an assertion fails
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _kill_when(proc, ckpt, before, rng, mid_save):
   deadline = time.time() + 240
   while max(_complete_steps(ckpt), default=0) <= before:
     assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -178,6 +187,15 @@ def test_signal_saves_current_step_and_exits_cleanly(tmp_path, sig):
        '--config.train.num_steps=100000', '--config.checkpoint.every_steps=7',
        '--config.eval.every_steps=100000'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    _signal_after_step_7(proc, workdir, sig)
+  finally:  # never leave the run going when an assertion fails
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _signal_after_step_7(proc, workdir, sig):
   deadline = time.time() + 240
   while not os.path.isdir(os.path.join(workdir, 'checkpoints', '7')):
     assert proc.poll() is None and time.time() < deadline
