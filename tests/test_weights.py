@@ -66,6 +66,7 @@ def _write_safetensors(path, tensors):
     f.write(struct.pack('<Q', len(head)) + head + b''.join(blobs))
 
 
+@pytest.mark.slow  # a full-width DeepLab on 8 devices: ~45 s here
 def test_init_from_resnet50_file_reaches_the_train_state(tiny_config, tmp_path):
   """A torchvision-layout ImageNet ResNet-50 file lands in the backbone of a
   DeepLab model through `model.init_from`; the head keeps its init."""

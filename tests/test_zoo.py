@@ -227,6 +227,7 @@ def test_resnet_options(kwargs):
     assert {'layer4_0', 'layer4_1', 'layer4_2'} <= set(v['params']['backbone'])
 
 
+@pytest.mark.slow  # the scanned layout is not the default; ~30 s of compiles
 def test_summary_flops_count_every_scanned_block(tiny_config):
   """XLA's cost analysis counts a loop body once; the jaxpr count counts a
   scanned stage like its unrolled twin, and ResNet-101 has exactly its
