@@ -121,7 +121,9 @@ def _train_setup(config, mesh):
   train_state = state.create_train_state(
       model, tx, jax.random.key(config.seed), state.init_input_shape(config),
       mesh, fsdp_min_size=config.mesh.fsdp_min_size)
-  return model, steps.make_train_step(model, tx, config, mesh), train_state
+  return model, steps.make_train_step(
+      model, tx, config, mesh,
+      jax.tree.map(lambda x: x.sharding, train_state)), train_state
 
 
 def build(config, mesh, mode):

@@ -55,11 +55,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory, every_steps, max_to_keep, on_corrupt='raise'):
-    if on_corrupt not in ('raise', 'previous'):
-      raise validate.ConfigError(
-          f"checkpoint.on_corrupt={on_corrupt!r}; use 'raise' or 'previous'.")
-    self.on_corrupt = on_corrupt
-    self._unlisted = []  # saved steps whose file list is not written yet
+    self.on_corrupt = check_on_corrupt(on_corrupt)
+    self._unlisted = None  # the last step saved, its file list not written
     directory = os.path.abspath(directory)  # orbax rejects relative paths
     options = ocp.CheckpointManagerOptions(
         best_fn=_miou, best_mode='max',
@@ -155,7 +152,7 @@ class Checkpointer:
   def wait(self):
     """Waits for an in-flight save to be complete on disk."""
     self._manager.wait_until_finished()
-    self._write_file_lists()
+    self._write_file_list()
 
   def maybe_save(self, step, state, data_iter, force=False, metrics=None):
     """Saves if `step` is on the interval (or `force`); returns whether.
@@ -177,17 +174,17 @@ class Checkpointer:
     # save before it starts this one: that one's files are final.
     saved = self._manager.save(step, force=True, metrics=metrics,
                                args=self._save_args(state, data_iter))
-    self._write_file_lists(keep_last=True)
-    self._unlisted.append(step)
+    self._write_file_list()
+    self._unlisted = step
     return saved
 
-  def _write_file_lists(self, keep_last=False):
-    """Writes FILES.json into each finished step folder (process 0)."""
-    pending = self._unlisted[-1:] if keep_last else []
-    for step in self._unlisted[:len(self._unlisted) - len(pending)]:
-      if jax.process_index() == 0 and step in self._manager.all_steps():
-        write_file_list(self.directory, step)
-    self._unlisted = pending
+  def _write_file_list(self):
+    """Writes FILES.json into the last step saved, once its save is
+    finished (process 0)."""
+    step, self._unlisted = self._unlisted, None
+    if (step is not None and jax.process_index() == 0 and
+        step in self._manager.all_steps()):
+      write_file_list(self.directory, step)
 
   def _save_args(self, state, data_iter):
     return ocp.args.Composite(
@@ -199,6 +196,14 @@ class Checkpointer:
     """Waits for pending writes and releases the manager."""
     self.wait()
     self._manager.close()
+
+
+def check_on_corrupt(value):
+  """Returns `checkpoint.on_corrupt` if it is a known setting."""
+  if value not in ('raise', 'previous'):
+    raise validate.ConfigError(
+        f"checkpoint.on_corrupt={value!r}; use 'raise' or 'previous'.")
+  return value
 
 
 class CheckpointError(validate.UserError):

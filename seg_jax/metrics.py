@@ -154,10 +154,9 @@ class NonFinite(clu_metrics.Metric):
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   """`SegMetrics` of train steps (the loss of finite steps only), plus the
-  gradient norm and the non-finite steps."""
+  non-finite steps."""
   loss: clu_metrics.Average.from_output('loss')
   confusion: ConfusionMatrix
-  grad_norm: clu_metrics.Average.from_output('grad_norm')
   nonfinite: NonFinite
 
 

@@ -36,7 +36,7 @@ def preprocess(batch, config):
   return normalize(images, config.data.mean, config.data.std)
 
 
-def make_train_step(model, tx, config, mesh):
+def make_train_step(model, tx, config, mesh, state_sharding=None):
   """Returns jitted `train_step(state, batch, rng) -> (state, TrainMetrics)`.
 
   The metrics flag a step whose loss or gradient norm is not finite; with
@@ -45,7 +45,9 @@ def make_train_step(model, tx, config, mesh):
 
   The batch is split over the mesh's batch axes; the state is laid out as
   `sharding.state_shardings` says (replicated, or split over 'fsdp') and
-  donated. BatchNorm statistics under jit are global over the sharded batch.
+  donated (`state_sharding`, when the caller has the state, saves tracing
+  the model's initialisation again). BatchNorm statistics under jit are
+  global over the sharded batch.
   """
   ignore = seg_labels.ignore_label(config)
   aux_weight = config.train.aux_loss_weight
@@ -88,18 +90,17 @@ def make_train_step(model, tx, config, mesh):
                                new_state, state.replace(step=state.step + 1))
     m = seg_metrics.TrainMetrics.single_from_model_output(
         loss=loss, logits=logits, labels=labels, ignore_label=ignore,
-        grad_norm=jnp.where(finite, grad_norm, 0.0), nonfinite=~finite,
-        step=state.step + 1)
-    finite_f = finite.astype(jnp.float32)
-    return new_state, m.replace(
-        loss=type(m.loss)(total=jnp.where(finite, loss, 0.0), count=finite_f),
-        grad_norm=type(m.grad_norm)(total=m.grad_norm.total, count=finite_f))
+        nonfinite=~finite, step=state.step + 1)
+    return new_state, m.replace(loss=type(m.loss)(
+        total=jnp.where(finite, loss, 0.0),
+        count=finite.astype(jnp.float32)))
 
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  state_sharding = sharding.state_shardings(
-      seg_state.train_state_shapes(model, tx,
-                                   seg_state.init_input_shape(config)),
-      mesh, config.mesh.fsdp_min_size)
+  if state_sharding is None:
+    state_sharding = sharding.state_shardings(
+        seg_state.train_state_shapes(model, tx,
+                                     seg_state.init_input_shape(config)),
+        mesh, config.mesh.fsdp_min_size)
   return jax.jit(train_step,
                  in_shardings=(state_sharding, batch_sharding, repl),
                  out_shardings=(state_sharding, repl), donate_argnums=0)

@@ -83,7 +83,9 @@ class Trainer:
         model, tx, jax.random.key(config.seed), state.init_input_shape(config),
         self.mesh, state.pretrained_init_fn(config),
         fsdp_min_size=config.mesh.fsdp_min_size)
-    self.train_step = steps.make_train_step(model, tx, config, self.mesh)
+    self.train_step = steps.make_train_step(
+        model, tx, config, self.mesh,
+        jax.tree.map(lambda x: x.sharding, self.state))
     self.evaluators = evaluators.create_evaluators(
         config, model, self.mesh, data.create_source(config, 'val'),
         tuple(config.eval.in_training), num_shown=config.eval.num_images,
@@ -134,7 +136,7 @@ class Trainer:
       self.checkpointer.save_final(step, self.state, train_iter,
                                    self._eval_metrics(step))
       if not result:  # resumed from a finished run: report its final metrics
-        result = self._maybe_eval(int(self.state.step), None, force=True)
+        result = self._maybe_eval(step, None, force=True)
       return result
     finally:
       writer.close()

@@ -56,9 +56,6 @@ def _check_numbers(c):
   for key in ('weight_decay', 'aux_loss_weight', 'grad_clip_norm'):
     if c.train[key] < 0:
       raise ConfigError(f'train.{key}={c.train[key]!r}: give a value >= 0.')
-  if c.checkpoint.on_corrupt not in ('raise', 'previous'):
-    raise ConfigError(f'checkpoint.on_corrupt={c.checkpoint.on_corrupt!r}; '
-                      "use 'raise' or 'previous'.")
   if not 0 <= c.train.momentum < 1:
     raise ConfigError(f'train.momentum={c.train.momentum!r}: give a value in '
                       '[0, 1).')
@@ -88,7 +85,7 @@ def _check_data(c):
 def _check_names(c):
   """Model, dataset, optimizer, schedule, precision and evaluators: built
   (cheaply) by the code that uses them, whose errors name the key."""
-  from seg_jax import data, evaluators, optim, state  # pylint: disable=g-import-not-at-top
+  from seg_jax import checkpoint, data, evaluators, optim, state  # pylint: disable=g-import-not-at-top
   if c.data.name not in data.DATASETS:
     raise ConfigError(f'Unknown data.name={c.data.name!r}; choose one of '
                       f'{sorted(data.DATASETS)}.')
@@ -96,6 +93,7 @@ def _check_names(c):
   state.create_model(c)  # model.name, model.kwargs, train.precision
   optim.create_optimizer(c.train)
   optim.create_learning_rate_fn(c.train)
+  checkpoint.check_on_corrupt(c.checkpoint.on_corrupt)
   for name in c.eval.in_training:
     evaluators.spec_from_config(c, name)
   weights = tuple(c.train.class_weights)
