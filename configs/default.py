@@ -79,7 +79,21 @@ def get_config():
   c.train.weight_decay = 5e-4  # L2 for SGD, decoupled decay for AdamW
   c.train.grad_clip_norm = 0.0  # clip gradients to this global norm (0: off)
   c.train.aux_loss_weight = 0.4  # weight of an auxiliary head's loss
-  c.train.class_weights = ()  # per-class loss weights (empty: all 1)
+  c.train.class_weights = ()  # per-class weights of cross_entropy and focal
+  # Loss = sum of weight * loss over these (0: off); see seg_jax/losses.py.
+  c.train.loss = ml_collections.ConfigDict()
+  c.train.loss.cross_entropy = 1.0  # softmax cross-entropy
+  c.train.loss.dice = 0.0  # soft multi-class Dice
+  c.train.loss.focal = 0.0  # softmax focal loss
+  c.train.loss.lovasz = 0.0  # Lovasz-softmax (an IoU surrogate)
+  c.train.loss.binary_cross_entropy = 0.0  # foreground BCE (2 classes only)
+  c.train.loss.binary_dice = 0.0  # foreground soft Dice (2 classes only)
+  c.train.label_smoothing = 0.0  # cross_entropy target: (1-eps) one-hot + eps/C
+  c.train.focal_gamma = 2.0  # focal exponent (0: cross-entropy)
+  # >0: keep an exponential moving average of the weights (and BatchNorm
+  # statistics) with this decay; it is what evaluation, the best checkpoint
+  # and inference use. Early on the decay is min(ema_decay, (1+t)/(10+t)).
+  c.train.ema_decay = 0.0
   c.train.precision = 'float32'  # 'float32' or 'bfloat16' (f32 params, loss)
   c.train.log_every_steps = 50  # train metrics written every this many steps
   # A step with a NaN/Inf loss or gradient norm: False stops the run (naming

@@ -120,7 +120,8 @@ def _train_setup(config, mesh):
   tx = optim.create_optimizer(config.train)
   train_state = state.create_train_state(
       model, tx, jax.random.key(config.seed), state.init_input_shape(config),
-      mesh, fsdp_min_size=config.mesh.fsdp_min_size)
+      mesh, fsdp_min_size=config.mesh.fsdp_min_size,
+      ema=config.train.ema_decay > 0)
   return model, steps.make_train_step(
       model, tx, config, mesh,
       jax.tree.map(lambda x: x.sharding, train_state)), train_state

@@ -135,7 +135,8 @@ class Checkpointer:
     if hasattr(abstract, 'params'):  # a TrainState (tests save plain dicts)
       _check_shapes(self._manager.item_metadata(step)['state'],
                     {'params': abstract.params,
-                     'batch_stats': abstract.batch_stats},
+                     'batch_stats': abstract.batch_stats,
+                     'ema': abstract.ema},
                     f'{self.directory}/{step}', exact=True)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
@@ -357,6 +358,13 @@ def _check_shapes(stored, wanted, where, exact=False):
   `exact`) that the checkpoint holds beyond the model's."""
   stored = _shapes({k: stored[k] for k in wanted if k in stored})
   wanted = _shapes(wanted)
+  ema = [p for p in set(wanted) ^ set(stored) if p.startswith('ema/')]
+  if ema and (exact or ema[0] in wanted):
+    saved = 'with' if ema[0] in stored else 'without'
+    raise validate.ConfigError(
+        f'Checkpoint {where} was saved {saved} a moving average of the '
+        'weights (train.ema_decay); resume with the setting it was trained '
+        'with, or start a new workdir (model.init_from keeps the weights).')
   # Parameters first: the first one named is the most telling.
   for path, shape in sorted(wanted.items(),
                             key=lambda kv: not kv[0].startswith('params/')):

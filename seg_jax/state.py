@@ -15,11 +15,24 @@ from seg_jax.data import transforms
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resume needs besides the data iterator; a plain pytree."""
+  """Everything a resume needs besides the data iterator; a plain pytree.
+
+  `ema` is the moving average of {'params', 'batch_stats'} when
+  `train.ema_decay` > 0, else {}.
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema: Any = flax.struct.field(default_factory=dict)
+
+  def variables(self):
+    """The model's {'params', 'batch_stats'} (the trained, not averaged)."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def eval_variables(self):
+    """The variables evaluation and inference use: the average if kept."""
+    return self.ema or self.variables()
 
 
 def create_model(config):
@@ -38,15 +51,15 @@ def init_input_shape(config):
   return (1, *transforms.pair(config.data.crop_size), 3)
 
 
-def train_state_shapes(model, tx, input_shape):
+def train_state_shapes(model, tx, input_shape, ema=False):
   """`jax.ShapeDtypeStruct`s of the train state; nothing is computed."""
   return jax.eval_shape(lambda: _state_of(
       model.init(jax.random.key(0), jnp.zeros(input_shape, jnp.float32),
-                 train=False), tx))
+                 train=False), tx, ema))
 
 
 def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None,
-                       fsdp_min_size=sharding.FSDP_MIN_SIZE):
+                       fsdp_min_size=sharding.FSDP_MIN_SIZE, ema=False):
   """Initialises parameters and optimizer state, laid out on the mesh as
   `sharding.state_shardings` says (replicated, or split over 'fsdp').
 
@@ -59,27 +72,29 @@ def create_train_state(model, tx, rng, input_shape, mesh, init_fn=None,
     init_fn: optional host function variables -> variables applied after
       initialisation (e.g. loading pretrained weights).
     fsdp_min_size: arrays smaller than this stay replicated on 'fsdp'.
+    ema: keep a moving average of the variables (starting equal to them).
   """
   shardings = sharding.state_shardings(
-      train_state_shapes(model, tx, input_shape), mesh, fsdp_min_size)
+      train_state_shapes(model, tx, input_shape, ema), mesh, fsdp_min_size)
 
   def init(rng):
     return model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
 
   if init_fn is None:
-    return jax.jit(lambda rng: _state_of(init(rng), tx),
+    return jax.jit(lambda rng: _state_of(init(rng), tx, ema),
                    out_shardings=shardings)(rng)
   variables = init_fn(jax.device_get(
       jax.jit(init, out_shardings=sharding.replicated(mesh))(rng)))
-  return jax.jit(lambda v: _state_of(v, tx), out_shardings=shardings)(
+  return jax.jit(lambda v: _state_of(v, tx, ema), out_shardings=shardings)(
       variables)
 
 
-def _state_of(variables, tx):
+def _state_of(variables, tx, ema=False):
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}),
-                    opt_state=tx.init(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}),
+                     opt_state=tx.init(params))
+  return state.replace(ema=state.variables()) if ema else state
 
 
 def pretrained_init_fn(config):
@@ -107,7 +122,8 @@ def abstract_train_state(config, mesh):
   state of `config`, computed without initialising anything."""
   shapes = train_state_shapes(create_model(config),
                               optim.create_optimizer(config.train),
-                              init_input_shape(config))
+                              init_input_shape(config),
+                              ema=config.train.ema_decay > 0)
   shardings = sharding.state_shardings(shapes, mesh,
                                        config.mesh.fsdp_min_size)
   return jax.tree.map(
@@ -123,7 +139,8 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
   """The model and the variables a checkpoint of `workdir` holds.
 
   Only parameters and BatchNorm statistics are read (not the optimizer
-  state), laid out on `mesh` as training lays them out.
+  state), laid out on `mesh` as training lays them out: their moving
+  average when the config keeps one (`train.ema_decay`).
 
   Args:
     config: the config the checkpoint was trained with.
@@ -137,9 +154,10 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
   """
   model = create_model(config)
   abstract = abstract_train_state(config, mesh)
+  wanted = ({'ema': abstract.ema} if abstract.ema else
+            {'params': abstract.params, 'batch_stats': abstract.batch_stats})
   restored, step = checkpoint.restore_variables(
-      checkpoint_dir(workdir), step,
-      {'params': abstract.params, 'batch_stats': abstract.batch_stats,
-       'step': abstract.step})
-  return model, {'params': restored['params'],
-                 'batch_stats': restored['batch_stats']}, step
+      checkpoint_dir(workdir), step, {**wanted, 'step': abstract.step})
+  variables = restored['ema'] if abstract.ema else restored
+  return model, {'params': variables['params'],
+                 'batch_stats': variables['batch_stats']}, step

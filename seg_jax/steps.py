@@ -9,7 +9,6 @@ flipped and tiled within their own extent.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +35,23 @@ def preprocess(batch, config):
   return normalize(images, config.data.mean, config.data.std)
 
 
+def update_ema(ema, variables, decay, step):
+  """The moving average after optimizer step `step` (0-based): decay
+  min(`decay`, (1 + step) / (10 + step)), so early weights fade fast."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+  return jax.tree.map(lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype),
+                      ema, variables)
+
+
 def make_train_step(model, tx, config, mesh, state_sharding=None):
   """Returns jitted `train_step(state, batch, rng) -> (state, TrainMetrics)`.
 
-  The metrics flag a step whose loss or gradient norm is not finite; with
-  `train.skip_nonfinite` such a step leaves parameters, optimizer state and
-  BatchNorm statistics as they were (only the step count moves on).
+  The loss is `losses.create_loss_fn(config)` (plus the auxiliary head's,
+  weighted). With `train.ema_decay` the state's `ema` follows the new
+  variables. The metrics flag a step whose loss or gradient norm is not
+  finite; with `train.skip_nonfinite` such a step leaves parameters,
+  optimizer state, BatchNorm statistics and the average as they were (only
+  the step count moves on).
 
   The batch is split over the mesh's batch axes; the state is laid out as
   `sharding.state_shardings` says (replicated, or split over 'fsdp') and
@@ -55,9 +65,9 @@ def make_train_step(model, tx, config, mesh, state_sharding=None):
   if weights and len(weights) != config.model.num_classes:
     raise ValueError(f'train.class_weights has {len(weights)} entries; '
                      f'model.num_classes={config.model.num_classes}.')
-  ce = functools.partial(losses.cross_entropy, class_weights=weights,
-                         ignore_label=ignore)
+  loss_of = losses.create_loss_fn(config)
   skip_nonfinite = config.train.skip_nonfinite
+  ema_decay = config.train.ema_decay
 
   def train_step(state, batch, rng):
     images = preprocess(batch, config)
@@ -70,9 +80,9 @@ def make_train_step(model, tx, config, mesh, state_sharding=None):
           train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
       # Models with an auxiliary head return (logits, aux_logits) in training.
       logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
-      loss = ce(logits, labels)
+      loss = loss_of(logits, labels)
       if aux is not None:
-        loss += aux_weight * ce(aux, labels)
+        loss += aux_weight * loss_of(aux, labels)
       return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
@@ -82,6 +92,9 @@ def make_train_step(model, tx, config, mesh, state_sharding=None):
         step=state.step + 1, params=optax.apply_updates(state.params,
                                                         updates_tx),
         batch_stats=updates.get('batch_stats', {}), opt_state=opt_state)
+    if ema_decay:
+      new_state = new_state.replace(ema=update_ema(
+          state.ema, new_state.variables(), ema_decay, state.step))
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                              for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -99,7 +112,8 @@ def make_train_step(model, tx, config, mesh, state_sharding=None):
   if state_sharding is None:
     state_sharding = sharding.state_shardings(
         seg_state.train_state_shapes(model, tx,
-                                     seg_state.init_input_shape(config)),
+                                     seg_state.init_input_shape(config),
+                                     ema=bool(ema_decay)),
         mesh, config.mesh.fsdp_min_size)
   return jax.jit(train_step,
                  in_shardings=(state_sharding, batch_sharding, repl),

@@ -82,7 +82,8 @@ class Trainer:
     self.state = state.create_train_state(
         model, tx, jax.random.key(config.seed), state.init_input_shape(config),
         self.mesh, state.pretrained_init_fn(config),
-        fsdp_min_size=config.mesh.fsdp_min_size)
+        fsdp_min_size=config.mesh.fsdp_min_size,
+        ema=config.train.ema_decay > 0)
     self.train_step = steps.make_train_step(
         model, tx, config, self.mesh,
         jax.tree.map(lambda x: x.sharding, self.state))
@@ -102,9 +103,8 @@ class Trainer:
         on_corrupt=config.checkpoint.on_corrupt)
 
   def variables(self):
-    """The model variables of the current train state."""
-    return {'params': self.state.params,
-            'batch_stats': self.state.batch_stats}
+    """The model variables evaluated: the moving average when kept."""
+    return self.state.eval_variables()
 
   def evaluate(self):
     """Runs every in-training evaluator; returns their `EvalResult`s."""

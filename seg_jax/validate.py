@@ -61,6 +61,30 @@ def _check_numbers(c):
                       '[0, 1).')
 
 
+def _check_loss(c):
+  from seg_jax import losses  # pylint: disable=g-import-not-at-top
+  for name in losses.NAMES:
+    if c.train.loss[name] < 0:
+      raise ConfigError(f'train.loss.{name}={c.train.loss[name]!r}: give a '
+                        'weight >= 0 (0 turns it off).')
+  if not losses.loss_weights(c):
+    raise ConfigError('train.loss: every weight is 0; turn one on, e.g. '
+                      '--config.train.loss.cross_entropy=1.')
+  binary = [n for n in losses.BINARY if c.train.loss[n]]
+  if binary and c.model.num_classes != 2:
+    raise ConfigError(
+        f'train.loss.{binary[0]} needs model.num_classes=2 (background 0, '
+        f'foreground 1), not {c.model.num_classes}; use dice or '
+        'cross_entropy for more classes.')
+  for key, high in (('label_smoothing', 1), ('ema_decay', 1)):
+    if not 0 <= c.train[key] < high:
+      raise ConfigError(f'train.{key}={c.train[key]!r}: give a value in '
+                        f'[0, {high}).')
+  if c.train.focal_gamma < 0:
+    raise ConfigError(f'train.focal_gamma={c.train.focal_gamma!r}: give a '
+                      'value >= 0.')
+
+
 def _check_data(c):
   crop = _pair(c.data.crop_size, 'data.crop_size')
   if c.data.eval_pad_size not in ((), None):
@@ -130,6 +154,7 @@ def check_config(config, workdir=None):
   given, `workdir`): before any data is read or anything is compiled."""
   try:
     _check_numbers(config)
+    _check_loss(config)
     _check_data(config)
     _check_names(config)
     _check_mesh(config)

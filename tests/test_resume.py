@@ -1,7 +1,7 @@
 """Exact resume: a run killed again and again (also mid-save) and restarted
-ends with the same parameters, bit for bit, as a run that was never
-interrupted, and trains every step on the same batches; SIGTERM/SIGINT save
-and stop cleanly."""
+ends with the same parameters (and moving average), bit for bit, as a run
+that was never interrupted, and trains every step on the same batches;
+SIGTERM/SIGINT save and stop cleanly."""
 
 import os
 import random
@@ -29,6 +29,7 @@ ARGS = [
     '--config.checkpoint.max_to_keep=1000',
     f'--config.eval.every_steps={NUM_STEPS}',
     '--config.train.log_every_steps=1',
+    '--config.train.ema_decay=0.99',  # the average resumes exactly too
 ]
 LOSS_LINE = re.compile(r'\[(\d+)\] train/loss=([^,\s]+)')
 

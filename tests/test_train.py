@@ -214,8 +214,12 @@ def test_nonfinite_step_stops_naming_it_and_the_last_checkpoint(tiny_config,
 
 def test_nonfinite_step_is_skipped_and_counted(tiny_config, tmp_path):
   """With train.skip_nonfinite the poisoned step changes nothing but the
-  step count: state after step 4 (poisoned) equals state after step 3."""
+  step count: state after step 4 (poisoned) equals state after step 3,
+  the moving average included. The average (train.ema_decay) follows
+  e_t = d_t e_(t-1) + (1 - d_t) v_t, d_t = min(decay, t / (9 + t)), and is
+  what inference restores."""
   tiny_config.train.skip_nonfinite = True
+  tiny_config.train.ema_decay = 0.5
   tiny_config.train.num_steps, tiny_config.checkpoint.every_steps = 4, 1
   tiny_config.checkpoint.max_to_keep = 5
   trainer = _poisoned_trainer(tiny_config, tmp_path, at=4)
@@ -227,16 +231,43 @@ def test_nonfinite_step_is_skipped_and_counted(tiny_config, tmp_path):
   ckpt = str(tmp_path / 'checkpoints')
   before, after = checkpoint.read_state(ckpt, 3), checkpoint.read_state(ckpt, 4)
   assert int(after['step']) == 4
-  for part in ('params', 'batch_stats', 'opt_state'):
+  for part in ('params', 'batch_stats', 'opt_state', 'ema'):
     for a, b in zip(jax.tree.leaves(before[part]),
                     jax.tree.leaves(after[part])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _check_moving_average(tiny_config, ckpt, tmp_path)
   changed = checkpoint.read_state(ckpt, 2)['params']
   assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
              zip(jax.tree.leaves(changed), jax.tree.leaves(before['params'])))
   from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
   assert dict(scalars_by_tag(read_events(str(tmp_path)))[
       'train/skipped_nonfinite_steps']) == {4: 1}
+
+
+def _check_moving_average(config, ckpt, workdir):
+  """The stored average of steps 2 and 3 against numpy, and inference
+  restores the average."""
+  for t in (2, 3):
+    decay = min(0.5, t / (9 + t))
+    prev, now = checkpoint.read_state(ckpt, t - 1), checkpoint.read_state(
+        ckpt, t)
+    for part in ('params', 'batch_stats'):
+      for e0, v, e in zip(jax.tree.leaves(prev['ema'][part]),
+                          jax.tree.leaves(now[part]),
+                          jax.tree.leaves(now['ema'][part])):
+        np.testing.assert_allclose(
+            np.asarray(e), decay * np.asarray(e0) + (1 - decay) * np.asarray(v),
+            rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(now['ema']['params']),
+                 jax.tree.leaves(now['params'])))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  _, variables, step = state.restore_for_inference(config, str(workdir), mesh,
+                                                   step=3)
+  assert step == 3
+  for a, b in zip(jax.tree.leaves(variables),
+                  jax.tree.leaves(now['ema'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 class _FakeEvaluator:

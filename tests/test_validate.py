@@ -53,6 +53,15 @@ def _set(config, key, value):
      'must have equal length'),
     ('checkpoint.max_to_keep', 0,
      r'^checkpoint.max_to_keep=0: give an integer >= 1.$'),
+    ('train.loss.binary_dice', 1.0,
+     r'^train.loss.binary_dice needs model.num_classes=2 \(background 0, '
+     r'foreground 1\), not 5; use dice or cross_entropy for more classes.$'),
+    ('train.loss.cross_entropy', 0.0,
+     r'^train.loss: every weight is 0; turn one on, e.g. '),
+    ('train.loss.dice', -1.0, r'^train.loss.dice=-1.0: give a weight >= 0'),
+    ('train.label_smoothing', 1.0,
+     r'^train.label_smoothing=1.0: give a value in \[0, 1\).$'),
+    ('train.ema_decay', 1.5, r'^train.ema_decay=1.5: give a value in'),
 ])
 def test_each_impossible_setting_is_one_line_naming_the_key(
     tiny_config, key, value, message):
