@@ -37,6 +37,9 @@ def get_config():
   c.data.crop_size = (512, 512)  # training crop (height, width)
   c.data.eval_pad_size = ()  # eval images/labels padded to (h, w); (): crop
   c.data.ignore_label = 255  # label excluded from loss and metrics
+  # data.name='folder': {mask value: class id}, e.g. {255: 1} for 0/255
+  # binary masks; entries replace reading values as class ids.
+  c.data.label_map = ml_collections.ConfigDict()
   c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
   c.data.flip = True  # random horizontal flip for training
   c.data.cat_max_ratio = 1.0  # <1: re-draw crops one class covers beyond this

@@ -17,7 +17,7 @@ def get_config():
   c.model.num_classes = 11
   c.model.init_format = 'vgg16'
   c.data.name = 'camvid'
-  c.data.root = '../shared/data/camvid'
+  c.data.root = 'data/camvid'  # SegNet's CamVid/ folder (README: Datasets)
   c.data.crop_size = (360, 480)
   c.data.eval_pad_size = (384, 480)
   c.data.scale_range = (1.0, 1.0)

@@ -24,7 +24,7 @@ def get_config():
   c.model.num_classes = 11
   c.model.kwargs = dict(width=16, depth=4, batch_norm=True)
   c.data.name = 'camvid'
-  c.data.root = '../shared/data/camvid'
+  c.data.root = 'data/camvid'  # SegNet's CamVid/ folder (README: Datasets)
   c.data.crop_size = (176, 240)
   c.data.scale_range = (0.4, 0.8)
   c.data.eval_pad_size = (368, 480)

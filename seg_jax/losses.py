@@ -28,6 +28,7 @@ BINARY = ('binary_cross_entropy', 'binary_dice')
 
 def _valid(logits, labels, ignore_label):
   """float32 logits, the (N, H, W) valid mask and labels with ignore -> 0."""
+  labels = jnp.asarray(labels)
   valid = labels != ignore_label
   return logits.astype(jnp.float32), valid, jnp.where(valid, labels, 0)
 

@@ -101,6 +101,14 @@ def _check_data(c):
   if not 0 < c.data.cat_max_ratio <= 1:
     raise ConfigError(f'data.cat_max_ratio={c.data.cat_max_ratio!r}: give a '
                       'value in (0, 1].')
+  if c.data.label_map:
+    if c.data.name != 'folder':
+      raise ConfigError(
+          f'data.label_map is read by the folder source only, not '
+          f'data.name={c.data.name!r} (its mask values are fixed); remove it.')
+    from seg_jax.data import sources  # pylint: disable=g-import-not-at-top
+    sources.folder_table(c.model.num_classes, c.data.ignore_label,
+                         dict(c.data.label_map))
   if len(c.data.mean) != 3 or len(c.data.std) != 3 or min(c.data.std) <= 0:
     raise ConfigError(f'data.mean={tuple(c.data.mean)} / data.std='
                       f'{tuple(c.data.std)}: give 3 values each, std > 0.')

@@ -12,6 +12,8 @@ from seg_jax.data import pipeline
 
 from conftest import REPO
 
+SHARED_CAMVID = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'camvid')
+
 CONFIGS = sorted(
     os.path.splitext(os.path.basename(p))[0]
     for p in glob.glob(os.path.join(REPO, 'configs', '*.py'))
@@ -19,7 +21,7 @@ CONFIGS = sorted(
 
 
 @pytest.mark.parametrize('name', CONFIGS)
-def test_config_is_consistent(name, monkeypatch):
+def test_config_is_consistent(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   assert config.model.name in models.MODELS
   assert config.data.name in data.DATASETS
@@ -33,7 +35,21 @@ def test_config_is_consistent(name, monkeypatch):
     evaluators.spec_from_config(config, name)
   assert set(config.eval.in_training) <= set(config.eval.evaluators)
   assert config.data.on_bad_sample in ('raise', 'skip')
-  if config.data.name == 'camvid' and os.path.isdir(
-      os.path.join(REPO, config.data.root)):
-    monkeypatch.chdir(REPO)  # the config's root is relative to the repo
-    assert len(data.create_source(config, 'val')) == 101
+  # Dataset roots stay inside the project (data/...): a user's clone and a
+  # GPU host have no ../shared.
+  assert not os.path.isabs(config.data.root)
+  assert not os.path.normpath(config.data.root).startswith('..')
+
+
+CAMVID_CONFIGS = [n for n in CONFIGS if n.endswith('camvid') or
+                  n.endswith('camvid_gpu')]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CAMVID),
+                    reason='no ../shared/data/camvid (CamVid is not shipped)')
+@pytest.mark.parametrize('name', CAMVID_CONFIGS)
+def test_camvid_config_reads_camvid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.data.root = SHARED_CAMVID
+  assert len(data.create_source(config, 'val')) == 101
+  assert len(data.create_source(config, 'train')) == 367

@@ -27,7 +27,8 @@ def _files(builder):
 def _folder(config, split):
   return sources.folder(config.data.root, split, config.model.num_classes,
                         config.data.on_bad_sample,
-                        ignore_label=labels.ignore_label(config))
+                        ignore_label=labels.ignore_label(config),
+                        label_map=dict(config.data.label_map))
 
 
 def _tfds(config, split):

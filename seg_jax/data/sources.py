@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from seg_jax import validate
 from seg_jax.data import files
 from seg_jax.labels import IGNORE_LABEL, color_map
 
@@ -255,13 +256,21 @@ def _pairs_by_stem(image_dir, mask_dir, name):
 
 
 def folder(root, split, num_classes, on_bad_sample='raise',
-           ignore_label=IGNORE_LABEL):
+           ignore_label=IGNORE_LABEL, label_map=None):
   """A user dataset: images and single-channel masks matched by file stem.
 
   Layout: `{root}/images/{split}/` + `{root}/masks/{split}/`, or
   `{root}/{split}/images/` + `{root}/{split}/masks/`. Mask values are class
-  ids 0..num_classes-1 and `ignore_label` (palette PNGs are read as indices).
-  Class names come from `{root}/classes.txt` (one per line) when present.
+  ids 0..num_classes-1 and `ignore_label` (palette PNGs are read as indices;
+  grayscale images are read as RGB). Class names come from
+  `{root}/classes.txt` (one per line) when present.
+
+  Args:
+    label_map: optional {raw mask value: class id (or ignore_label)}; its
+      entries replace the default reading (0..num_classes-1 as themselves,
+      `ignore_label` ignored), e.g. {255: 1} for 0/255 binary masks.
+      Without it a mask holding exactly 0 and 255 is an error: 255 would be
+      read as ignore and the foreground never learnt.
   """
   files.check_root(root, 'folder', 'it must hold images/ and masks/')
   layouts = [(os.path.join(root, 'images', split),
@@ -270,20 +279,74 @@ def folder(root, split, num_classes, on_bad_sample='raise',
               os.path.join(root, split, 'masks'))]
   image_dir, mask_dir = next(
       (l for l in layouts if os.path.isdir(l[0])), layouts[0])
-  names_file = os.path.join(root, 'classes.txt')
-  if os.path.isfile(names_file):
-    names = files.read_list(names_file, 'folder')
-    if len(names) != num_classes:
-      raise ValueError(f'folder: {names_file} names {len(names)} classes but '
-                       f'model.num_classes={num_classes}; make them equal.')
-  else:
-    names = [f'class_{i}' for i in range(num_classes)]
+  names = _folder_class_names(root, num_classes)
   pairs = _pairs_by_stem(image_dir, mask_dir, 'folder')
-  return files.FileSource(f'folder/{split}', pairs, names,
-                          color_map(num_classes), files.label_table(
-                              num_classes, ignore=(ignore_label,),
-                              ignore_label=ignore_label),
-                          on_bad_sample, origin=image_dir)
+  source = FolderSource(f'folder/{split}', pairs, names,
+                        color_map(num_classes),
+                        folder_table(num_classes, ignore_label, label_map),
+                        on_bad_sample, origin=image_dir)
+  source.check_binary_export = not label_map and ignore_label == 255
+  source.check_mask(source.pairs[0][1])  # a 0/255 export fails before training
+  return source
+
+
+def _folder_class_names(root, num_classes):
+  names_file = os.path.join(root, 'classes.txt')
+  if not os.path.isfile(names_file):
+    return [f'class_{i}' for i in range(num_classes)]
+  names = files.read_list(names_file, 'folder')
+  if len(names) != num_classes:
+    raise ValueError(f'folder: {names_file} names {len(names)} classes but '
+                     f'model.num_classes={num_classes}; make them equal.')
+  return names
+
+
+def folder_table(num_classes, ignore_label=IGNORE_LABEL, label_map=None):
+  """The folder source's raw value -> train id table, `label_map` applied."""
+  mapping = {i: i for i in range(num_classes)}
+  mapping[ignore_label] = ignore_label
+  for raw, train_id in (label_map or {}).items():
+    raw, train_id = int(raw), int(train_id)
+    if not 0 <= raw <= 255 or not (0 <= train_id < num_classes or
+                                   train_id == ignore_label):
+      raise ValueError(
+          f'data.label_map has {raw}: {train_id}; map mask values 0..255 to '
+          f'class ids 0..{num_classes - 1} or data.ignore_label='
+          f'{ignore_label}.')
+    mapping[raw] = train_id
+  return files.label_table(num_classes, mapping, ignore=(),
+                           ignore_label=ignore_label)
+
+
+class FolderSource(files.FileSource):
+  """A `FileSource` that refuses 0/255 binary masks read without a
+  `data.label_map` (their foreground would be ignored)."""
+
+  check_binary_export = False
+
+  def load(self, image_path, mask_path):
+    image, raw = files.read_image(image_path), files.read_mask(mask_path)
+    self._refuse_binary_export(raw, mask_path)
+    return files.to_example(image, raw, self._table, mask_path, image_path)
+
+  def check_mask(self, mask_path):
+    """Reads one mask and refuses a 0/255 export (BadSampleErrors are left
+    to loading)."""
+    try:
+      raw = files.read_mask(mask_path)
+    except files.BadSampleError:
+      return
+    self._refuse_binary_export(raw, mask_path)
+
+  def _refuse_binary_export(self, raw, mask_path):
+    if (self.check_binary_export and raw.size and raw.max() == 255 and
+        raw.min() == 0 and not np.any((raw != 0) & (raw != 255))):
+      raise validate.ConfigError(
+          f'{mask_path} holds only the values 0 and 255, a binary mask '
+          'export: 255 would be read as ignore (data.ignore_label) and the '
+          'foreground never learnt. Set data.label_map={255: 1} '
+          '(foreground = class 1), or data.label_map={255: 255} if 255 '
+          'really marks ignored pixels.')
 
 
 # --- TFDS (ArrayRecord) ---------------------------------------------------
