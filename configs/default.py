@@ -95,7 +95,7 @@ def get_config():
   c.train.focal_gamma = 2.0  # focal exponent (0: cross-entropy)
   # >0: keep an exponential moving average of the weights (and BatchNorm
   # statistics) with this decay; it is what evaluation, the best checkpoint
-  # and inference use. Early on the decay is min(ema_decay, (1+t)/(10+t)).
+  # and inference use. At step t the decay is min(ema_decay, t / (9 + t)).
   c.train.ema_decay = 0.0
   c.train.precision = 'float32'  # 'float32' or 'bfloat16' (f32 params, loss)
   c.train.log_every_steps = 50  # train metrics written every this many steps

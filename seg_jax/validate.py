@@ -76,10 +76,10 @@ def _check_loss(c):
         f'train.loss.{binary[0]} needs model.num_classes=2 (background 0, '
         f'foreground 1), not {c.model.num_classes}; use dice or '
         'cross_entropy for more classes.')
-  for key, high in (('label_smoothing', 1), ('ema_decay', 1)):
-    if not 0 <= c.train[key] < high:
+  for key in ('label_smoothing', 'ema_decay'):
+    if not 0 <= c.train[key] < 1:
       raise ConfigError(f'train.{key}={c.train[key]!r}: give a value in '
-                        f'[0, {high}).')
+                        '[0, 1).')
   if c.train.focal_gamma < 0:
     raise ConfigError(f'train.focal_gamma={c.train.focal_gamma!r}: give a '
                       'value >= 0.')

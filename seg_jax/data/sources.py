@@ -284,8 +284,9 @@ def folder(root, split, num_classes, on_bad_sample='raise',
   source = FolderSource(f'folder/{split}', pairs, names,
                         color_map(num_classes),
                         folder_table(num_classes, ignore_label, label_map),
-                        on_bad_sample, origin=image_dir)
-  source.check_binary_export = not label_map and ignore_label == 255
+                        on_bad_sample, origin=image_dir,
+                        refuse_binary_export=(not label_map and
+                                              ignore_label == 255))
   source.check_mask(source.pairs[0][1])  # a 0/255 export fails before training
   return source
 
@@ -319,10 +320,12 @@ def folder_table(num_classes, ignore_label=IGNORE_LABEL, label_map=None):
 
 
 class FolderSource(files.FileSource):
-  """A `FileSource` that refuses 0/255 binary masks read without a
-  `data.label_map` (their foreground would be ignored)."""
+  """A `FileSource` that, with `refuse_binary_export`, refuses 0/255 binary
+  masks (read without a `data.label_map` their foreground is ignored)."""
 
-  check_binary_export = False
+  def __init__(self, *args, refuse_binary_export=False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.refuse_binary_export = refuse_binary_export
 
   def load(self, image_path, mask_path):
     image, raw = files.read_image(image_path), files.read_mask(mask_path)
@@ -339,7 +342,7 @@ class FolderSource(files.FileSource):
     self._refuse_binary_export(raw, mask_path)
 
   def _refuse_binary_export(self, raw, mask_path):
-    if (self.check_binary_export and raw.size and raw.max() == 255 and
+    if (self.refuse_binary_export and raw.size and raw.max() == 255 and
         raw.min() == 0 and not np.any((raw != 0) & (raw != 255))):
       raise validate.ConfigError(
           f'{mask_path} holds only the values 0 and 255, a binary mask '
