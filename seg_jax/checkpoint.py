@@ -264,7 +264,7 @@ def restore_variables(directory, step, abstract):
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'No checkpoints: {directory} does not exist; '
+    raise validate.MissingFileError(f'No checkpoints: {directory} does not exist; '
                             'train first or check --workdir.')
   # The data-iterator item is registered, not read, so that orbax does not
   # warn that it cannot restore it.
@@ -272,7 +272,7 @@ def restore_variables(directory, step, abstract):
       ocp.PyTreeCheckpointHandler())) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
-      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
+      raise validate.MissingFileError(f'No complete checkpoint in {directory}.')
     if step in ('latest', None, ''):
       step = steps[-1]
     elif step == 'best':
@@ -333,7 +333,7 @@ def _data_iterator_state(directory, step):
                   f'{jax.process_count()}.json')
   files = [own] if own.exists() else sorted(folder.glob('process_0-of-*.json'))
   if not files:
-    raise FileNotFoundError(f'Checkpoint {folder.parent} has no data-iterator '
+    raise validate.MissingFileError(f'Checkpoint {folder.parent} has no data-iterator '
                             f'state ({folder}/process_*.json): it is damaged; '
                             'restore another step or start a new workdir.')
   state = json.loads(files[0].read_text())

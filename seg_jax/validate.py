@@ -17,6 +17,11 @@ class ConfigError(UserError, ValueError):
   exit_code = 2
 
 
+class MissingFileError(UserError, FileNotFoundError):
+  """A dataset or checkpoint file or folder that a setting names is missing."""
+  exit_code = 2
+
+
 class NonFiniteError(UserError, RuntimeError):
   """Training met a NaN/Inf loss or gradient norm and stopped."""
 

@@ -116,3 +116,17 @@ def test_checkpoint_of_another_model_is_refused_naming_the_parameter(
                      r"the config's model needs: was it trained with another "
                      r'model.name or model.kwargs\?'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_missing_dataset_root_is_a_user_error(tiny_config, tmp_path):
+  """A missing dataset folder is printed by the CLIs as one line, exit 2
+  (a `UserError`), and is still a FileNotFoundError for callers."""
+  from seg_jax import data  # pylint: disable=g-import-not-at-top
+  tiny_config.data.name, tiny_config.model.num_classes = 'folder', 2
+  tiny_config.data.root = str(tmp_path / 'nowhere')
+  with pytest.raises(validate.MissingFileError,
+                     match=rf"^folder: dataset folder data.root='{tmp_path}/"
+                     r"nowhere' does not exist; it must hold images/ and "
+                     r'masks/.$') as e:
+    data.create_source(tiny_config, 'train')
+  assert isinstance(e.value, FileNotFoundError) and e.value.exit_code == 2

@@ -14,6 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from seg_jax import validate
 from seg_jax.labels import IGNORE_LABEL
 
 ON_BAD_SAMPLE = ('raise', 'skip')
@@ -160,7 +161,7 @@ def _ranges(values):
 def check_root(root, name, hint=''):
   """FileNotFoundError naming the setting when `root` is not a folder."""
   if not root or not os.path.isdir(root):
-    raise FileNotFoundError(
+    raise validate.MissingFileError(
         f'{name}: dataset folder data.root={root!r} does not exist'
         f'{"; " + hint if hint else ""}.')
   return root
@@ -169,7 +170,7 @@ def check_root(root, name, hint=''):
 def read_list(path, name):
   """Non-empty lines of a split list file; errors name the file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'{name}: split list {path} does not exist; '
+    raise validate.MissingFileError(f'{name}: split list {path} does not exist; '
                             'check data.root and the split name.')
   with open(path) as f:
     lines = [line.strip() for line in f if line.strip()]
@@ -212,7 +213,7 @@ class FileSource:
       message = (f'{name}: {missing[0]} (listed in {origin or name}) does '
                  'not exist.')
       if self._on_bad == 'raise':
-        raise FileNotFoundError(message + " Fix the list, or set "
+        raise validate.MissingFileError(message + " Fix the list, or set "
                                 "data.on_bad_sample='skip' to drop it.")
       self.skipped_at_build.append(message)
     if not kept:

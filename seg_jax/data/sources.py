@@ -45,14 +45,14 @@ def voc(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   if os.path.isdir(os.path.join(root, 'VOC2012')):
     root = os.path.join(root, 'VOC2012')
   if not os.path.isdir(os.path.join(root, 'JPEGImages')):
-    raise FileNotFoundError(
+    raise validate.MissingFileError(
         f'voc: VOC2012 not found under data.root={root}: expected '
         'JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/ there.')
   lists = os.path.join(root, 'ImageSets', 'Segmentation')
   if split == 'train_aug':
     masks = os.path.join(root, 'SegmentationClassAug')
     if not os.path.isdir(masks):
-      raise FileNotFoundError(
+      raise validate.MissingFileError(
           f'voc: {masks} does not exist. The train_aug split needs the SBD '
           'masks converted to VOC indices in SegmentationClassAug/; without '
           "them use data.train_split='train'.")
@@ -112,7 +112,7 @@ def cityscapes(root, split, on_bad_sample='raise',
                    'it must hold leftImg8bit/ and gtFine/')
   image_dir = os.path.join(root, 'leftImg8bit', split)
   if not os.path.isdir(image_dir):
-    raise FileNotFoundError(f'cityscapes: {image_dir} does not exist; '
+    raise validate.MissingFileError(f'cityscapes: {image_dir} does not exist; '
                             f'is split {split!r} unpacked under {root}?')
   images = sorted(glob.glob(os.path.join(image_dir, '*',
                                          '*_leftImg8bit.png')))
@@ -236,7 +236,7 @@ def _pairs_by_stem(image_dir, mask_dir, name):
   """(image, mask) pairs with the same file stem in two folders."""
   for d in (image_dir, mask_dir):
     if not os.path.isdir(d):
-      raise FileNotFoundError(f'{name}: folder {d} does not exist.')
+      raise validate.MissingFileError(f'{name}: folder {d} does not exist.')
   images = {os.path.splitext(f)[0]: os.path.join(image_dir, f)
             for f in sorted(os.listdir(image_dir))
             if f.lower().endswith(IMAGE_EXTENSIONS)}
@@ -368,7 +368,7 @@ class TfdsSource:
       self._source = tfds.data_source(name, split=split,
                                       data_dir=data_dir or None)
     except Exception as e:  # tfds raises several types for a missing set
-      raise FileNotFoundError(
+      raise validate.MissingFileError(
           f'{self.name}: cannot open it in data.tfds.data_dir='
           f'{data_dir!r} ({e}); prepare it with file_format=array_record '
           '(tfds build --file_format=array_record).') from e
