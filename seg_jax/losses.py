@@ -89,7 +89,8 @@ def focal(logits, labels, gamma=2.0, class_weights=None,
 
 def dice(logits, labels, ignore_label=IGNORE_LABEL, smooth=0.0, eps=1e-7):
   """Soft multi-class Dice loss over the batch, as segmentation_models_
-  pytorch's `DiceLoss(mode='multiclass')`.
+  pytorch's `DiceLoss(mode='multiclass')` (whose `smooth=s` is this
+  function's `smooth=2*s`; equal at the default 0).
 
   Per class c, over every valid pixel of the batch: dice_c = (2 sum p_c y_c
   + smooth) / (sum p_c + sum y_c + smooth). A class no valid pixel is

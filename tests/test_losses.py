@@ -398,3 +398,99 @@ def test_bfloat16_logits():
             else (multi, multi_labels))
     np.testing.assert_allclose(float(value), ref(x, y), rtol=0.05, atol=0.02,
                                err_msg=name)
+
+
+# ---------------------------------------------------------------------------
+# Against segmentation_models_pytorch itself (skipped without torch and smp).
+#
+# smp 0.6.0 definitions, read from its source: DiceLoss(mode='multiclass')
+# and LovaszLoss(mode='multiclass', per_image=False) agree with `dice` and
+# `lovasz_softmax` (absent classes: Dice counts them as 0 in the mean over
+# all C classes, Lovasz averages over the present ones; ignored pixels are
+# masked out / dropped). DiceLoss(mode='binary') on the foreground logit
+# logits[..., 1] - logits[..., 0] agrees with `binary_dice`. One difference:
+# smp 0.6.0 computes the Dice score as a Tversky score with alpha = beta =
+# 0.5, (I + smooth) / (0.5 * (sum p + sum y) + smooth), i.e. (2 I + 2 smooth)
+# / (sum p + sum y + 2 smooth): its `smooth` is seg_jax's `smooth` / 2
+# (same for eps). smp's FocalLoss(mode='multiclass') is a mean over classes
+# of one-vs-rest sigmoid focal losses, not the softmax focal of `focal`, so
+# it is not compared.
+
+SMP_SHAPE = (2, 8, 9)  # N, H, W
+
+
+def _smp_inputs(num_classes, absent, seed):
+  """float32 logits (N, H, W, C) and int64 labels with ~20% ignored and class
+  `absent` (None: none) never labelled."""
+  rng = np.random.default_rng(seed)
+  logits = (2.0 * rng.standard_normal(SMP_SHAPE + (num_classes,))).astype(
+      np.float32)
+  allowed = [k for k in range(num_classes) if k != absent]
+  labels = rng.choice(allowed, size=SMP_SHAPE)
+  labels[rng.random(SMP_SHAPE) < 0.2] = IGNORE
+  return logits, labels.astype(np.int64)
+
+
+def _compare_with_torch(jax_fn, torch_fn, logits, labels, dtype='float64'):
+  """Value and gradient w.r.t. the logits of jax_fn(logits NHWC, labels) at
+  float32 against torch_fn(logits NCHW, labels) under torch autograd at
+  `dtype` (the same float32 logits)."""
+  torch = pytest.importorskip('torch')
+  value, grad = jax.jit(jax.value_and_grad(jax_fn))(jnp.asarray(logits),
+                                                     jnp.asarray(labels))
+  x = torch.tensor(np.moveaxis(logits, -1, 1).astype(dtype),
+                   requires_grad=True)
+  expected = torch_fn(x, torch.from_numpy(labels))
+  expected.backward()
+  expected_grad = np.moveaxis(x.grad.numpy(), 1, -1)
+  np.testing.assert_allclose(float(value), float(expected.detach()),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-4,
+                             atol=1e-6)
+  assert np.all(np.asarray(grad)[labels == IGNORE] == 0)
+
+
+@pytest.mark.parametrize('smooth', (0.0, 1.0))
+@pytest.mark.parametrize('seed', (0, 1))
+def test_dice_matches_smp(seed, smooth):
+  pytest.importorskip('torch')
+  smp_losses = pytest.importorskip('segmentation_models_pytorch.losses')
+  logits, labels = _smp_inputs(5, absent=3, seed=seed)
+  # smp's smooth s is seg_jax's 2 s (see above); eps only clamps a
+  # denominator far from 0 here.
+  loss = smp_losses.DiceLoss(mode='multiclass', from_logits=True,
+                             ignore_index=IGNORE, smooth=smooth, eps=1e-7)
+  _compare_with_torch(
+      functools.partial(losses.dice, ignore_label=IGNORE, smooth=2 * smooth,
+                        eps=1e-7), loss, logits, labels)
+
+
+@pytest.mark.parametrize('seed', (0, 1))
+def test_lovasz_softmax_matches_smp(seed):
+  pytest.importorskip('torch')
+  smp_losses = pytest.importorskip('segmentation_models_pytorch.losses')
+  logits, labels = _smp_inputs(5, absent=3, seed=seed)
+  loss = smp_losses.LovaszLoss(mode='multiclass', per_image=False,
+                               ignore_index=IGNORE, from_logits=True)
+  # float32: smp's _lovasz_grad casts to float32, so float64 fails in dot.
+  _compare_with_torch(
+      functools.partial(losses.lovasz_softmax, ignore_label=IGNORE), loss,
+      logits, labels, dtype='float32')
+
+
+@pytest.mark.parametrize('smooth', (0.0, 1.0))
+@pytest.mark.parametrize('absent', (None, 1))
+def test_binary_dice_matches_smp(absent, smooth):
+  pytest.importorskip('torch')
+  smp_losses = pytest.importorskip('segmentation_models_pytorch.losses')
+  logits, labels = _smp_inputs(2, absent=absent, seed=2)
+  loss = smp_losses.DiceLoss(mode='binary', from_logits=True,
+                             ignore_index=IGNORE, smooth=smooth, eps=1e-7)
+
+  def smp_binary_dice(x, y):  # x (N, 2, H, W): the foreground score logit
+    return loss((x[:, 1] - x[:, 0])[:, None], y[:, None])
+
+  _compare_with_torch(
+      functools.partial(losses.binary_dice, ignore_label=IGNORE,
+                        smooth=2 * smooth, eps=1e-7), smp_binary_dice, logits,
+      labels)
