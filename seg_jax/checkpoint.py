@@ -132,12 +132,22 @@ class Checkpointer:
   def restore(self, step, state, data_iter):
     """Restores checkpoint `step`; see `restore_or_keep`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    stored = self._manager.item_metadata(step)['state']
     if hasattr(abstract, 'params'):  # a TrainState (tests save plain dicts)
-      _check_shapes(self._manager.item_metadata(step)['state'],
-                    {'params': abstract.params,
-                     'batch_stats': abstract.batch_stats,
-                     'ema': abstract.ema},
+      _check_shapes(stored, {'params': abstract.params,
+                             'batch_stats': abstract.batch_stats,
+                             'ema': abstract.ema},
                     f'{self.directory}/{step}', exact=True)
+      if not abstract.ema and 'ema' not in stored:
+        # Saved before TrainState had `ema`: read it as stored, then place
+        # each array where the state has the array of the same name.
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_like(stored, abstract))))
+        state = _by_path(restored['state'], abstract)
+        data_iter.set_state(_data_iterator_state(self.directory, step))
+        logging.info('Restored checkpoint %d (saved without the ema field) '
+                     'from %s', step, self.directory)
+        return state, data_iter
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     data_iter.set_state(_data_iterator_state(self.directory, step))
@@ -350,6 +360,28 @@ def _shapes(tree):
   return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in p):
           tuple(leaf.shape)
           for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _path(keys):
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
+      k, 'idx', k)))) for k in keys)
+
+
+def _like(stored, abstract):
+  """The stored tree's structure with `abstract`'s leaves of the same path
+  (shape, dtype, sharding)."""
+  leaves = {_path(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+  return jax.tree_util.tree_map_with_path(lambda p, _: leaves[_path(p)],
+                                          stored)
+
+
+def _by_path(tree, abstract):
+  """`abstract`'s structure holding the arrays of `tree` of the same path."""
+  arrays = {_path(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return jax.tree_util.tree_map_with_path(lambda p, _: arrays[_path(p)],
+                                          abstract)
 
 
 def _check_shapes(stored, wanted, where, exact=False):

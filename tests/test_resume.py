@@ -219,3 +219,38 @@ def _signal_after_step_7(proc, workdir, sig):
   assert checkpoint.read_data_iterator_state(f'{workdir}/checkpoints',
                                              stopped)[0]['position'] == stopped
   assert not [f for f in os.listdir(f'{workdir}/checkpoints') if 'tmp' in f]
+
+
+def test_checkpoint_saved_before_the_ema_field_resumes(tiny_config, tmp_path):
+  """A train state saved without the `ema` field (seg_jax before weight
+  averaging) restores into today's TrainState: every array by name."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from seg_jax import train  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class OldTrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+
+  trainer = train.Trainer(tiny_config, str(tmp_path))
+  new = trainer.state
+  old = OldTrainState(step=new.step + 3,
+                      params=jax.tree.map(lambda x: x + 1, new.params),
+                      batch_stats=new.batch_stats, opt_state=new.opt_state)
+  it = iter(trainer.train_ds)
+  next(it)
+  assert trainer.checkpointer.maybe_save(3, old, it, force=True)
+  trainer.checkpointer.close()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 3, 3)
+  restored, _ = ckpt.restore_or_keep(new, iter(trainer.train_ds))
+  ckpt.close()
+  assert type(restored) is type(new) and restored.ema == {}
+  assert int(restored.step) == 3
+  for want, got in zip(jax.tree.leaves((old.params, old.batch_stats,
+                                        old.opt_state)),
+                       jax.tree.leaves((restored.params, restored.batch_stats,
+                                        restored.opt_state))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
