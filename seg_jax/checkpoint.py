@@ -133,6 +133,7 @@ class Checkpointer:
     """Restores checkpoint `step`; see `restore_or_keep`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     stored = self._manager.item_metadata(step)['state']
+    target = abstract
     if hasattr(abstract, 'params'):  # a TrainState (tests save plain dicts)
       _check_shapes(stored, {'params': abstract.params,
                              'batch_stats': abstract.batch_stats,
@@ -141,18 +142,14 @@ class Checkpointer:
       if not abstract.ema and 'ema' not in stored:
         # Saved before TrainState had `ema`: read it as stored, then place
         # each array where the state has the array of the same name.
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_like(stored, abstract))))
-        state = _by_path(restored['state'], abstract)
-        data_iter.set_state(_data_iterator_state(self.directory, step))
-        logging.info('Restored checkpoint %d (saved without the ema field) '
-                     'from %s', step, self.directory)
-        return state, data_iter
+        target = _like(stored, abstract)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+        state=ocp.args.StandardRestore(target)))
     data_iter.set_state(_data_iterator_state(self.directory, step))
     logging.info('Restored checkpoint %d from %s', step, self.directory)
-    return restored['state'], data_iter
+    state = restored['state']
+    return (state if target is abstract else _by_path(state, abstract),
+            data_iter)
 
   def reached_preemption(self, step):
     """Whether a multi-process job was told to stop (SIGTERM on any
@@ -274,15 +271,17 @@ def restore_variables(directory, step, abstract):
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise validate.MissingFileError(f'No checkpoints: {directory} does not exist; '
-                            'train first or check --workdir.')
+    raise validate.MissingFileError(
+        f'No checkpoints: {directory} does not exist; train first or check '
+        '--workdir.')
   # The data-iterator item is registered, not read, so that orbax does not
   # warn that it cannot restore it.
   with ocp.CheckpointManager(directory, item_handlers=_item_handlers(
       ocp.PyTreeCheckpointHandler())) as manager:
     steps = sorted(manager.all_steps())
     if not steps:
-      raise validate.MissingFileError(f'No complete checkpoint in {directory}.')
+      raise validate.MissingFileError(
+          f'No complete checkpoint in {directory}.')
     if step in ('latest', None, ''):
       step = steps[-1]
     elif step == 'best':
@@ -343,9 +342,10 @@ def _data_iterator_state(directory, step):
                   f'{jax.process_count()}.json')
   files = [own] if own.exists() else sorted(folder.glob('process_0-of-*.json'))
   if not files:
-    raise validate.MissingFileError(f'Checkpoint {folder.parent} has no data-iterator '
-                            f'state ({folder}/process_*.json): it is damaged; '
-                            'restore another step or start a new workdir.')
+    raise validate.MissingFileError(
+        f'Checkpoint {folder.parent} has no data-iterator state '
+        f'({folder}/process_*.json): it is damaged; restore another step or '
+        'start a new workdir.')
   state = json.loads(files[0].read_text())
   if 'position' not in state:
     logging.warning('Checkpoint %s holds an older data-iterator state; the '
@@ -355,16 +355,16 @@ def _data_iterator_state(directory, step):
   return state
 
 
-def _shapes(tree):
-  """{'params/a/b': shape} of a pytree of arrays or array metadata."""
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in p):
-          tuple(leaf.shape)
-          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _path(keys):
+  """'params/a/b' of a pytree key path (dict keys, fields, indices)."""
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
       k, 'idx', k)))) for k in keys)
+
+
+def _shapes(tree):
+  """{'params/a/b': shape} of a pytree of arrays or array metadata."""
+  return {_path(p): tuple(leaf.shape)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _like(stored, abstract):

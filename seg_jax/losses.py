@@ -37,6 +37,14 @@ def _weighted_mean(values, weights):
   return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-8)
 
 
+def _pixel_weights(valid, safe, class_weights):
+  """Each pixel's weight: 0 if ignored, else its class's weight (or 1)."""
+  weights = valid.astype(jnp.float32)
+  if class_weights is None:
+    return weights
+  return weights * jnp.asarray(class_weights, jnp.float32)[safe]
+
+
 def cross_entropy(logits, labels, class_weights=None,
                   ignore_label=IGNORE_LABEL, label_smoothing=0.0):
   """Pixel-wise softmax cross-entropy over non-ignored pixels, as torch's
@@ -54,14 +62,12 @@ def cross_entropy(logits, labels, class_weights=None,
     Scalar float32 loss.
   """
   logits, valid, safe = _valid(logits, labels, ignore_label)
-  weights = valid.astype(jnp.float32)
-  if class_weights is not None:
-    w = jnp.asarray(class_weights, jnp.float32)
-    weights = weights * w[safe]
+  weights = _pixel_weights(valid, safe, class_weights)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   if label_smoothing:
     logp = jax.nn.log_softmax(logits)
-    per_class = -logp if class_weights is None else -logp * w
+    per_class = -logp if class_weights is None else -logp * jnp.asarray(
+        class_weights, jnp.float32)
     smooth = jnp.sum(per_class, -1) * valid / logits.shape[-1]
     total = ((1.0 - label_smoothing) * jnp.sum(nll * weights) +
              label_smoothing * jnp.sum(smooth))
@@ -81,10 +87,8 @@ def focal(logits, labels, gamma=2.0, class_weights=None,
   logp_t = jnp.take_along_axis(jax.nn.log_softmax(logits), safe[..., None],
                                -1)[..., 0]
   modulation = (-jnp.expm1(logp_t)) ** gamma if gamma else 1.0
-  weights = valid.astype(jnp.float32)
-  if class_weights is not None:
-    weights = weights * jnp.asarray(class_weights, jnp.float32)[safe]
-  return _weighted_mean(-modulation * logp_t, weights)
+  return _weighted_mean(-modulation * logp_t,
+                        _pixel_weights(valid, safe, class_weights))
 
 
 def dice(logits, labels, ignore_label=IGNORE_LABEL, smooth=0.0, eps=1e-7):

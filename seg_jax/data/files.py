@@ -170,8 +170,9 @@ def check_root(root, name, hint=''):
 def read_list(path, name):
   """Non-empty lines of a split list file; errors name the file."""
   if not os.path.isfile(path):
-    raise validate.MissingFileError(f'{name}: split list {path} does not exist; '
-                            'check data.root and the split name.')
+    raise validate.MissingFileError(
+        f'{name}: split list {path} does not exist; check data.root and the '
+        'split name.')
   with open(path) as f:
     lines = [line.strip() for line in f if line.strip()]
   if not lines:
@@ -213,8 +214,9 @@ class FileSource:
       message = (f'{name}: {missing[0]} (listed in {origin or name}) does '
                  'not exist.')
       if self._on_bad == 'raise':
-        raise validate.MissingFileError(message + " Fix the list, or set "
-                                "data.on_bad_sample='skip' to drop it.")
+        raise validate.MissingFileError(
+            message + " Fix the list, or set data.on_bad_sample='skip' to "
+            'drop it.')
       self.skipped_at_build.append(message)
     if not kept:
       raise ValueError(f'{name}: no examples found in {origin or name}.')
@@ -228,8 +230,12 @@ class FileSource:
 
   def load(self, image_path, mask_path):
     """Decoded, checked example {'image', 'label'} of one pair."""
-    return to_example(read_image(image_path), read_mask(mask_path),
+    return to_example(read_image(image_path), self.read_mask(mask_path),
                       self._table, mask_path, image_path)
+
+  def read_mask(self, path):
+    """The raw values of mask `path` (a source may check them first)."""
+    return read_mask(path)
 
   def __repr__(self):
     return f'FileSource({self.name!r}, n={len(self)})'

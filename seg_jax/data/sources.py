@@ -112,8 +112,9 @@ def cityscapes(root, split, on_bad_sample='raise',
                    'it must hold leftImg8bit/ and gtFine/')
   image_dir = os.path.join(root, 'leftImg8bit', split)
   if not os.path.isdir(image_dir):
-    raise validate.MissingFileError(f'cityscapes: {image_dir} does not exist; '
-                            f'is split {split!r} unpacked under {root}?')
+    raise validate.MissingFileError(
+        f'cityscapes: {image_dir} does not exist; is split {split!r} '
+        f'unpacked under {root}?')
   images = sorted(glob.glob(os.path.join(image_dir, '*',
                                          '*_leftImg8bit.png')))
   if not images:
@@ -327,29 +328,25 @@ class FolderSource(files.FileSource):
     super().__init__(*args, **kwargs)
     self.refuse_binary_export = refuse_binary_export
 
-  def load(self, image_path, mask_path):
-    image, raw = files.read_image(image_path), files.read_mask(mask_path)
-    self._refuse_binary_export(raw, mask_path)
-    return files.to_example(image, raw, self._table, mask_path, image_path)
-
-  def check_mask(self, mask_path):
-    """Reads one mask and refuses a 0/255 export (BadSampleErrors are left
-    to loading)."""
-    try:
-      raw = files.read_mask(mask_path)
-    except files.BadSampleError:
-      return
-    self._refuse_binary_export(raw, mask_path)
-
-  def _refuse_binary_export(self, raw, mask_path):
+  def read_mask(self, path):
+    raw = files.read_mask(path)
     if (self.refuse_binary_export and raw.size and raw.max() == 255 and
         raw.min() == 0 and not np.any((raw != 0) & (raw != 255))):
       raise validate.ConfigError(
-          f'{mask_path} holds only the values 0 and 255, a binary mask '
+          f'{path} holds only the values 0 and 255, a binary mask '
           'export: 255 would be read as ignore (data.ignore_label) and the '
           'foreground never learnt. Set data.label_map={255: 1} '
           '(foreground = class 1), or data.label_map={255: 255} if 255 '
           'really marks ignored pixels.')
+    return raw
+
+  def check_mask(self, path):
+    """Reads one mask and refuses a 0/255 export (BadSampleErrors are left
+    to loading)."""
+    try:
+      self.read_mask(path)
+    except files.BadSampleError:
+      pass
 
 
 # --- TFDS (ArrayRecord) ---------------------------------------------------
