@@ -32,14 +32,21 @@ def get_config():
   c.data.name = 'shapes'  # a key of seg_jax.data.DATASETS
   c.data.root = ''  # dataset folder (unused by 'shapes' and 'tfds')
   c.data.train_split = 'train'  # split trained on, e.g. VOC's 'train_aug'
-  c.data.val_split = 'val'  # split evaluated on
+  c.data.val_split = 'val'  # split evaluated on ('': train without one)
   c.data.on_bad_sample = 'raise'  # 'raise', or 'skip' (and count) bad files
   c.data.crop_size = (512, 512)  # training crop (height, width)
-  c.data.eval_pad_size = ()  # eval images/labels padded to (h, w); (): crop
+  # Eval images/labels padded to (h, w); (): the crop, or for file datasets
+  # the largest validation image rounded up to a multiple of 32.
+  c.data.eval_pad_size = ()
   c.data.ignore_label = 255  # label excluded from loss and metrics
   # data.name='folder': {mask value: class id}, e.g. {255: 1} for 0/255
   # binary masks; entries replace reading values as class ids.
   c.data.label_map = ml_collections.ConfigDict()
+  # data.name='folder': a mask's file name is its image's plus this (before
+  # the extension), e.g. '_mask' for images/x.jpg <-> masks/x_mask.png.
+  c.data.mask_suffix = ''
+  c.data.class_names = ()  # one name per class; (): the dataset's own
+  c.data.palette = ()  # one (r, g, b) per class; (): the dataset's own
   c.data.scale_range = (0.5, 2.0)  # random rescale factor range for training
   c.data.flip = True  # random horizontal flip for training
   c.data.cat_max_ratio = 1.0  # <1: re-draw crops one class covers beyond this

@@ -9,6 +9,13 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from seg_jax import errors, workdir as run_folder
+
+# Where every config key is documented, for the CLIs' --help.
+CONFIG_KEYS_HELP = ('Every config key, with its meaning, is listed in '
+                    'configs/default.py; override any with '
+                    '--config.a.b=value.')
+
 _HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull')
 
 
@@ -29,14 +36,65 @@ def quiet_library_logs():
 
 
 def define_run_flags(config_help, workdir_help):
-  """--config (a configs/*.py, overridable), --workdir and the multi-process
-  flags (`define_distributed_flags`): the flags of the CLIs that work on a
-  training run's folder."""
-  config_flags.DEFINE_config_file('config', None, config_help,
-                                  lock_config=True)
+  """--config (a configs/*.py, overridable; default: the run folder's
+  stored config.json), --workdir and the multi-process flags
+  (`define_distributed_flags`): the flags of the CLIs that work on a
+  training run's folder. They are key flags of the calling CLI, so its
+  --help lists them."""
+  module = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
+  module = sys.argv[0] if module == '__main__' else module
+  config_flags.DEFINE_config_file(
+      'config', None, f'{config_help} Default: the config.json that '
+      f'training wrote into --workdir. {CONFIG_KEYS_HELP}', lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
   define_distributed_flags()
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['workdir'])
+  for name in ('config', 'workdir', 'distributed', 'coordinator_address',
+               'num_processes', 'process_id'):
+    flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
+
+
+def stored_config_argv(argv):
+  """`argv` with `--config` pointing at the run folder's stored config
+  when it names none (`--config=DIR/config.json` works too)."""
+  values = {}
+  for i, arg in enumerate(argv):
+    for name in ('config', 'workdir'):
+      if arg.startswith(f'--{name}='):
+        values[name] = (i, arg.split('=', 1)[1])
+      elif arg == f'--{name}' and i + 1 < len(argv):
+        values[name] = (i + 1, argv[i + 1])
+  argv = list(argv)
+  if 'config' in values:
+    i, value = values['config']
+    if value.endswith('.json'):
+      argv[i] = argv[i].replace(value, run_folder.loader_argument(value))
+    return argv
+  if 'workdir' in values and os.path.isfile(
+      run_folder.config_path(values['workdir'][1])):
+    argv.insert(1, '--config=' + run_folder.loader_argument(
+        values['workdir'][1]))
+  return argv
+
+
+def check_run_config(config, workdir, keys=run_folder.MODEL_KEYS):
+  """Refuses a config that contradicts the run in `workdir` (its stored
+  config.json) in one of `keys`, when the run has checkpoints; names the
+  difference."""
+  if not (os.path.isfile(run_folder.config_path(workdir)) and
+          run_folder.has_checkpoints(workdir)):
+    return
+  diffs = run_folder.differences(run_folder.read_config(workdir), config,
+                                 keys)
+  if diffs:
+    key, stored, given = diffs[0]
+    more = (f' (and {", ".join(k for k, _, _ in diffs[1:])})'
+            if len(diffs) > 1 else '')
+    raise errors.ConfigError(
+        f'{key}={given!r} contradicts the run in {workdir}, whose '
+        f'checkpoints were trained with {key}={stored!r}{more} (its '
+        f'{run_folder.CONFIG_FILE}): drop that setting, or use a new '
+        '--workdir.')
 
 
 def define_distributed_flags():
@@ -120,12 +178,27 @@ def enable_compilation_cache(directory):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def start(argv):
-  """Common start of a run-folder CLI: no stray arguments, quiet library
-  logs, the compilation cache (`config.compilation_cache_dir`),
-  `jax.distributed` when the job has several processes."""
+def require_config():
+  """FLAGS.config; a one-line error when neither --config nor the run
+  folder's config.json gives one."""
+  if flags.FLAGS.config is None:
+    raise errors.ConfigError(
+        f'--config is needed: {flags.FLAGS.workdir} holds no '
+        f'{run_folder.CONFIG_FILE} (training writes one there); give '
+        '--config=configs/<file>.py.')
+  return flags.FLAGS.config
+
+
+def start(argv, keys=run_folder.MODEL_KEYS):
+  """Common start of a run-folder CLI: no stray arguments, a config (given
+  or stored in the run folder) that agrees with the run's checkpoints in
+  `keys`, quiet library logs, the compilation cache
+  (`config.compilation_cache_dir`), `jax.distributed` when the job has
+  several processes."""
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
+                             'setting is a --flag or --config.a.b=value.')
+  check_run_config(require_config(), flags.FLAGS.workdir, keys)
   quiet_library_logs()
   enable_compilation_cache(flags.FLAGS.config.get('compilation_cache_dir',
                                                   ''))
@@ -171,14 +244,15 @@ def _flag_error(argv, error):
 
 def run(main):
   """`absl.app.run(main)`, where `--help` (or `-h`) prints help and exits 0,
-  and a `validate.UserError` is one line on stderr and its exit status
-  (2 for a config error).
+  an `errors.UserError` (or an error caused by one) is one line on stderr
+  and its exit status (2 for a config error), and a run folder's stored
+  config is the default `--config`.
 
   absl exits with status 1 after printing help; asking for help is not an
   error.
   """
-  from seg_jax import validate  # pylint: disable=g-import-not-at-top
-  sys.argv = ['--help' if a == '-h' else a for a in sys.argv]
+  sys.argv = stored_config_argv(['--help' if a == '-h' else a
+                                 for a in sys.argv])
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   try:
     app.run(main, flags_parser=_parse_flags)
@@ -186,6 +260,9 @@ def run(main):
     if wants_help and e.code == 1:
       sys.exit(0)
     raise
-  except validate.UserError as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    cause = errors.user_error(e)
+    if cause is None:
+      raise
+    sys.stderr.write(f'error: {cause}\n')
+    sys.exit(cause.exit_code)

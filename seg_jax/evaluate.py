@@ -7,8 +7,18 @@ table and one summary line, and writes `DIR/eval/<split>_<evaluator>_step<N>`
 `.json` (every score, per class with its name, and the confusion matrix) and
 `..._confusion.png` (the row-normalised confusion matrix as a heat-map).
 Imports the model, state, steps and data, never the training loop.
+
+--config may be left out: the run folder's config.json (written by
+training) is read, overrides (--config.a.b=value) still apply.
 """
 
+from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+
+if __name__ in ('__main__', '__mp_main__'):
+  interrupt.install('reports written so far are kept')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import copy
 import json
 import math
 import os
@@ -17,7 +27,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from seg_jax import cli
+from seg_jax import cli, errors
 
 FLAGS = flags.FLAGS
 
@@ -114,10 +124,16 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   """
   from seg_jax import (crf, data, evaluators, metrics,  # pylint: disable=g-import-not-at-top
                        sharding, state)
+  if split == 'val' and not config.data.val_split:
+    raise errors.ConfigError(
+        "data.val_split is '' (the run trained without a validation "
+        'split): give --split=<a split of the dataset>, e.g. --split=test.')
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   model, variables, step = state.restore_for_inference(config, workdir, mesh,
                                                        checkpoint)
-  source = data.create_source(config, split)
+  source, sizes = data.open_split(config, split)
+  config = copy.deepcopy(config)
+  config.data.eval_pad_size = data.fit_eval_pad_size(config, source, sizes)
   class_names = list(source.class_names)
   out = out or os.path.join(workdir, 'eval')
   writes = jax.process_index() == 0
@@ -151,7 +167,9 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
 
 
 def _progress_bar(name, enabled):
-  """A tqdm progress callback over evaluation batches (on stderr)."""
+  """A tqdm progress callback over evaluation batches (on stderr). The bar
+  starts after the first batch, so its rate leaves the first batch's
+  compilation out (a one-batch evaluation shows no rate)."""
   if not enabled:
     return None
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -159,8 +177,8 @@ def _progress_bar(name, enabled):
 
   def update(done, total):
     nonlocal bar
-    if bar is None:  # after the first batch: its compile time is not a rate
-      bar = tqdm(total=total, initial=done - 1, desc=f'eval {name}',
+    if bar is None:
+      bar = tqdm(total=total, initial=done, desc=f'eval {name}',
                  unit='batch', mininterval=5.0)
     bar.update(done - bar.n)
     if done == total:
@@ -169,12 +187,12 @@ def _progress_bar(name, enabled):
   return update
 
 
-
 def _define_flags():
   """The CLI's flags; defined only when run as a program, so that the
   module can be imported (by tests, by other programs) without them."""
   cli.define_run_flags('The configuration the checkpoint was trained with.',
-                       'The training run folder (holds checkpoints/).')
+                       'The training run folder (holds checkpoints/ and '
+                       'config.json).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
                      'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
@@ -190,7 +208,7 @@ def _define_flags():
 
 def main(argv):
   cli.start(argv)
-  from seg_jax import validate  # pylint: disable=g-import-not-at-top
+  from seg_jax import validate
   validate.check_config(FLAGS.config)
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())

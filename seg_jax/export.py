@@ -12,8 +12,17 @@ input size, class names and palette.
 `load(FILE)` returns a function numpy images -> numpy labels; it needs only
 jax, numpy and flatbuffers (jax.export's serialiser). Importing this module
 imports neither flax nor the training code, and defines no flags.
+
+--config may be left out: the run folder's config.json (written by
+training) is read; overrides (--config.a.b=value) still apply.
 """
 
+from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+
+if __name__ in ('__main__', '__mp_main__'):
+  interrupt.install('nothing was written')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
 
@@ -105,7 +114,8 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.define_run_flags('The configuration the checkpoint was trained with.',
-                       'The training run folder (holds checkpoints/).')
+                       'The training run folder (holds checkpoints/ and '
+                       'config.json).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
                      'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('out', None, 'Output file; FILE.json is written too.')

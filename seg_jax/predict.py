@@ -13,8 +13,19 @@ batches, so memory stays constant), OUT gets `<name>_overlay.mp4` and, with
 and frame count are the input's. Files inside a folder keep their relative
 path under OUT/<folder name>/. An input that cannot be read is reported by
 name, the others are still processed, and the exit status is then 1.
+
+Images are read as training reads them (any bit depth, EXIF orientation
+applied). --config may be left out: the run folder's config.json (written
+by training) is read, with the class names and palette of the data it was
+trained on; overrides (--config.a.b=value) still apply.
 """
 
+from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+
+if __name__ in ('__main__', '__mp_main__'):
+  interrupt.install('outputs written so far are kept')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import fractions
 import os
@@ -22,14 +33,14 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image
 
-from seg_jax import cli
+from seg_jax import cli, errors
+from seg_jax.data.files import IMAGE_EXTENSIONS
 
 FLAGS = flags.FLAGS
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
                     '.mpeg', '.wmv')
 
@@ -76,9 +87,9 @@ def parse_keep(tokens, class_names):
     elif token.lower() in lower:
       ids.append(lower[token.lower()])
     else:
-      raise app.UsageError(f'--keep={token!r} is not a class of this model; '
-                           f'use ids 0..{len(class_names) - 1} or names: '
-                           f'{", ".join(class_names)}.')
+      raise errors.ConfigError(
+          f'--keep={token!r} is not a class of this model; use ids '
+          f'0..{len(class_names) - 1} or names: {", ".join(class_names)}.')
   return sorted(set(ids))
 
 
@@ -303,7 +314,8 @@ def _define_flags():
   """The CLI's flags; defined only when run as a program, so that the
   module can be imported (by tests, by other programs) without them."""
   cli.define_run_flags('The configuration the checkpoint was trained with.',
-                       'The training run folder (holds checkpoints/).')
+                       'The training run folder (holds checkpoints/ and '
+                       'config.json).')
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
                      'highest validation mIoU kept) or a step number.')
   flags.DEFINE_string('out', None, 'Output folder (created).')
@@ -329,9 +341,12 @@ def _define_flags():
 def main(argv):
   inputs = argv[1:]
   if not inputs:
-    raise app.UsageError('Give one or more images, folders or videos.')
+    raise errors.ConfigError('Give one or more images, folders or videos to '
+                             'predict after the flags.')
   if FLAGS.distributed:
-    raise app.UsageError('predict runs in one process; drop --distributed.')
+    raise errors.ConfigError('predict runs in one process; drop '
+                             '--distributed.')
+  cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (crf, data, evaluators, sharding,  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,6 @@
 """Train state and model from a config; initialisation, and restoring a
 checkpoint's variables for training or for inference."""
 
-import os
 from typing import Any
 
 import flax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from seg_jax import checkpoint, models, optim, sharding
+from seg_jax import workdir as run_folder
 from seg_jax.data import transforms
 
 
@@ -131,10 +131,6 @@ def abstract_train_state(config, mesh):
       shapes, shardings)
 
 
-def checkpoint_dir(workdir):
-  return os.path.join(workdir, 'checkpoints')
-
-
 def restore_for_inference(config, workdir, mesh, step='latest'):
   """The model and the variables a checkpoint of `workdir` holds.
 
@@ -157,7 +153,7 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
   wanted = ({'ema': abstract.ema} if abstract.ema else
             {'params': abstract.params, 'batch_stats': abstract.batch_stats})
   restored, step = checkpoint.restore_variables(
-      checkpoint_dir(workdir), step, {**wanted, 'step': abstract.step})
+      run_folder.checkpoint_dir(workdir), step, {**wanted, 'step': abstract.step})
   variables = restored['ema'] if abstract.ema else restored
   return model, {'params': variables['params'],
                  'batch_stats': variables['batch_stats']}, step

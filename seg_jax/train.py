@@ -5,7 +5,6 @@ Everything the loop runs is built elsewhere: the model and train state in
 in `evaluators`, event files and progress in `writers`.
 """
 
-import signal
 import time
 
 import jax
@@ -13,45 +12,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from seg_jax import (checkpoint, data, evaluators, labels, metrics, optim,
-                     sharding, state, steps, validate, writers)
+from seg_jax import (checkpoint, data, errors, evaluators, interrupt, labels,
+                     metrics, optim, sharding, state, steps, writers)
+from seg_jax import workdir as run_folder
 from seg_jax.data import pipeline, transforms
-
-
-class _StopSignal:
-  """Turns SIGTERM and SIGINT into a flag the loop checks, to finish the
-  step, save and exit.
-
-  A single process handles both itself (orbax's preemption check only works
-  under `jax.distributed`); in a multi-process job JAX's preemption notice
-  (SIGTERM) is agreed on by all processes through the checkpointer, and
-  SIGINT keeps its default. A second signal of the same kind stops at once.
-  """
-
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.received = None  # the signal's name, once one arrived
-    self._previous = {}
-
-  def __enter__(self):
-    if jax.process_count() == 1:
-      for sig in self._SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.received == name:
-      raise KeyboardInterrupt(f'second {name}')
-    logging.warning('%s received: finishing the step, saving a checkpoint, '
-                    'then stopping (send it again to stop at once).', name)
-    self.received = name
-
-  def __exit__(self, *exc):
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
 
 
 def _eval_prefix(index, name):
@@ -63,11 +27,20 @@ class Trainer:
   """Holds what one training run needs; `run()` is the loop."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config, self.workdir = config, workdir
+    self.workdir = workdir
     self.mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
     local_batch = sharding.check_batch_size(config.train.global_batch_size,
                                             self.mesh)
-    train_source = data.create_source(config, 'train')
+    # Every split is opened (and its file headers read) before anything is
+    # compiled: a bad file or setting stops the run now, not mid-training.
+    train_source, _ = data.open_split(config, 'train')
+    val_source, val_sizes = (data.open_split(config, 'val')
+                             if config.data.val_split else (None, None))
+    self.config = config = data.resolved_config(config, train_source,
+                                                val_source, val_sizes)
+    if jax.process_index() == 0:
+      logging.info('Config written to %s',
+                   run_folder.write_config(workdir, config))
     self.class_names = list(train_source.class_names)
     self.palette = train_source.palette
     self.skips = pipeline.SkipCounter()  # bad records skipped by this host
@@ -87,17 +60,24 @@ class Trainer:
     self.train_step = steps.make_train_step(
         model, tx, config, self.mesh,
         jax.tree.map(lambda x: x.sharding, self.state))
-    self.evaluators = evaluators.create_evaluators(
-        config, model, self.mesh, data.create_source(config, 'val'),
-        tuple(config.eval.in_training), num_shown=config.eval.num_images,
-        skip_counter=self.skips)
+    self.evaluators = []
+    if val_source is None:
+      logging.warning("No validation split (data.val_split=''): nothing is "
+                      'evaluated and no checkpoint is the best; the final '
+                      'line reports the last training batches\' scores.')
+    else:
+      self.evaluators = evaluators.create_evaluators(
+          config, model, self.mesh, val_source,
+          tuple(config.eval.in_training), num_shown=config.eval.num_images,
+          skip_counter=self.skips)
     self.step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     self._nonfinite = None  # metrics.NonFinite since the last check
     self.best = None  # (step, mIoU) of the best evaluation so far
     self._last_eval = None  # (step, mIoU) of the latest evaluation
+    self._last_train = {}  # the latest logged training scalars
     self.skipped_nonfinite = 0
     self.checkpointer = checkpoint.Checkpointer(
-        state.checkpoint_dir(workdir),
+        run_folder.checkpoint_dir(workdir),
         every_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep,
         on_corrupt=config.checkpoint.on_corrupt)
@@ -126,6 +106,9 @@ class Trainer:
       logging.info('Resumed from step %d in %s; best mIoU so far: %s',
                    start, self.workdir, 'none' if self.best is None else
                    f'{self.best[1]:.4f} at step {self.best[0]}')
+    if interrupt.received():  # a stop signal during the restore
+      return {'step': start, 'stopped': interrupt.received(),
+              'trained': False}
     writer = writers.create_writer(self.workdir,
                                    write_files=jax.process_index() == 0)
     try:
@@ -136,7 +119,10 @@ class Trainer:
       self.checkpointer.save_final(step, self.state, train_iter,
                                    self._eval_metrics(step))
       if not result:  # resumed from a finished run: report its final metrics
-        result = self._maybe_eval(step, None, force=True)
+        result = self._maybe_eval(step, None, force=True) or {}
+      if not self.evaluators and not result.get('stopped'):
+        result = {**self._last_train, 'step': step, 'no_validation': True}
+      self.skips.log_total()
       return result
     finally:
       writer.close()
@@ -151,34 +137,70 @@ class Trainer:
         transforms.pair(cfg.data.crop_size)))
     train_metrics = metrics.Accumulator(cfg.model.num_classes)
     result = {}
-    with _StopSignal() as stop:
-      for step in range(start + 1, cfg.train.num_steps + 1):
-        batch = sharding.to_global(next(train_iter), self.mesh)
-        self.state, m = self.train_step(self.state, batch, self.step_rng)
-        train_metrics.add(m, pixels)
-        self._nonfinite = (m.nonfinite if self._nonfinite is None
-                           else self._nonfinite.merge(m.nonfinite))
-        report_progress(step)
-        if not stop.received and self.checkpointer.reached_preemption(step):
-          stop.received = 'SIGTERM'
-        save = bool(stop.received) or step % cfg.checkpoint.every_steps == 0
-        if save or step % cfg.train.log_every_steps == 0:
-          self._check_finite(writer)  # before a save and at log time
-        train_metrics = self._maybe_log(step, train_metrics, writer)
-        result = self._maybe_eval(step, writer) or result
-        evaluated = self._eval_metrics(step)
-        new_best = evaluated is not None and self.best[0] == step
-        self.checkpointer.maybe_save(step, self.state, train_iter,
-                                     force=bool(stop.received) or new_best,
-                                     metrics=evaluated)
-        if stop.received:
-          return {'step': step, 'stopped': stop.received}
+    for step in range(start + 1, cfg.train.num_steps + 1):
+      batch = self._guarded(step - 1, train_iter,
+                            f'Reading the batch of step {step}',
+                            lambda: next(train_iter))
+      batch = sharding.to_global(batch, self.mesh)
+      self.state, m = self.train_step(self.state, batch, self.step_rng)
+      train_metrics.add(m, pixels)
+      self._nonfinite = (m.nonfinite if self._nonfinite is None
+                         else self._nonfinite.merge(m.nonfinite))
+      report_progress(step)
+      stopped = interrupt.received()
+      if not stopped and self.checkpointer.reached_preemption(step):
+        stopped = 'SIGTERM'
+      save = bool(stopped) or step % cfg.checkpoint.every_steps == 0
+      if save or step % cfg.train.log_every_steps == 0:
+        self._check_finite(writer)  # before a save and at log time
+      train_metrics = self._maybe_log(step, train_metrics, writer)
+      result = self._guarded(step, train_iter, f'Evaluation at step {step}',
+                             lambda s=step: self._maybe_eval(s, writer)
+                             ) or result
+      evaluated = self._eval_metrics(step)
+      new_best = evaluated is not None and self.best[0] == step
+      self.checkpointer.maybe_save(step, self.state, train_iter,
+                                   force=bool(stopped) or new_best,
+                                   metrics=evaluated)
+      if stopped:
+        return {'step': step, 'stopped': stopped}
     self._check_finite(writer)
     return result
 
+  def _guarded(self, step, train_iter, what, fn):
+    """`fn()`; when it fails, the steps trained so far (`step`) are saved
+    first, and an error a user can fix becomes one line that says so."""
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      kept = self._save_on_failure(step, train_iter)
+      cause = errors.user_error(e)
+      if cause is None:
+        logging.error('%s failed; %s', what, kept)
+        raise
+      hint = (' (`python -m seg_jax.data.check` lists every bad file; '
+              "data.on_bad_sample='skip' trains without them)"
+              if isinstance(cause, errors.BadSampleError) else '')
+      raise errors.StepFailedError(
+          f'{what} failed: {cause}{hint} Training stopped; {kept}') from e
+
+  def _save_on_failure(self, step, train_iter):
+    """Saves `step` unless saved already; says where the steps are kept."""
+    where = self.checkpointer.directory
+    try:
+      if step > 0:
+        self.checkpointer.save_final(step, self.state, train_iter)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Saving checkpoint %d failed: %s', step, e)
+    last = self.checkpointer.latest_step()
+    if last is None:
+      return 'no step had been trained, nothing was saved.'
+    return (f'checkpoint {last} is saved in {where}: fix the problem and run '
+            'the same command to resume from it.')
+
   def _check_finite(self, writer):
     """Reads the non-finite steps since the last check: stops the run
-    (`validate.NonFiniteError`), or with `train.skip_nonfinite` counts them
+    (`errors.NonFiniteError`), or with `train.skip_nonfinite` counts them
     (their updates were skipped on device)."""
     if self._nonfinite is None:
       return
@@ -200,7 +222,7 @@ class Trainer:
     where = (f'the last good checkpoint is step {last} in '
              f'{self.checkpointer.directory}' if last is not None
              else 'no checkpoint was saved before it')
-    raise validate.NonFiniteError(
+    raise errors.NonFiniteError(
         f'Step {first}: the loss or gradient norm is NaN/Inf; training '
         f'stopped and {where}. Lower train.learning_rate, set '
         'train.grad_clip_norm, check the data, or set '
@@ -221,6 +243,9 @@ class Trainer:
     if self.skips.count:
       scalars['data/skipped_samples'] = self.skips.count
     writer.write_scalars(step, scalars)
+    self._last_train = {'loss': float(loss),
+                        'pixel_accuracy': float(scores['pixel_accuracy']),
+                        'miou': float(scores['miou'])}
     return metrics.Accumulator(self.config.model.num_classes)
 
   def _maybe_eval(self, step, writer, force=False):
@@ -228,7 +253,7 @@ class Trainer:
     score and a few overlays (unless `writer` is None). Returns the first
     evaluator's scalars."""
     every, last = self.config.eval.every_steps, self.config.train.num_steps
-    if not force and step % every and step != last:
+    if not self.evaluators or (not force and step % every and step != last):
       return None
     result = None
     for i, evaluator in enumerate(self.evaluators):
@@ -282,6 +307,9 @@ def train_and_evaluate(config, workdir):
   """
   trainer = Trainer(config, workdir)
   try:
-    return trainer.run()
+    # Setting up is cut short by a stop signal (nothing trained is lost);
+    # from the restore on, the step in progress finishes and is saved.
+    with interrupt.deferred(enabled=jax.process_count() == 1):
+      return trainer.run()
   finally:
     trainer.checkpointer.close()

@@ -5,25 +5,9 @@ a traceback."""
 import os
 import tempfile
 
-
-class UserError(Exception):
-  """An error the user can fix; the CLIs print its one-line message (no
-  traceback) and exit with `exit_code`."""
-  exit_code = 1
-
-
-class ConfigError(UserError, ValueError):
-  """A config value, flag or checkpoint that cannot work with the others."""
-  exit_code = 2
-
-
-class MissingFileError(UserError, FileNotFoundError):
-  """A dataset or checkpoint file or folder that a setting names is missing."""
-  exit_code = 2
-
-
-class NonFiniteError(UserError, RuntimeError):
-  """Training met a NaN/Inf loss or gradient norm and stopped."""
+# The error classes live in the leaf module `errors`; re-exported here.
+from seg_jax.errors import (ConfigError, MissingFileError, NonFiniteError,  # noqa: F401
+                            UserError)
 
 
 def _positive_int(config, key, minimum=1):
@@ -91,6 +75,11 @@ def _check_loss(c):
 
 
 def _check_data(c):
+  from seg_jax import labels  # pylint: disable=g-import-not-at-top
+  labels.ignore_label(c)  # outside the class ids, within uint8
+  if not isinstance(c.data.mask_suffix, str) or '/' in c.data.mask_suffix:
+    raise ConfigError(f'data.mask_suffix={c.data.mask_suffix!r}: give what a '
+                      "mask's file name adds to its image's, e.g. '_mask'.")
   crop = _pair(c.data.crop_size, 'data.crop_size')
   if c.data.eval_pad_size not in ((), None):
     pad = _pair(c.data.eval_pad_size, 'data.eval_pad_size')

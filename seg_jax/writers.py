@@ -151,7 +151,10 @@ class TensorBoardWriter(MetricWriter):
 
   def write_scalars(self, step, scalars):
     for key, value in scalars.items():
-      self._add(step, tbx_summary.scalar(key, np.asarray(value)))
+      value = np.asarray(value)
+      if value.dtype.kind == 'f' and np.isnan(value).all():
+        continue  # e.g. the IoU of a class absent from the data: undefined
+      self._add(step, tbx_summary.scalar(key, value))
 
   def write_images(self, step, images):
     for key, batch in images.items():
@@ -257,8 +260,10 @@ class ConsoleWriter(MetricWriter):
     self._line(step, f'point clouds: {_shapes(point_clouds)}')
 
   def write_hparams(self, hparams):
-    self._log('hparams: ' + ', '.join(
-        f'{k}={v}' for k, v in sorted(flatten_dict(hparams).items())))
+    # The whole config is a file of the run folder (config.json) and a
+    # text in TensorBoard; one log line of every key would be thousands of
+    # characters long.
+    self._log(f'hparams: {len(flatten_dict(hparams))} config values')
 
   def flush(self):
     pass

@@ -293,7 +293,7 @@ def test_missing_root_list_and_empty_split_name_the_path(tmp_path):
     data.create_source(_config('voc', tmp_path, 21), 'val')
   (tmp_path / 'images' / 'train').mkdir(parents=True)
   (tmp_path / 'masks' / 'train').mkdir(parents=True)
-  with pytest.raises(ValueError, match=r'no images in .*images/train'):
+  with pytest.raises(FileNotFoundError, match=r'no images in .*images/train'):
     data.create_source(_config('folder', tmp_path, 2), 'train')
 
 
@@ -400,7 +400,8 @@ def test_skip_mode_gives_up_when_everything_is_bad(tmp_path):
       data.create_source(cfg, 'train'), pipeline.train_transform(cfg),
       seed=0, batch_size=1, num_threads=1,
       skip_counter=pipeline.SkipCounter(max_in_a_row=20))
-  with pytest.raises(RuntimeError, match=r'20 bad samples in a row.*a.png'):
+  with pytest.raises(files.BadSampleError,
+                     match=r'20 bad samples in a row.*a.png'):
     next(iter(ds))
 
 

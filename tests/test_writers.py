@@ -98,7 +98,7 @@ def test_console_writer_lines():
   writer.write_hparams({'a': {'b': 1}, 'c': 'x'})
   assert lines == ['[7] loss=0.12346, n=3, acc=0.5',
                    '[7] images: ex (2, 4, 5, 3)',
-                   'hparams: a.b=1, c=x']
+                   'hparams: 2 config values']
 
 
 def test_create_writer(tmp_path):

@@ -1,15 +1,17 @@
 """Datasets by name and the pipelines that feed them to the devices."""
 
+import copy
 import logging
 import os
 
 import numpy as np
 
-from seg_jax import labels
-from seg_jax.data import files, shapes, sources
+from seg_jax import errors, labels
+from seg_jax.data import files, shapes, sources, transforms
 
 
-def _shapes(config, split):
+def _shapes(config, split, strict=True):
+  del strict  # nothing to pair
   c = config.data.shapes
   return shapes.ShapesSource(
       split, c.num_train if split == 'train' else c.num_val,
@@ -18,20 +20,23 @@ def _shapes(config, split):
 
 
 def _files(builder):
-  def build(config, split):
+  def build(config, split, strict=True):
+    del strict  # list files name their pairs
     return builder(config.data.root, split, config.data.on_bad_sample,
                    ignore_label=labels.ignore_label(config))
   return build
 
 
-def _folder(config, split):
+def _folder(config, split, strict=True):
   return sources.folder(config.data.root, split, config.model.num_classes,
                         config.data.on_bad_sample,
                         ignore_label=labels.ignore_label(config),
-                        label_map=dict(config.data.label_map))
+                        label_map=dict(config.data.label_map),
+                        mask_suffix=config.data.mask_suffix, strict=strict)
 
 
-def _tfds(config, split):
+def _tfds(config, split, strict=True):
+  del strict  # records hold both
   c = config.data.tfds
   if not c.name:
     raise ValueError("data.name='tfds' needs data.tfds.name, e.g. "
@@ -71,48 +76,169 @@ _CLASSES = {
 
 def class_info(config):
   """(class names, (C, 3) uint8 palette) of the config's dataset, without
-  its files (prediction runs where the training data is not): `folder`
-  reads `classes.txt` when its root is there, `tfds` uses
-  `data.tfds.class_names`; otherwise `class_<i>` and the VOC colour map."""
+  its files (prediction runs where the training data is not):
+  `data.class_names` and `data.palette` when set (a run's stored config
+  has both); else the dataset's own, `folder` reading `classes.txt` when
+  its root is there, `tfds` using `data.tfds.class_names`, otherwise
+  `class_<i>` and the VOC colour map."""
   num = config.model.num_classes
-  if config.data.name in _CLASSES:
-    names, palette = _CLASSES[config.data.name]
-  else:
-    names = tuple(config.data.tfds.class_names) if config.data.name == 'tfds' \
-        else ()
-    listed = os.path.join(config.data.root or '', 'classes.txt')
-    if config.data.name == 'folder' and os.path.isfile(listed):
-      names = tuple(files.read_list(listed, 'folder'))
-    names = names or tuple(f'class_{i}' for i in range(num))
-    palette = labels.color_map(len(names))
+  names, palette = _CLASSES.get(config.data.name, ((), None))
+  if config.data.name == 'tfds':
+    names = tuple(config.data.tfds.class_names)
+  listed = os.path.join(config.data.root or '', 'classes.txt')
+  if config.data.name == 'folder' and os.path.isfile(listed):
+    names = tuple(files.read_list(listed, 'folder'))
+  names = tuple(config.data.class_names) or names or tuple(
+      f'class_{i}' for i in range(num))
   if len(names) != num:
-    raise ValueError(f'data.name={config.data.name!r} has {len(names)} '
-                     f'classes but model.num_classes={num}; make them equal.')
+    raise errors.ConfigError(
+        f'data.name={config.data.name!r} has {len(names)} classes but '
+        f'model.num_classes={num}; make them equal.')
+  if config.data.palette:
+    palette = check_palette(config.data.palette, num)
+  elif palette is None or len(palette) != num:
+    palette = labels.color_map(num)
   return tuple(names), np.asarray(palette, np.uint8)
 
 
-def create_source(config, split):
+def check_palette(palette, num_classes):
+  """`data.palette` as a (num_classes, 3) uint8 array, or ConfigError."""
+  try:
+    colours = np.asarray(palette, np.int64).reshape(-1, 3)
+    ok = (len(colours) == num_classes and colours.size == 3 * num_classes
+          and colours.min() >= 0 and colours.max() <= 255)
+  except (ValueError, TypeError):
+    ok = False
+  if not ok:
+    raise errors.ConfigError(
+        f'data.palette={tuple(palette)!r}: give one (r, g, b) colour of '
+        f'0..255 per class ({num_classes}), or () for the dataset\'s own.')
+  return colours.astype(np.uint8)
+
+
+def create_source(config, split, strict=True):
   """The random-access source of `split` ('train' or 'val') for a config.
 
   For file datasets the split read is `data.train_split` / `data.val_split`
-  (e.g. VOC's 'train_aug').
+  (e.g. VOC's 'train_aug'). `data.class_names` and `data.palette`, when
+  set, replace the dataset's own. `strict=False` leaves the folder
+  dataset's pairing problems for `seg_jax.data.check` to list (its
+  `source.pairing`) instead of refusing them.
   """
   name = config.data.name
   if name not in DATASETS:
-    raise ValueError(f'Unknown data.name={name!r}; choose one of '
-                     f'{sorted(DATASETS)}.')
+    raise errors.ConfigError(f'Unknown data.name={name!r}; choose one of '
+                             f'{sorted(DATASETS)}.')
   files.check_on_bad_sample(config.data.on_bad_sample)
   if name != 'shapes':
     split = {'train': config.data.train_split,
              'val': config.data.val_split}.get(split, split)
-  source = DATASETS[name](config, split)
-  if len(source.class_names) != config.model.num_classes:
-    raise ValueError(
+  source = DATASETS[name](config, split, strict=strict)
+  num = config.model.num_classes
+  if config.data.class_names:
+    source.class_names = tuple(config.data.class_names)
+  if config.data.palette:
+    source.palette = check_palette(config.data.palette, num)
+  if len(source.class_names) != num:
+    raise errors.ConfigError(
         f'data.name={name!r} has {len(source.class_names)} classes but '
-        f'model.num_classes={config.model.num_classes}; make them equal.')
+        f'model.num_classes={num}; make them equal.')
   dropped = getattr(source, 'skipped_at_build', ())
   if dropped:
     logging.warning('%s: skipped %d list entries with missing files '
                     "(data.on_bad_sample='skip'); first: %s", source,
                     len(dropped), dropped[0])
   return source
+
+
+def open_split(config, split):
+  """`create_source(config, split)`, checked and described before any step.
+
+  A file dataset's headers are read (`FileSource.check_headers`: missing,
+  unreadable and mismatched files are found now, not mid-run) for every
+  split of the `folder` dataset and for every split but the training one of
+  the others; one line is logged with the example count, the image sizes
+  when read, and the class names.
+
+  Returns:
+    (source, image sizes [(height, width)] of its examples, or None when
+    not read).
+  """
+  source = create_source(config, split)
+  sizes = None
+  if isinstance(source, files.FileSource) and (config.data.name == 'folder'
+                                               or split != 'train'):
+    sizes = source.check_headers()
+  logging.info('%s', describe(source, sizes))
+  return source, sizes
+
+
+def describe(source, sizes=None):
+  """'folder/train: 340 examples, 240x320..480x640 (HxW), 3 classes: a, b,
+  c' for a source (sizes when known)."""
+  names = list(source.class_names)
+  shown = ', '.join(names[:12]) + (f', ... ({len(names) - 12} more)'
+                                   if len(names) > 12 else '')
+  where = getattr(source, 'name', repr(source))
+  size = ''
+  if sizes:
+    (h0, w0), (h1, w1) = np.min(sizes, 0), np.max(sizes, 0)
+    size = (f', images {h0}x{w0}..{h1}x{w1} (HxW)' if (h0, w0) != (h1, w1)
+            else f', images {h0}x{w0} (HxW)')
+  return (f'{where}: {len(source)} examples{size}, {len(names)} classes: '
+          f'{shown}')
+
+
+def fit_eval_pad_size(config, source, sizes):
+  """The `data.eval_pad_size` that evaluating `source` needs.
+
+  Set: returned as it is, after checking that every image fits
+  (ConfigError naming the largest image and the setting otherwise).
+  Empty: the training crop, or when an image is larger, the largest
+  image's size rounded up to a multiple of 32 (per side).
+
+  Args:
+    sizes: (height, width) of each of `source.pairs`, or None (unknown:
+      the setting is returned as it is).
+  """
+  crop = transforms.pair(config.data.crop_size)
+  set_to = tuple(config.data.eval_pad_size or ())
+  if not sizes:
+    return set_to
+  heights, widths = np.asarray(sizes).T
+  largest = (int(heights.max()), int(widths.max()))
+  if not set_to:
+    return tuple(c if m <= c else max(c, -(-m // 32) * 32)
+                 for c, m in zip(crop, largest))
+  pad = transforms.pair(set_to)
+  over = np.flatnonzero((heights > pad[0]) | (widths > pad[1]))
+  if len(over):
+    k = over[np.argmax(heights[over] * widths[over])]
+    fit = tuple(max(p, -(-m // 32) * 32) for p, m in zip(pad, largest))
+    raise errors.ConfigError(
+        f'{source.pairs[k][0]} is {heights[k]}x{widths[k]} (HxW), larger '
+        f'than data.eval_pad_size={pad} that evaluation pads to ({len(over)} '
+        f'image(s) of {getattr(source, "name", "the split")} are): set '
+        f'--config.data.eval_pad_size="{fit}", or () to fit the largest '
+        'image.')
+  return set_to
+
+
+def resolved_config(config, train_source, val_source=None, val_sizes=None):
+  """A copy of `config` with what the data decided written in: the class
+  names and palette of `train_source`, and the eval pad size the
+  validation images need (`fit_eval_pad_size`). It is what a run folder
+  stores, so that evaluation and prediction need neither the data nor
+  the settings repeated."""
+  resolved = copy.deepcopy(config)
+  resolved.data.class_names = tuple(str(n) for n in train_source.class_names)
+  resolved.data.palette = tuple(tuple(int(v) for v in colour)
+                                for colour in train_source.palette)
+  if val_source is not None:
+    pad = fit_eval_pad_size(config, val_source, val_sizes)
+    if (pad and not config.data.eval_pad_size and
+        tuple(pad) != transforms.pair(config.data.crop_size)):
+      logging.info('data.eval_pad_size=%s: the largest validation image '
+                   'padded to a multiple of 32.', tuple(pad))
+    resolved.data.eval_pad_size = tuple(pad)
+  return resolved

@@ -9,21 +9,25 @@ define. Each problem raises `BadSampleError` naming the file; with
 pipeline drops and counts, so a bad file never turns into a wrong label.
 """
 
+import concurrent.futures
+import logging
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from seg_jax import validate
+from seg_jax import errors
 from seg_jax.labels import IGNORE_LABEL
 
 ON_BAD_SAMPLE = ('raise', 'skip')
+# The file types read as images and masks (and by `predict`).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # A raw mask value the dataset does not define maps to this in the table.
 INVALID = -1
 
 
-class BadSampleError(ValueError):
-  """A dataset file that cannot be used as it is; the message names it."""
+# A dataset file that cannot be used as it is; the message names it.
+BadSampleError = errors.BadSampleError
 
 
 def check_on_bad_sample(value):
@@ -69,47 +73,169 @@ def label_table(num_classes, mapping=None, ignore=(IGNORE_LABEL,),
   return table
 
 
-def read_image(path):
-  """RGB uint8 (H, W, 3); BadSampleError if the file is unreadable."""
+def _open(path, what):
+  """The PIL image at `path`, fully decoded, upright as its EXIF orientation
+  says (what any image viewer shows); BadSampleError names the file."""
   try:
     with Image.open(path) as im:
       im.load()  # decodes fully: a truncated file fails here
-      if im.mode != 'RGB':
-        im = im.convert('RGB')
-      return np.asarray(im)
+      orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+      return (ImageOps.exif_transpose(im) if orientation != 1 else im,
+              orientation)
   except FileNotFoundError:
-    raise BadSampleError(f'{path}: image file not found.') from None
+    raise BadSampleError(f'{path}: {what} file not found.') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadSampleError(f'{path}: cannot decode image ({e}); the file is '
-                         'corrupt or truncated: replace or remove it.') from e
+    reason = 'the file is empty' if _is_empty(path) else str(e)
+    raise BadSampleError(f'{path}: cannot decode {what} ({reason}); the file '
+                         'is corrupt or truncated: replace or remove it.'
+                         ) from e
+
+
+def _is_empty(path):
+  try:
+    return os.path.getsize(path) == 0
+  except OSError:
+    return False
+
+
+def read_image(path):
+  """RGB uint8 (H, W, 3), upright (EXIF orientation applied); see
+  `read_image_notes` for how other modes are read."""
+  return read_image_notes(path)[0]
+
+
+def read_image_notes(path):
+  """(RGB uint8 (H, W, 3), notes): the image and how it was read.
+
+  8-bit images of any mode become RGB (grayscale repeated, alpha dropped,
+  palette and CMYK converted). 16-bit images (PIL modes I;16*, I) are scaled
+  to 0..255 as value * 255 / 65535, so a 16-bit image holding an 8-bit
+  one's values x 257 reads back exactly as that 8-bit image. Float images
+  (mode F) are read as 0..1 and scaled by 255; values outside 0..1 are an
+  error. The EXIF orientation is applied. `notes` lists each of these that
+  happened (for `seg_jax.data.check`).
+  """
+  im, orientation = _open(path, 'image')
+  notes = []
+  if orientation != 1:
+    notes.append(f'EXIF orientation {orientation} applied (the image is '
+                 'read upright, as viewers show it)')
+  if im.mode == 'RGB':
+    return np.asarray(im), notes
+  if im.mode in HIGH_BIT_MODES or im.mode == 'F':
+    grey = _grey_to_uint8(np.asarray(im), im.mode, path)
+    notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): scaled to '
+                 '8 bits and repeated to 3 channels')
+    return np.repeat(grey[..., None], 3, -1), notes
+  if im.mode not in _RGB_CONVERTIBLE:
+    raise BadSampleError(f'{path}: image has PIL mode {im.mode!r}, which '
+                         'seg_jax cannot read as RGB; save it as 8-bit RGB or '
+                         'grayscale (PNG or JPEG).')
+  notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): read as '
+               'RGB')
+  return np.asarray(im.convert('RGB')), notes
+
+
+# EXIF tag 274: how the stored pixels are rotated/flipped for display.
+EXIF_ORIENTATION = 0x0112
+HIGH_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+_RGB_CONVERTIBLE = ('L', 'LA', 'P', 'PA', '1', 'RGBA', 'RGBX', 'RGBa',
+                    'CMYK', 'YCbCr', 'LAB', 'HSV', 'La')
+_MODE_NAMES = {'L': 'grayscale', 'LA': 'grayscale with alpha',
+               'P': 'palette image', 'PA': 'palette image with alpha',
+               '1': '1-bit image', 'RGBA': 'RGB with alpha (dropped)',
+               'CMYK': 'CMYK image', 'I': '16-bit grayscale',
+               'F': '32-bit float grayscale'}
+_MODE_NAMES.update({m: '16-bit grayscale' for m in HIGH_BIT_MODES[:4]})
+
+
+def _grey_to_uint8(raw, mode, path):
+  """16-bit or float grey values -> uint8 (see `read_image_notes`)."""
+  if mode == 'F':
+    if raw.size and not (np.isfinite(raw).all() and raw.min() >= 0 and
+                         raw.max() <= 1):
+      raise BadSampleError(
+          f'{path}: float image holds values {np.nanmin(raw):.4g}..'
+          f'{np.nanmax(raw):.4g}; seg_jax reads float images as 0..1: '
+          'rescale it to 0..1, or save it as an 8 or 16-bit image.')
+    return np.round(raw * 255.0).astype(np.uint8)
+  if raw.size and (raw.min() < 0 or raw.max() > 65535):
+    raise BadSampleError(
+        f'{path}: image holds values {raw.min()}..{raw.max()}, beyond 16 '
+        'bits; save it as an 8 or 16-bit image.')
+  return ((raw.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def read_mask(path):
-  """Raw mask values (H, W) uint8: palette PNGs give indices, not colours."""
+  """Raw mask values (H, W) uint8: palette PNGs give indices, not colours.
+
+  An RGB(A) mask whose three channels are equal everywhere (a grayscale
+  mask saved as RGB) is read as that grayscale mask; any other colour mask
+  is an error. The EXIF orientation is applied, as to images.
+  """
+  im, _ = _open(path, 'mask')
+  if im.mode in ('P', 'L'):
+    return np.asarray(im)  # 'P': the palette indices themselves
+  if im.mode == '1':  # 1-bit masks: 0 and 1
+    return np.asarray(im).astype(np.uint8)
+  if im.mode in HIGH_BIT_MODES:
+    raw = np.asarray(im)
+    if raw.size and (raw.min() < 0 or raw.max() > 255):
+      raise BadSampleError(
+          f'{path}: mask holds values up to {raw.max()}; seg_jax reads '
+          'class ids and the ignore label (0..255) from 8-bit masks.')
+    return raw.astype(np.uint8)
+  if im.mode in ('RGB', 'RGBA'):
+    rgb = np.asarray(im)
+    grey = rgb[..., 0]
+    if (np.array_equal(grey, rgb[..., 1]) and np.array_equal(grey, rgb[..., 2])
+        and (im.mode == 'RGB' or np.all(rgb[..., 3] == 255))):
+      return np.ascontiguousarray(grey)
+  raise BadSampleError(
+      f'{path}: mask has mode {im.mode!r}; masks must be single-channel '
+      '(8-bit or palette PNG) holding class ids, not colours.')
+
+
+def mask_palette(path, num_classes):
+  """The first `num_classes` colours of a palette-PNG mask's own palette,
+  (num_classes, 3) uint8, or None when the mask has no palette."""
   try:
     with Image.open(path) as im:
-      im.load()
-      if im.mode in ('P', 'L'):
-        return np.asarray(im)  # 'P': the palette indices themselves
-      if im.mode == '1':  # 1-bit masks: 0 and 1
-        return np.asarray(im).astype(np.uint8)
-      if im.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
-        raw = np.asarray(im)
-        if raw.size and (raw.min() < 0 or raw.max() > 255):
-          raise BadSampleError(
-              f'{path}: mask holds values up to {raw.max()}; seg_jax reads '
-              'class ids and the ignore label (0..255) from 8-bit masks.')
-        return raw.astype(np.uint8)
-      raise BadSampleError(
-          f'{path}: mask has mode {im.mode!r}; masks must be single-channel '
-          '(8-bit or palette PNG) holding class ids, not colours.')
+      if im.mode != 'P':
+        return None
+      colours = np.asarray(im.getpalette() or [], np.uint8).reshape(-1, 3)
+  except (OSError, SyntaxError, ValueError):
+    return None
+  if len(colours) < num_classes:
+    return None
+  return colours[:num_classes]
+
+
+def _header_orientation(im):
+  """The EXIF orientation an opened, undecoded image declares. A PNG's eXIf
+  chunk is only looked for before the pixels: asking PIL for one stored
+  after them decodes the whole image."""
+  if im.format == 'PNG' and 'exif' not in im.info:
+    return 1
+  return im.getexif().get(EXIF_ORIENTATION, 1)
+
+
+def image_size(path):
+  """(height, width) of an image file as it is read (EXIF orientation
+  applied), from its header only; BadSampleError when unreadable."""
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+      if _header_orientation(im) in (5, 6, 7, 8):
+        w, h = h, w  # rotated by 90 degrees for display
+      return h, w
   except FileNotFoundError:
-    raise BadSampleError(f'{path}: mask file not found.') from None
-  except BadSampleError:
-    raise
+    raise BadSampleError(f'{path}: file not found.') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadSampleError(f'{path}: cannot decode mask ({e}); the file is '
-                         'corrupt or truncated: replace or remove it.') from e
+    reason = 'the file is empty' if _is_empty(path) else str(e)
+    raise BadSampleError(f'{path}: cannot read it ({reason}); the file is '
+                         'corrupt or not an image: replace or remove it.'
+                         ) from e
 
 
 def apply_table(raw, table, path):
@@ -125,15 +251,40 @@ def apply_table(raw, table, path):
   return mapped.astype(np.uint8)
 
 
+def size_mismatch(mask_name, mask_hw, image_name, image_hw):
+  """The message of a mask whose size differs from its image's."""
+  return (f'{mask_name}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its '
+          f'image {image_name} is {image_hw[1]}x{image_hw[0]}; they must be '
+          'the same size.')
+
+
 def to_example(image, raw, table, mask_name, image_name):
   """{'image', 'label'} of a decoded image and its raw mask, checked: the
   sizes must agree and every raw value must be defined by `table`."""
   if raw.shape != image.shape[:2]:
-    raise BadSampleError(
-        f'{mask_name}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its '
-        f'image {image_name} is {image.shape[1]}x{image.shape[0]}; they '
-        'must be the same size.')
+    raise BadSampleError(size_mismatch(mask_name, raw.shape, image_name,
+                                       image.shape[:2]))
   return {'image': image, 'label': apply_table(raw, table, mask_name)}
+
+
+def header_check(image_path, mask_path):
+  """((height, width) of the image, problem or None), read from the two
+  files' headers only: a file that cannot be opened, or an image and mask
+  of different sizes, is a problem."""
+  try:
+    size = image_size(image_path)
+    mask = image_size(mask_path)
+  except BadSampleError as e:
+    return None, str(e)
+  if mask != size:
+    return size, size_mismatch(mask_path, mask, image_path, size)
+  return size, None
+
+
+def header_checks(pairs, threads=8):
+  """`header_check` of every (image, mask) pair, in order."""
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(lambda p: header_check(*p), pairs))
 
 
 def load_or_skip(on_bad_sample, load, *args):
@@ -161,7 +312,7 @@ def _ranges(values):
 def check_root(root, name, hint=''):
   """FileNotFoundError naming the setting when `root` is not a folder."""
   if not root or not os.path.isdir(root):
-    raise validate.MissingFileError(
+    raise errors.MissingFileError(
         f'{name}: dataset folder data.root={root!r} does not exist'
         f'{"; " + hint if hint else ""}.')
   return root
@@ -170,13 +321,13 @@ def check_root(root, name, hint=''):
 def read_list(path, name):
   """Non-empty lines of a split list file; errors name the file."""
   if not os.path.isfile(path):
-    raise validate.MissingFileError(
+    raise errors.MissingFileError(
         f'{name}: split list {path} does not exist; check data.root and the '
         'split name.')
   with open(path) as f:
     lines = [line.strip() for line in f if line.strip()]
   if not lines:
-    raise ValueError(f'{name}: split list {path} is empty.')
+    raise errors.ConfigError(f'{name}: split list {path} is empty.')
   return lines
 
 
@@ -203,7 +354,7 @@ class FileSource:
     self.name = name
     self.class_names = tuple(class_names)
     self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
-    self._table = np.asarray(table, np.int16)
+    self.table = np.asarray(table, np.int16)
     self._on_bad = check_on_bad_sample(on_bad_sample)
     kept, self.skipped_at_build = [], []
     for image_path, mask_path in pairs:
@@ -214,12 +365,13 @@ class FileSource:
       message = (f'{name}: {missing[0]} (listed in {origin or name}) does '
                  'not exist.')
       if self._on_bad == 'raise':
-        raise validate.MissingFileError(
+        raise errors.MissingFileError(
             message + " Fix the list, or set data.on_bad_sample='skip' to "
             'drop it.')
       self.skipped_at_build.append(message)
     if not kept:
-      raise ValueError(f'{name}: no examples found in {origin or name}.')
+      raise errors.MissingFileError(
+          f'{name}: no examples found in {origin or name}.')
     self.pairs = kept
 
   def __len__(self):
@@ -231,11 +383,41 @@ class FileSource:
   def load(self, image_path, mask_path):
     """Decoded, checked example {'image', 'label'} of one pair."""
     return to_example(read_image(image_path), self.read_mask(mask_path),
-                      self._table, mask_path, image_path)
+                      self.table, mask_path, image_path)
 
   def read_mask(self, path):
     """The raw values of mask `path` (a source may check them first)."""
     return read_mask(path)
+
+  def check_headers(self):
+    """Reads every pair's file headers (nothing is decoded) and returns
+    each kept pair's image (height, width).
+
+    A pair whose file cannot be opened, or whose image and mask sizes
+    differ, raises `BadSampleError` naming the first such file and the
+    count ('raise' mode), or is dropped with one warning line each
+    ('skip').
+    """
+    checks = header_checks(self.pairs)
+    problems = [p for _, p in checks if p]
+    if problems and self._on_bad == 'raise':
+      more = (f' ({len(problems) - 1} more such files; `python -m '
+              'seg_jax.data.check` lists them all)' if len(problems) > 1
+              else '')
+      raise BadSampleError(f'{problems[0]}{more} Fix it, or set '
+                           "data.on_bad_sample='skip' to leave such files "
+                           'out.')
+    for problem in problems:
+      logging.warning('%s: skipped: %s', self.name, problem)
+    if problems:
+      kept = [(pair, size) for pair, (size, p) in zip(self.pairs, checks)
+              if not p]
+      if not kept:
+        raise BadSampleError(f'{self.name}: every file is bad; the first: '
+                             f'{problems[0]}')
+      self.pairs = [pair for pair, _ in kept]
+      return [size for _, size in kept]
+    return [size for size, _ in checks]
 
   def __repr__(self):
     return f'FileSource({self.name!r}, n={len(self)})'

@@ -9,50 +9,66 @@ import grain
 import jax
 import numpy as np
 
-from seg_jax import labels
+from seg_jax import errors, labels
 from seg_jax.data import files, transforms
 
 
 class SkipCounter:
-  """Counts the bad records a source skipped ('skip' mode) on this process.
+  """Counts the bad records a source skipped ('skip' mode) on this process,
+  and logs each bad file once per run.
 
   Training pipelines replace a skipped record where they read it (in the
   worker processes) and tag each record with 'num_skipped' (1 when its own
-  slot held a bad record); `count_batch` adds that up here. Evaluation
-  passes each record through `keep`. Training raises once `max_in_a_row`
-  records in a row were bad: a dataset that is bad everywhere must not spin
-  forever.
+  slot held a bad record) and 'skip_reason' (that record's message);
+  `count_batch` adds them up here. Evaluation passes each record through
+  `keep`. Training raises once `max_in_a_row` records in a row were bad: a
+  dataset that is bad everywhere must not spin forever.
   """
 
   def __init__(self, max_in_a_row=1000):
     self.count, self.max_in_a_row = 0, max_in_a_row
+    self.reasons = set()  # the distinct messages logged
     self._lock = threading.Lock()  # eval reader threads call `keep`
 
+  def _seen(self, reason):
+    """Counts one skipped record; logs its reason the first time."""
+    with self._lock:
+      self.count += 1
+      new = reason not in self.reasons
+      self.reasons.add(reason)
+    if new:
+      logging.warning('Skipped bad sample (data.on_bad_sample=\'skip\'; '
+                      'each file is reported once): %s', reason)
+
   def count_batch(self, batch):
-    """Adds up and removes a training batch's 'num_skipped' tags."""
-    skipped = int(np.sum(batch.pop('num_skipped')))
-    if skipped:
-      self.count += skipped
-      logging.warning('%d bad samples skipped so far on this process.',
-                      self.count)
+    """Adds up and removes a training batch's 'num_skipped' and
+    'skip_reason' tags."""
+    batch.pop('num_skipped')
+    for reason in batch.pop('skip_reason').tolist():
+      if reason:
+        self._seen(reason)
     return batch
 
   def keep(self, element):
-    """False (and counted, and logged) for a skipped record's marker."""
+    """False (and counted, and logged once) for a skipped record's marker."""
     if not files.is_skipped(element):
       return True
-    with self._lock:
-      self.count += 1
-      n = self.count
-    logging.warning('Skipped bad sample #%d: %s', n, element['skipped'])
+    self._seen(element['skipped'])
     return False
+
+  def log_total(self):
+    """One line with the count, when anything was skipped."""
+    if self.count:
+      logging.warning('%d bad samples skipped in this run (%d distinct '
+                      'files).', self.count, len(self.reasons))
 
 
 class _ReplaceSkipped(grain.MapDataset):
   """Slot i holds record i, or when that is a skipped bad record the next
   good one after it in the (shuffled, augmented) stream; tagged with
-  'num_skipped' = 1 when slot i's own record was bad. A function of i
-  alone, so every process and worker count sees the same stream."""
+  'num_skipped' = 1 and 'skip_reason' = its message when slot i's own
+  record was bad. A function of i alone, so every process and worker count
+  sees the same stream."""
 
   def __init__(self, parent, max_in_a_row):
     super().__init__(parent)
@@ -64,14 +80,16 @@ class _ReplaceSkipped(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
+    reason = ''
     for j in range(self._max):
       element = self._parent[index + j]
       if not files.is_skipped(element):
-        return {**element, 'num_skipped': np.int32(j > 0)}
+        return {**element, 'num_skipped': np.int32(j > 0),
+                'skip_reason': np.str_(reason)}
       if j == 0:
-        logging.warning('Skipped bad sample: %s', element['skipped'])
-    raise RuntimeError(f'{self._max} bad samples in a row; the last: '
-                       f'{element["skipped"]}')
+        reason = element['skipped']
+    raise errors.BadSampleError(
+        f'{self._max} bad samples in a row; the last: {element["skipped"]}')
 
 
 class _ProcessPart(grain.MapDataset):

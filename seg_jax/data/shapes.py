@@ -120,6 +120,7 @@ class ShapesSource:
       raise ValueError(f'shapes: split {split!r} needs num_examples > 0, '
                        f'got {num_examples}')
     self._split, self._n, self._seed = split, int(num_examples), int(seed)
+    self.name = f'shapes/{split}'
     self._size, self._max_shapes = int(size), int(max_shapes)
     self._ignore = int(ignore_label)
 

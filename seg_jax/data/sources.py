@@ -8,16 +8,16 @@ through a per-dataset table; a raw value the dataset does not define is an
 error naming the file, never a silent label.
 """
 
+import dataclasses
 import glob
+import logging
 import os
 
 import numpy as np
 
-from seg_jax import validate
+from seg_jax import errors
 from seg_jax.data import files
 from seg_jax.labels import IGNORE_LABEL, color_map
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 # --- Pascal VOC 2012 ------------------------------------------------------
@@ -45,14 +45,14 @@ def voc(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   if os.path.isdir(os.path.join(root, 'VOC2012')):
     root = os.path.join(root, 'VOC2012')
   if not os.path.isdir(os.path.join(root, 'JPEGImages')):
-    raise validate.MissingFileError(
+    raise errors.MissingFileError(
         f'voc: VOC2012 not found under data.root={root}: expected '
         'JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/ there.')
   lists = os.path.join(root, 'ImageSets', 'Segmentation')
   if split == 'train_aug':
     masks = os.path.join(root, 'SegmentationClassAug')
     if not os.path.isdir(masks):
-      raise validate.MissingFileError(
+      raise errors.MissingFileError(
           f'voc: {masks} does not exist. The train_aug split needs the SBD '
           'masks converted to VOC indices in SegmentationClassAug/; without '
           "them use data.train_split='train'.")
@@ -112,13 +112,13 @@ def cityscapes(root, split, on_bad_sample='raise',
                    'it must hold leftImg8bit/ and gtFine/')
   image_dir = os.path.join(root, 'leftImg8bit', split)
   if not os.path.isdir(image_dir):
-    raise validate.MissingFileError(
+    raise errors.MissingFileError(
         f'cityscapes: {image_dir} does not exist; is split {split!r} '
         f'unpacked under {root}?')
   images = sorted(glob.glob(os.path.join(image_dir, '*',
                                          '*_leftImg8bit.png')))
   if not images:
-    raise ValueError(f'cityscapes: no *_leftImg8bit.png under {image_dir}.')
+    raise errors.MissingFileError(f'cityscapes: no *_leftImg8bit.png under {image_dir}.')
   pairs = []
   for path in images:
     city = os.path.basename(os.path.dirname(path))
@@ -177,9 +177,10 @@ def ade20k(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   """
   files.check_root(root, 'ade20k', 'point it at ADEChallengeData2016')
   folder = _ADE20K_SPLITS.get(split, split)
-  pairs = _pairs_by_stem(os.path.join(root, 'images', folder),
-                         os.path.join(root, 'annotations', folder),
-                         'ade20k')
+  pairing = pair_files(os.path.join(root, 'images', folder),
+                       os.path.join(root, 'annotations', folder), 'ade20k')
+  check_pairing(pairing, f'ade20k/{split}', on_bad_sample)
+  pairs = pairing.pairs
   return files.FileSource(f'ade20k/{split}', pairs, ADE20K_CLASSES,
                           ADE20K_PALETTE, ade20k_table(ignore_label),
                           on_bad_sample,
@@ -219,7 +220,7 @@ def camvid(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   for n, line in enumerate(files.read_list(list_file, 'camvid'), 1):
     parts = line.split()
     if len(parts) != 2:
-      raise ValueError(f'camvid: {list_file} line {n} is {line!r}; expected '
+      raise errors.ConfigError(f'camvid: {list_file} line {n} is {line!r}; expected '
                        '"IMAGE LABEL".')
     pairs.append(tuple(_resolve_camvid(root, p) for p in parts))
   table = files.label_table(len(CAMVID_CLASSES),
@@ -233,38 +234,164 @@ def camvid(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
 # --- Any folder of images and masks ---------------------------------------
 
 
-def _pairs_by_stem(image_dir, mask_dir, name):
-  """(image, mask) pairs with the same file stem in two folders."""
+@dataclasses.dataclass
+class Pairing:
+  """How the files of an images folder and a masks folder pair up.
+
+  Attributes:
+    pairs: (image, mask) paths, sorted by the image's relative path.
+    unmatched: images with no mask.
+    orphans: masks with no image.
+    collisions: (file, file) whose relative paths differ only in the
+      extension (one folder each).
+    rule: the pairing rule in words, for messages.
+    image_dir, mask_dir, mask_suffix: what was paired, and how.
+  """
+  pairs: list
+  unmatched: list
+  orphans: list
+  collisions: list
+  rule: str
+  image_dir: str = ''
+  mask_dir: str = ''
+  mask_suffix: str = ''
+
+  def expected_mask(self, image):
+    """Where the mask of `image` would be (as .png)."""
+    key = os.path.splitext(os.path.relpath(image, self.image_dir))[0]
+    return os.path.join(self.mask_dir, f'{key}{self.mask_suffix}.png')
+
+
+def _files_by_key(folder):
+  """{relative path without extension: [files]} of the images under
+  `folder`, every subfolder included (hidden files left out)."""
+  found = {}
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    for name in sorted(names):
+      if name.startswith('.') or not name.lower().endswith(
+          files.IMAGE_EXTENSIONS):
+        continue
+      path = os.path.join(root, name)
+      key = os.path.splitext(os.path.relpath(path, folder))[0]
+      found.setdefault(key, []).append(path)
+  return found
+
+
+def pairing_rule(image_dir, mask_dir, mask_suffix=''):
+  """The folder source's pairing rule, said with the folders at hand."""
+  return (f'images pair with masks by their path under {image_dir} and '
+          f'{mask_dir} without the extension, the mask adding '
+          f'data.mask_suffix={mask_suffix!r} (a/x.jpg <-> '
+          f'a/x{mask_suffix}.png)')
+
+
+def pair_files(image_dir, mask_dir, name, mask_suffix=''):
+  """Pairs the images under `image_dir` with the masks under `mask_dir`
+  (subfolders included) by relative path without extension, a mask's name
+  ending in `mask_suffix` before its extension. See `Pairing`."""
   for d in (image_dir, mask_dir):
     if not os.path.isdir(d):
-      raise validate.MissingFileError(f'{name}: folder {d} does not exist.')
-  images = {os.path.splitext(f)[0]: os.path.join(image_dir, f)
-            for f in sorted(os.listdir(image_dir))
-            if f.lower().endswith(IMAGE_EXTENSIONS)}
-  masks = {os.path.splitext(f)[0]: os.path.join(mask_dir, f)
-           for f in sorted(os.listdir(mask_dir))
-           if f.lower().endswith(IMAGE_EXTENSIONS)}
+      raise errors.MissingFileError(f'{name}: folder {d} does not exist.')
+  images, masks = _files_by_key(image_dir), _files_by_key(mask_dir)
   if not images:
-    raise ValueError(f'{name}: no images in {image_dir} (looked for '
-                     f'{", ".join(IMAGE_EXTENSIONS)}).')
-  pairs = []
-  for stem, path in sorted(images.items()):
-    # A missing mask is reported (or skipped) by FileSource, like any
-    # listed file that does not exist.
-    pairs.append((path, masks.get(stem, os.path.join(mask_dir,
-                                                     f'{stem}.png'))))
-  return pairs
+    raise errors.MissingFileError(
+        f'{name}: no images in {image_dir} or its subfolders (looked for '
+        f'{", ".join(files.IMAGE_EXTENSIONS)}).')
+  collisions = [tuple(p[:2]) for found in (images, masks)
+                for p in found.values() if len(p) > 1]
+  by_image_key = {}
+  for key, paths in masks.items():
+    if key.endswith(mask_suffix):
+      by_image_key[key[:len(key) - len(mask_suffix)]] = paths[0]
+  pairs, unmatched = [], []
+  for key, paths in sorted(images.items()):
+    if key in by_image_key:
+      pairs.append((paths[0], by_image_key.pop(key)))
+    else:
+      unmatched.append(paths[0])
+  orphans = sorted(set(p[0] for p in masks.values()) -
+                   {m for _, m in pairs})
+  return Pairing(pairs, unmatched, orphans, collisions,
+                 pairing_rule(image_dir, mask_dir, mask_suffix), image_dir,
+                 mask_dir, mask_suffix)
+
+
+def _suffix_hint(pairing):
+  """"; set data.mask_suffix='_mask'" when every unpaired mask's name is an
+  unpaired image's name plus one common suffix, else ''."""
+  stems = {os.path.splitext(os.path.basename(p))[0] for p in pairing.unmatched}
+  found = set()
+  for mask in pairing.orphans:
+    stem = os.path.splitext(os.path.basename(mask))[0]
+    match = max((s for s in stems if stem.startswith(s) and stem != s),
+                key=len, default=None)
+    if match is None:
+      return ''
+    found.add(stem[len(match):])
+  if len(found) != 1:
+    return ''
+  return f"; these masks look named with --config.data.mask_suffix='{found.pop()}'"
+
+
+def check_pairing(pairing, name, on_bad_sample):
+  """Refuses what pairing cannot settle, in one line each: colliding
+  names, no pair at all, and (in 'raise' mode) an image without a mask;
+  in 'skip' mode those images are left out with one warning each. Masks
+  without an image are counted in one warning."""
+  if pairing.collisions:
+    a, b = pairing.collisions[0]
+    more = len(pairing.collisions) - 1
+    raise errors.ConfigError(
+        f'{name}: {a} and {b} have the same name but for the extension, so '
+        'which one pairs with a mask is ambiguous; rename or remove one'
+        + (f' ({more} more such pairs; `python -m seg_jax.data.check` lists '
+           'them)' if more else '') + '.')
+  if not pairing.pairs:
+    raise errors.MissingFileError(
+        f'{name}: no image has a mask: {pairing.rule}'
+        f'{_suffix_hint(pairing)}.')
+  if pairing.unmatched and on_bad_sample == 'raise':
+    more = len(pairing.unmatched) - 1
+    first = pairing.unmatched[0]
+    raise errors.MissingFileError(
+        f'{name}: {first} has no mask {pairing.expected_mask(first)} (or '
+        'with another image extension)'
+        + (f', nor do {more} more images' if more else '') +
+        f': {pairing.rule}{_suffix_hint(pairing)}. Add the masks, or set '
+        "data.on_bad_sample='skip' to leave such images out.")
+  for image in pairing.unmatched:
+    logging.warning('%s: skipped %s: it has no mask %s (%s).', name, image,
+                    pairing.expected_mask(image), pairing.rule)
+  if pairing.orphans:
+    logging.warning('%s: %d masks have no image and are not used, e.g. %s '
+                    '(%s).', name, len(pairing.orphans), pairing.orphans[0],
+                    pairing.rule)
+
+
+def folder_dirs(root, split):
+  """(images folder, masks folder) of `split`: `{root}/images/{split}` and
+  `{root}/masks/{split}`, or `{root}/{split}/images` and `.../masks`."""
+  layouts = [(os.path.join(root, 'images', split),
+              os.path.join(root, 'masks', split)),
+             (os.path.join(root, split, 'images'),
+              os.path.join(root, split, 'masks'))]
+  return next((l for l in layouts if os.path.isdir(l[0])), layouts[0])
 
 
 def folder(root, split, num_classes, on_bad_sample='raise',
-           ignore_label=IGNORE_LABEL, label_map=None):
-  """A user dataset: images and single-channel masks matched by file stem.
+           ignore_label=IGNORE_LABEL, label_map=None, mask_suffix='',
+           strict=True):
+  """A user dataset: images and single-channel masks paired by path.
 
   Layout: `{root}/images/{split}/` + `{root}/masks/{split}/`, or
-  `{root}/{split}/images/` + `{root}/{split}/masks/`. Mask values are class
-  ids 0..num_classes-1 and `ignore_label` (palette PNGs are read as indices;
-  grayscale images are read as RGB). Class names come from
-  `{root}/classes.txt` (one per line) when present.
+  `{root}/{split}/images/` + `{root}/{split}/masks/`, subfolders included:
+  `images/train/a/x.jpg` pairs with `masks/train/a/x{mask_suffix}.png`
+  (any image extension). Mask values are class ids 0..num_classes-1 and
+  `ignore_label` (palette PNGs are read as indices). Images are read as
+  `files.read_image_notes` says (any bit depth, EXIF orientation applied).
+  Class names come from `{root}/classes.txt` (one per line) when present;
+  colours from the masks' own palette when they are palette PNGs.
 
   Args:
     label_map: optional {raw mask value: class id (or ignore_label)}; its
@@ -272,23 +399,31 @@ def folder(root, split, num_classes, on_bad_sample='raise',
       `ignore_label` ignored), e.g. {255: 1} for 0/255 binary masks.
       Without it a mask holding exactly 0 and 255 is an error: 255 would be
       read as ignore and the foreground never learnt.
+    mask_suffix: what a mask's name adds to its image's, e.g. '_mask'.
+    strict: False leaves colliding names, images without masks and masks
+      without images in `source.pairing` (for `seg_jax.data.check`) instead
+      of refusing them (`check_pairing`).
   """
   files.check_root(root, 'folder', 'it must hold images/ and masks/')
-  layouts = [(os.path.join(root, 'images', split),
-              os.path.join(root, 'masks', split)),
-             (os.path.join(root, split, 'images'),
-              os.path.join(root, split, 'masks'))]
-  image_dir, mask_dir = next(
-      (l for l in layouts if os.path.isdir(l[0])), layouts[0])
+  image_dir, mask_dir = folder_dirs(root, split)
   names = _folder_class_names(root, num_classes)
-  pairs = _pairs_by_stem(image_dir, mask_dir, 'folder')
-  source = FolderSource(f'folder/{split}', pairs, names,
-                        color_map(num_classes),
+  pairing = pair_files(image_dir, mask_dir, f'folder/{split}', mask_suffix)
+  if strict:
+    check_pairing(pairing, f'folder/{split}', on_bad_sample)
+  elif not pairing.pairs:
+    raise errors.MissingFileError(
+        f'folder/{split}: no image has a mask: {pairing.rule}'
+        f'{_suffix_hint(pairing)}.')
+  palette = files.mask_palette(pairing.pairs[0][1], num_classes)
+  source = FolderSource(f'folder/{split}', pairing.pairs, names,
+                        color_map(num_classes) if palette is None else palette,
                         folder_table(num_classes, ignore_label, label_map),
                         on_bad_sample, origin=image_dir,
                         refuse_binary_export=(not label_map and
                                               ignore_label == 255))
-  source.check_mask(source.pairs[0][1])  # a 0/255 export fails before training
+  source.pairing = pairing
+  if strict:  # a 0/255 export fails before training
+    source.check_mask(source.pairs[0][1])
   return source
 
 
@@ -298,8 +433,9 @@ def _folder_class_names(root, num_classes):
     return [f'class_{i}' for i in range(num_classes)]
   names = files.read_list(names_file, 'folder')
   if len(names) != num_classes:
-    raise ValueError(f'folder: {names_file} names {len(names)} classes but '
-                     f'model.num_classes={num_classes}; make them equal.')
+    raise errors.ConfigError(
+        f'folder: {names_file} names {len(names)} classes but '
+        f'model.num_classes={num_classes}; make them equal.')
   return names
 
 
@@ -311,7 +447,7 @@ def folder_table(num_classes, ignore_label=IGNORE_LABEL, label_map=None):
     raw, train_id = int(raw), int(train_id)
     if not 0 <= raw <= 255 or not (0 <= train_id < num_classes or
                                    train_id == ignore_label):
-      raise ValueError(
+      raise errors.ConfigError(
           f'data.label_map has {raw}: {train_id}; map mask values 0..255 to '
           f'class ids 0..{num_classes - 1} or data.ignore_label='
           f'{ignore_label}.')
@@ -332,7 +468,7 @@ class FolderSource(files.FileSource):
     raw = files.read_mask(path)
     if (self.refuse_binary_export and raw.size and raw.max() == 255 and
         raw.min() == 0 and not np.any((raw != 0) & (raw != 255))):
-      raise validate.ConfigError(
+      raise errors.ConfigError(
           f'{path} holds only the values 0 and 255, a binary mask '
           'export: 255 would be read as ignore (data.ignore_label) and the '
           'foreground never learnt. Set data.label_map={255: 1} '
@@ -365,18 +501,18 @@ class TfdsSource:
       self._source = tfds.data_source(name, split=split,
                                       data_dir=data_dir or None)
     except Exception as e:  # tfds raises several types for a missing set
-      raise validate.MissingFileError(
+      raise errors.MissingFileError(
           f'{self.name}: cannot open it in data.tfds.data_dir='
           f'{data_dir!r} ({e}); prepare it with file_format=array_record '
           '(tfds build --file_format=array_record).') from e
     if len(self._source) == 0:
-      raise ValueError(f'{self.name}: the split is empty.')
+      raise errors.MissingFileError(f'{self.name}: the split is empty.')
     self.class_names = tuple(class_names)
     self.palette = color_map(len(self.class_names))
     self._keys = (image_key, label_key)
     mapping = {raw: raw + label_offset for raw in range(256)
                if 0 <= raw + label_offset < len(self.class_names)}
-    self._table = files.label_table(
+    self.table = files.label_table(
         len(self.class_names), mapping,
         ignore=tuple(ignore_values) + (ignore_label,),
         ignore_label=ignore_label)
@@ -411,7 +547,7 @@ class TfdsSource:
                                                raw.max() > 255):
       raise files.BadSampleError(f'{where}: mask values outside 0..255.')
     return files.to_example(image, raw.astype(np.uint8, copy=False),
-                            self._table,
+                            self.table,
                             f'{where} {self._keys[1]}',
                             f'{where} {self._keys[0]}')
 

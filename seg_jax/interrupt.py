@@ -1,0 +1,148 @@
+"""Stop signals (Ctrl-C, SIGTERM): a clean exit at any moment, compilation
+included, and training that finishes its step and saves first.
+
+A CLI calls `install()` first thing, before jax is imported. From then on
+the signals are read by a watcher thread (through `signal.set_wakeup_fd`),
+which acts at once even while the main thread is inside a long C call such
+as an XLA compilation, and Python never raises KeyboardInterrupt (which,
+raised out of a compilation, used to end in a segmentation fault at exit).
+Outside training a signal ends the program at once with one line and exit
+status 128 + the signal number: nothing is lost, as nothing is being
+trained. Inside `deferred()` (the training loop) the first signal is only
+recorded: the loop finishes its step, saves and stops; a second signal ends
+the program at once, keeping the checkpoints already saved (a save cut
+short is never restored from).
+
+Imports only the standard library.
+"""
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stop:
+  """What the watcher knows: whether a loop defers signals, and the first
+  signal it recorded."""
+
+  def __init__(self):
+    self.installed = False
+    self.deferring = False
+    self.received = None  # the first signal's name while deferring
+    self.context = 'nothing was running that could be saved'
+
+
+_STOP = _Stop()
+
+
+def install(context=None):
+  """Takes over SIGINT and SIGTERM in this process (main thread only).
+
+  Args:
+    context: what the exit line says was lost, e.g. 'outputs written so far
+      are kept'.
+
+  In a child process (a grain worker re-importing the CLI) SIGINT is
+  ignored instead: Ctrl-C reaches the whole process group, and the parent
+  decides.
+  """
+  if multiprocessing.parent_process() is not None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return
+  if context:
+    _STOP.context = context
+  if _STOP.installed:
+    return
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  for sig in SIGNALS:
+    signal.signal(sig, _ignore)  # Python side: no KeyboardInterrupt
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  threading.Thread(target=_watch, args=(read_fd,), daemon=True,
+                   name='seg_jax-signals').start()
+  _STOP.installed = True
+
+
+def _ignore(signum, frame):
+  del signum, frame  # the watcher thread handles it
+
+
+def _watch(fd):
+  while True:
+    for signum in os.read(fd, 64):
+      _on_signal(signum)
+
+
+def _on_signal(signum):
+  name = signal.Signals(signum).name
+  if _STOP.deferring and _STOP.received is None:
+    _STOP.received = name
+    logging.getLogger('absl').warning(
+        '%s received: finishing the step, saving a checkpoint, then stopping '
+        '(send it again to stop at once).', name)
+    return
+  if _STOP.deferring:
+    _exit(signum, f'Stopped at once by a second {name}: the checkpoints '
+          'saved so far are kept.')
+  _exit(signum, f'Stopped by {name}: {_STOP.context}.')
+
+
+def _exit(signum, line):
+  """Writes `line` and ends the process now, without Python's teardown."""
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  with contextlib.suppress(OSError):
+    os.write(2, (line + '\n').encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+def received():
+  """The name of the signal recorded inside `deferred()`, or None."""
+  return _STOP.received
+
+
+@contextlib.contextmanager
+def deferred(enabled=True):
+  """Inside: the first stop signal is recorded (`received()`), not acted on.
+
+  With `install()` done, the watcher records it; without (seg_jax used as a
+  library) Python handlers do, for the duration only. `enabled=False`
+  (processes of a multi-process job, where JAX agrees on SIGTERM across
+  processes) leaves the signals as they are.
+  """
+  _STOP.received = None
+  if not enabled:
+    yield
+    return
+  if _STOP.installed:
+    _STOP.deferring = True
+    try:
+      yield
+    finally:
+      _STOP.deferring = False
+    return
+  previous = {sig: signal.signal(sig, _record) for sig in SIGNALS}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _record(signum, frame):
+  """The library-use handler: record the first signal, raise on a second."""
+  del frame
+  name = signal.Signals(signum).name
+  if _STOP.received is not None:
+    raise KeyboardInterrupt(f'second {name}')
+  _STOP.received = name
+  logging.getLogger('absl').warning(
+      '%s received: finishing the step, saving a checkpoint, then stopping '
+      '(send it again to stop at once).', name)

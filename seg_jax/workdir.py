@@ -1,0 +1,136 @@
+"""A training run's folder and the config it remembers.
+
+    DIR/config.json    the run's resolved config: every key, with what the
+                       data decided (eval pad size, class names, palette)
+    DIR/checkpoints/   orbax steps (seg_jax.checkpoint)
+    DIR/eval/          evaluation reports (seg_jax.evaluate)
+
+`main` writes `config.json` before the first step (and again when a resume
+changes a setting); `evaluate`, `predict`, `export` and a resumed `main`
+read it when `--config` is not given, with `--config.a.b=value` overrides
+still applied. This file is also an ml_collections config file:
+`--config=seg_jax/workdir.py:DIR` (or `:DIR/config.json`) loads it, which
+is how the CLIs pass a stored config to their `--config` flag.
+
+Imports only the standard library and ml_collections.
+"""
+
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = 'config.json'
+
+# Keys whose values a checkpoint's arrays depend on: a config that differs
+# in one of them cannot restore it.
+MODEL_KEYS = ('model.name', 'model.num_classes', 'model.kwargs',
+              'train.ema_decay')
+# ... and what a resumed data stream and optimizer state depend on too.
+RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
+                            'train.optimizer')
+
+
+def config_path(workdir):
+  return os.path.join(workdir, CONFIG_FILE)
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, 'checkpoints')
+
+
+def has_checkpoints(workdir):
+  """Whether `workdir/checkpoints` holds a finished step folder."""
+  folder = checkpoint_dir(workdir)
+  return os.path.isdir(folder) and any(d.isdigit()
+                                       for d in os.listdir(folder))
+
+
+def _plain(value):
+  """A config value as JSON data (tuples as lists, numpy as Python)."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {str(k): _plain(v) for k, v in dict(value).items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  if hasattr(value, 'tolist'):
+    return value.tolist()
+  return value
+
+
+def _tuples(value):
+  """JSON data back as config values: lists become tuples."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def write_config(workdir, config):
+  """Writes `config` to `workdir/config.json` (atomically)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = config_path(workdir)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(_plain(config.to_dict()), f, indent=1, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+  return path
+
+
+def read_config(path):
+  """The ConfigDict stored at `path` (a run folder or its config.json)."""
+  if os.path.isdir(path):
+    path = config_path(path)
+  with open(path) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def get_config(path):
+  """ml_collections' config-file entry point: `--config=THIS_FILE:DIR`."""
+  return read_config(path)
+
+
+def loader_argument(path):
+  """The `--config` value that loads the config stored at `path`."""
+  return f'{os.path.abspath(__file__)}:{path}'
+
+
+def _get(config, key):
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _leaves(key, value):
+  """{'a.b.c': leaf} of a config value (a dict's leaves under `key`)."""
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  if isinstance(value, dict) and value:
+    out = {}
+    for k, v in value.items():
+      out.update(_leaves(f'{key}.{k}', v))
+    return out
+  return {key: value}
+
+
+def _comparable(key, value):
+  if key == 'train.ema_decay':  # the state has an average or not
+    return value is not None and value > 0
+  return json.dumps(_plain(value), sort_keys=True)
+
+
+def differences(stored, config, keys):
+  """[(key, stored value, config's value)] of `keys` that differ; a key
+  holding a dict (model.kwargs) is compared leaf by leaf."""
+  found = []
+  for key in keys:
+    old, new = _leaves(key, _get(stored, key)), _leaves(key, _get(config, key))
+    for leaf in sorted(set(old) | set(new)):
+      a, b = old.get(leaf), new.get(leaf)
+      if _comparable(key, a) != _comparable(key, b):
+        found.append((leaf, a, b))
+  return found

@@ -1,0 +1,491 @@
+"""A user's own folder of images: read right or refused in one line, checked
+before training, never losing trained steps, and a run folder that
+remembers its config."""
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg_jax import checkpoint, data, errors, train
+from seg_jax.data import check, files
+
+import user_data as ud
+from conftest import REPO
+
+
+def _cli(module, *args, timeout=240):
+  """Runs `python -m seg_jax.<module>`; returns (rc, stdout, stderr)."""
+  proc = subprocess.run([sys.executable, '-m', f'seg_jax.{module}', *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _user_lines(stderr):
+  """stderr without absl's log lines (I/W/E1130 ...) and tqdm bars."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and not re.match(r'^[IWE]\d{4} ', l) and
+          '|' not in l]
+
+
+def _one_line_error(rc, stderr, code, *patterns):
+  lines = _user_lines(stderr)
+  assert rc == code, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  for pattern in patterns:
+    assert re.search(pattern, lines[0]), lines[0]
+  return lines[0]
+
+
+# --- Reading images as they are meant ------------------------------------
+
+
+def test_16bit_and_float_images_read_as_their_8bit_version(tmp_path):
+  """16-bit grayscale (PNG, TIFF) and float TIFFs decode to exactly the 8-bit
+  image they hold (value * 255 / 65535, float * 255), not solid white."""
+  grey = ud.example(0)[0][..., 0]
+  Image.fromarray(grey).save(tmp_path / 'eight.png')
+  for name in ('sixteen.png', 'sixteen.tif'):
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == 'I;16'
+  Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / 'float.tif')
+  want = files.read_image(str(tmp_path / 'eight.png'))
+  assert want.shape == (24, 32, 3) and want.max() < 255
+  for name in ('sixteen.png', 'sixteen.tif', 'float.tif'):
+    image, notes = files.read_image_notes(str(tmp_path / name))
+    np.testing.assert_array_equal(image, want)
+    assert 'scaled to 8 bits' in notes[0]
+  Image.fromarray(grey.astype(np.float32)).save(tmp_path / 'raw.tif')
+  with pytest.raises(files.BadSampleError,
+                     match=r'raw.tif: float image holds values .* as 0..1'):
+    files.read_image(str(tmp_path / 'raw.tif'))
+
+
+def test_exif_rotated_photo_is_read_upright_and_aligned(tmp_path):
+  """A photo stored sideways with EXIF orientation 6 is read as viewers show
+  it: its size is the upright one (headers too), so it pairs with its mask,
+  and its pixels line up with the mask's classes (also when square, where a
+  rotated read would silently misalign)."""
+  for size in ((24, 32), (32, 32)):
+    root = tmp_path / f'{size[0]}x{size[1]}'
+    (image_path, mask_path), = ud.write_folder(root, n=1, form='exif6',
+                                               size=size)
+    with Image.open(image_path) as stored:
+      assert stored.size == (size[0], size[1])  # W x H stored sideways
+    assert files.image_size(image_path) == size
+    src = data.create_source(ud.folder_config(root), 'train')
+    example = src.load(image_path, mask_path)
+    assert example['image'].shape == size + (3,)
+    _, mask = ud.example(0, size)
+    np.testing.assert_array_equal(example['label'], mask)
+    for k, colour in enumerate(ud.COLOURS):  # JPEG noise stays < 40
+      mean = example['image'][mask == k].mean(0)
+      assert np.abs(mean - colour).max() < 40, (k, mean, colour)
+
+
+def test_grey_mask_saved_as_rgb_is_read_and_colour_masks_are_refused(
+    tmp_path):
+  _, mask = ud.example(0)
+  Image.fromarray(np.repeat(mask[..., None], 3, -1)).save(tmp_path / 'g.png')
+  np.testing.assert_array_equal(files.read_mask(str(tmp_path / 'g.png')),
+                                mask)
+  colour = ud.PALETTE[mask]
+  Image.fromarray(colour).save(tmp_path / 'c.png')
+  with pytest.raises(files.BadSampleError, match=r"c.png: mask has mode 'RGB'"):
+    files.read_mask(str(tmp_path / 'c.png'))
+
+
+# --- Pairing images and masks ---------------------------------------------
+
+
+def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
+    tmp_path, caplog):
+  """Images in subfolders are all used, each with the mask at the same
+  relative path (a name repeated in two subfolders is two examples), and
+  opening a split logs its count, size range and classes."""
+  ud.write_folder(tmp_path, n=9, nested=3)
+  ud.write_folder(tmp_path / 'other', n=1)
+  for sub in ('images', 'masks'):  # g3/img_000.png: the name of g0's first
+    os.makedirs(tmp_path / sub / 'train' / 'g3')
+    os.replace(tmp_path / 'other' / sub / 'train' / 'img_000.png',
+               tmp_path / sub / 'train' / 'g3' / 'img_000.png')
+  with caplog.at_level(logging.INFO):
+    src, sizes = data.open_split(ud.folder_config(tmp_path), 'train')
+  assert len(src) == 10 and sizes == [ud.SIZE] * 10
+  rel = [os.path.relpath(p, tmp_path / 'images' / 'train')
+         for p, _ in src.pairs]
+  assert rel[:4] == ['g0/img_000.png', 'g0/img_001.png', 'g0/img_002.png',
+                     'g1/img_003.png'] and rel[-1] == 'g3/img_000.png'
+  for image, mask in src.pairs:
+    assert mask == image.replace('/images/', '/masks/')
+  assert ('folder/train: 10 examples, images 24x32 (HxW), 3 classes: '
+          'class_0, class_1, class_2') in caplog.text
+
+
+def test_colliding_names_are_refused_naming_both(tmp_path):
+  ud.write_folder(tmp_path, n=3)
+  image = tmp_path / 'images' / 'train' / 'img_001.png'
+  Image.open(image).save(tmp_path / 'images' / 'train' / 'img_001.jpg')
+  with pytest.raises(errors.ConfigError,
+                     match=r'images/train/img_001.jpg and .*images/train/'
+                           r'img_001.png have the same name but for the '
+                           r'extension'):
+    data.create_source(ud.folder_config(tmp_path), 'train')
+  os.remove(tmp_path / 'images' / 'train' / 'img_001.jpg')
+  mask = tmp_path / 'masks' / 'train' / 'img_002.png'
+  Image.open(mask).save(tmp_path / 'masks' / 'train' / 'img_002.bmp')
+  with pytest.raises(errors.ConfigError,
+                     match=r'masks/train/img_002.bmp and .*img_002.png'):
+    data.create_source(ud.folder_config(tmp_path, **{
+        'data.on_bad_sample': 'skip'}), 'train')
+
+
+def test_mask_suffix_and_the_pairing_rule_in_every_pairing_error(tmp_path):
+  ud.write_folder(tmp_path, n=4, mask_suffix='_mask')
+  rule = (r'images pair with masks by their path under .*images/train and '
+          r'.*masks/train without the extension, the mask adding '
+          r"data.mask_suffix=''")
+  with pytest.raises(errors.MissingFileError,
+                     match=rf'no image has a mask: {rule}.*; these masks look '
+                           r"named with --config.data.mask_suffix='_mask'"):
+    data.create_source(ud.folder_config(tmp_path), 'train')
+  with pytest.raises(errors.MissingFileError, match=rule):  # skip mode too
+    data.create_source(ud.folder_config(tmp_path, **{
+        'data.on_bad_sample': 'skip'}), 'train')
+  cfg = ud.folder_config(tmp_path, **{'data.mask_suffix': '_mask'})
+  src = data.create_source(cfg, 'train')
+  assert [os.path.basename(m) for _, m in src.pairs] == [
+      f'img_{i:03d}_mask.png' for i in range(4)]
+  os.remove(tmp_path / 'masks' / 'train' / 'img_001_mask.png')
+  with pytest.raises(errors.MissingFileError,
+                     match=r'img_001.png has no mask .*masks/train/'
+                           r'img_001_mask.png .*: images pair with masks'):
+    data.create_source(cfg, 'train')
+  cfg.data.on_bad_sample = 'skip'
+  assert len(data.create_source(cfg, 'train')) == 3
+
+
+# --- Training on them -----------------------------------------------------
+
+
+def _train(config, workdir):
+  result = train.train_and_evaluate(config, str(workdir))
+  return result, checkpoint.read_state(f'{workdir}/checkpoints',
+                                       result['step'])
+
+
+def test_16bit_nested_dataset_trains_and_predicts_like_its_8bit_version(
+    tmp_path):
+  """The same grayscale examples saved as flat 8-bit PNGs and as 16-bit
+  PNGs in subfolders train to bit-identical parameters, and `predict`
+  writes the same labels for the 16-bit file as for the 8-bit one."""
+  from seg_jax import evaluators, predict, sharding, state  # pylint: disable=g-import-not-at-top
+  plain, deep = tmp_path / 'plain', tmp_path / 'deep'
+  for split, n in (('train', 10), ('val', 3)):
+    ud.write_folder(plain, n=n, split=split, grey=True)
+    ud.write_folder(deep, n=n, split=split, grey=True, form='gray16',
+                    nested=4)
+  results = []
+  for root in (plain, deep):
+    results.append(_train(ud.folder_config(root), tmp_path / f'run_{root.name}'))
+  (r8, s8), (r16, s16) = results
+  assert r8['miou'] == r16['miou']
+  for a, b in zip(jax.tree.leaves(s8['params']), jax.tree.leaves(s16['params'])):
+    np.testing.assert_array_equal(a, b)
+  config = ud.folder_config(plain)
+  model, variables, _ = state.restore_for_inference(
+      config, str(tmp_path / 'run_plain'),
+      sharding.create_mesh(devices=jax.devices()[:1]))
+  predictor = predict.Predictor(config, model, variables,
+                                evaluators.spec_from_config(
+                                    config, 'whole'), 2)
+  outputs = predict.Outputs(str(tmp_path / 'out'), ud.PALETTE, [], 0.5)
+  images = [(str(plain / 'images' / 'val' / 'img_001.png'), 'eight'),
+            (str(deep / 'images' / 'val' / 'g0' / 'img_001.png'), 'sixteen')]
+  assert predict.predict_images(images, predictor, outputs) == []
+  eight = np.asarray(Image.open(tmp_path / 'out' / 'eight.png'))
+  np.testing.assert_array_equal(
+      np.asarray(Image.open(tmp_path / 'out' / 'sixteen.png')), eight)
+
+
+def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
+    tmp_path, caplog):
+  """'skip' mode over several epochs: one warning per bad file per run and
+  a final count; data.val_split='' trains without evaluating and reports
+  the training batches' scores."""
+  ud.write_folder(tmp_path, n=10)
+  Image.fromarray(np.full(ud.SIZE, 9, np.uint8)).save(
+      tmp_path / 'masks' / 'train' / 'img_003.png')
+  with open(tmp_path / 'images' / 'train' / 'img_006.png', 'r+b') as f:
+    f.truncate(100)
+  config = ud.folder_config(tmp_path, **{
+      'data.on_bad_sample': 'skip', 'data.val_split': '',
+      'train.num_steps': 6, 'train.log_every_steps': 6,
+      'checkpoint.every_steps': 6})
+  with caplog.at_level(logging.INFO):
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  reports = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith('Skipped bad sample')]
+  assert len(reports) == 2, reports
+  assert any('img_003.png: mask values [9]' in r for r in reports)
+  assert any('img_006.png: cannot decode image' in r for r in reports)
+  # 6 steps x 8 = 48 records of a 10-record stream: each bad one met 4-5x.
+  total = re.search(r'(\d+) bad samples skipped in this run \(2 distinct '
+                    r'files\)', caplog.text)
+  assert total and 8 <= int(total.group(1)) <= 10
+  assert result['no_validation'] and result['step'] == 6
+  assert 0 < result['miou'] <= 1 and 'mean_accuracy' not in result
+  assert "No validation split (data.val_split='')" in caplog.text
+  assert not [r for r in caplog.records if 'eval' in r.getMessage()[:6]]
+  stored = json.load(open(tmp_path / 'run' / 'config.json'))
+  assert stored['data']['val_split'] == ''
+
+
+def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):
+  """Unset, data.eval_pad_size fits the largest validation image (rounded
+  up to 32) and is stored; set too small, `main` refuses in one line that
+  names the image and the setting, before any step."""
+  ud.write_folder(tmp_path, n=10)
+  ud.write_folder(tmp_path, n=2, split='val', size=(40, 20))
+  config = ud.folder_config(tmp_path)
+  train_src, _ = data.open_split(config, 'train')
+  val_src, sizes = data.open_split(config, 'val')
+  resolved = data.resolved_config(config, train_src, val_src, sizes)
+  assert resolved.data.eval_pad_size == (64, 32)
+  assert resolved.data.class_names == ('class_0', 'class_1', 'class_2')
+  assert np.array_equal(resolved.data.palette, ud.PALETTE)
+  rc, _, stderr = _cli('main', *ud.cli_args(tmp_path),
+                       f'--workdir={tmp_path}/run',
+                       '--config.data.eval_pad_size=(32,32)')
+  _one_line_error(rc, stderr, 2, r'images/val/img_00\d.png is 40x20 \(HxW\), '
+                  r'larger than data.eval_pad_size=\(32, 32\)',
+                  r'--config.data.eval_pad_size="\(64, 32\)"')
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
+    tmp_path):
+  """A validation mask that fails only when evaluated: the run stops in
+  one line saying the checkpoint of the step it reached is saved. Fixed,
+  the run resumes with `--workdir` alone (its config.json keeps the
+  overrides), and evaluate, predict and export need nothing else either;
+  predictions are palette PNGs with the masks' own palette."""
+  ud.write_folder(tmp_path / 'data', n=10)
+  paths = ud.write_folder(tmp_path / 'data', n=3, split='val')
+  good = open(paths[1][1], 'rb').read()
+  ud.save_mask(paths[1][1], np.full(ud.SIZE, 7, np.uint8))
+  run = f'--workdir={tmp_path}/run'
+  rc, _, stderr = _cli('main', *ud.cli_args(tmp_path / 'data', **{
+      'model.kwargs.width': 2}), run)
+  _one_line_error(rc, stderr, 1, r'^error: Evaluation at step 4 failed: '
+                  r'.*masks/val/img_001.png: mask values \[7\]',
+                  r'checkpoint 4 is saved in .*run/checkpoints')
+  assert checkpoint.Checkpointer(f'{tmp_path}/run/checkpoints', 4,
+                                 3).all_steps() == [4]
+  open(paths[1][1], 'wb').write(good)
+  rc, stdout, stderr = _cli('main', run, '--config.train.num_steps=6')
+  assert rc == 0, stderr[-3000:]
+  assert re.search(r'^Finished: step=6 .*mIoU=', stdout, re.M)
+  assert 'Resumed from step 4' in stderr
+  stored = json.load(open(tmp_path / 'run' / 'config.json'))
+  assert stored['model']['kwargs']['width'] == 2
+  assert stored['train']['num_steps'] == 6
+  rc, stdout, stderr = _cli('evaluate', run)
+  assert rc == 0, stderr[-3000:]
+  assert re.search(r'Evaluated: step=6 split=val evaluator=whole', stdout)
+  rc, stdout, stderr = _cli('predict', run, f'--out={tmp_path}/pred',
+                            f'{tmp_path}/data/images/val')
+  assert rc == 0, stderr[-3000:]
+  with Image.open(tmp_path / 'pred' / 'val' / 'img_000.png') as im:
+    assert im.mode == 'P'
+    palette = np.asarray(im.getpalette()[:9]).reshape(3, 3)
+  np.testing.assert_array_equal(palette, ud.PALETTE)
+  rc, stdout, stderr = _cli('export', run, f'--out={tmp_path}/model.bin')
+  assert rc == 0, stderr[-3000:]
+  assert json.load(open(f'{tmp_path}/model.bin.json'))['class_names'] == [
+      'class_0', 'class_1', 'class_2']
+  # An override that contradicts the checkpoints is refused, named.
+  _one_line_error(*_cli('evaluate', run, '--config.model.kwargs.width=4')[::2],
+                  2, r'model.kwargs.width=4 contradicts the run in .*run, whose '
+                  r'checkpoints were trained with model.kwargs.width=2 ')
+  _one_line_error(*_cli('predict', run, f'--out={tmp_path}/p2',
+                        '--keep=sky', paths[0][0])[::2],
+                  2, r"--keep='sky' is not a class of this model")
+
+
+@pytest.mark.parametrize('fault, code, pattern', [
+    ('suffix', 2, r"no image has a mask: .*mask_suffix='_mask'"),
+    ('empty', 1, r'img_003.png: cannot read it \(the file is empty\)'),
+    ('size', 1, r'img_002.png: mask is 16x16 \(WxH\) but its image .* is '
+                r'32x24'),
+    ('class', 1, r'Reading the batch of step 1 failed: .*img_00\d.png: mask '
+                 r'values \[3\].*data.check` lists every bad file.*no step '
+                 r'had been trained'),
+    ('ignore', 2, r'data.ignore_label=1 must be in 3..255'),
+])
+def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
+  ud.write_folder(tmp_path, n=10, mask_suffix='_mask' if fault == 'suffix'
+                  else '')
+  ud.write_folder(tmp_path, n=2, split='val')
+  extra = []
+  if fault == 'empty':
+    open(tmp_path / 'images' / 'train' / 'img_003.png', 'w').close()
+  elif fault == 'size':
+    ud.save_mask(str(tmp_path / 'masks' / 'train' / 'img_002.png'),
+                 np.zeros((16, 16), np.uint8))
+  elif fault == 'class':
+    for i in range(10):
+      ud.save_mask(str(tmp_path / 'masks' / 'train' / f'img_{i:03d}.png'),
+                   np.full(ud.SIZE, 3, np.uint8))
+  elif fault == 'ignore':
+    extra = ['--config.data.ignore_label=1']
+  rc, _, stderr = _cli('main', *ud.cli_args(tmp_path), *extra,
+                       f'--workdir={tmp_path}/run')
+  _one_line_error(rc, stderr, code, pattern)
+
+
+# --- Ctrl-C ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize('moment', [0.4, 3.0, 'trained'])
+def test_sigint_at_any_moment_exits_cleanly_and_a_saved_run_resumes(
+    tmp_path, moment):
+  """SIGINT during imports, set-up and compilation, or training: never a
+  traceback or a crash; a run that saved resumes to the end."""
+  args = ['--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}',
+          '--config.train.num_steps=100000', '--config.checkpoint.every_steps=5',
+          '--config.eval.every_steps=100000',
+          '--config.compilation_cache_dir=']
+  proc = subprocess.Popen([sys.executable, '-m', 'seg_jax.main', *args],
+                          cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    if moment == 'trained':
+      deadline = time.time() + 120
+      while not os.path.isdir(tmp_path / 'checkpoints' / '5'):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    else:
+      time.sleep(moment)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode in (0, 130), out[-3000:]
+  assert 'Traceback' not in out and 'Fatal Python error' not in out, out
+  last = out.strip().splitlines()[-1]
+  assert re.match(r'Stopped by SIGINT', last), last
+  steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints')
+                 if s.isdigit()) if os.path.isdir(tmp_path / 'checkpoints') \
+      else []
+  if moment == 'trained':
+    assert proc.returncode == 0 and steps and steps[-1] >= 5
+  if steps:
+    rc, stdout, stderr = _cli('main', f'--workdir={tmp_path}',
+                              f'--config.train.num_steps={steps[-1] + 2}')
+    assert rc == 0, stderr[-3000:]
+    assert f'Finished: step={steps[-1] + 2}' in stdout
+
+
+# --- seg_jax.data.check ---------------------------------------------------
+
+
+def _faulty_dataset(root):
+  """Ten kinds of faults, one file each; returns the faulty files."""
+  ud.write_folder(root, n=14)
+  ud.write_folder(root, n=3, split='val')
+  img = lambda i: root / 'images' / 'train' / f'img_{i:03d}.png'
+  msk = lambda i: root / 'masks' / 'train' / f'img_{i:03d}.png'
+  faults = {}
+  img(0).write_bytes(b'not an image at all')
+  faults['undecodable'] = img(0)
+  img(1).write_bytes(b'')
+  faults['empty'] = img(1)
+  os.remove(msk(2))
+  faults['no mask'] = img(2)
+  ud.save_mask(str(root / 'masks' / 'train' / 'extra.png'),
+               np.zeros(ud.SIZE, np.uint8))
+  faults['no image'] = root / 'masks' / 'train' / 'extra.png'
+  Image.open(img(3)).save(root / 'images' / 'train' / 'img_003.jpg')
+  faults['collision'] = root / 'images' / 'train' / 'img_003.jpg'
+  ud.save_mask(str(msk(4)), np.zeros((10, 10), np.uint8))
+  faults['size'] = msk(4)
+  ud.save_mask(str(msk(5)), np.full(ud.SIZE, 5, np.uint8))
+  faults['class id'] = msk(5)
+  Image.fromarray(ud.PALETTE[ud.example(6)[1]]).save(msk(6))
+  faults['colour mask'] = msk(6)
+  binary = np.zeros(ud.SIZE, np.uint8)
+  binary[4:9] = 255
+  Image.fromarray(binary).save(msk(7))
+  faults['0/255 mask'] = msk(7)
+  Image.fromarray(np.full(ud.SIZE, 3.0, np.float32)).save(
+      root / 'images' / 'train' / 'img_008.tif')
+  os.remove(img(8))
+  faults['float range'] = root / 'images' / 'train' / 'img_008.tif'
+  ud.save_image(str(root / 'images' / 'val' / 'img_002.png'),
+                ud.example(2, (40, 32))[0])
+  ud.save_mask(str(root / 'masks' / 'val' / 'img_002.png'),
+               ud.example(2, (40, 32))[1])
+  faults['larger than eval_pad_size'] = root / 'images' / 'val' / 'img_002.png'
+  return faults
+
+
+def test_check_lists_every_faulty_file_and_exits_1(tmp_path):
+  faults = _faulty_dataset(tmp_path)
+  ud.save_image(str(tmp_path / 'images' / 'train' / 'img_009.png'),
+                ud.example(9)[0], form='gray16')
+  rc, stdout, _ = _cli('data.check', *ud.cli_args(tmp_path),
+                       '--config.data.eval_pad_size=(32,32)')
+  assert rc == 1, stdout
+  errors_ = [l for l in stdout.splitlines() if l.startswith('  ERROR ')]
+  for kind, path in faults.items():
+    assert [e for e in errors_ if str(path) in e], (kind, path, stdout)
+  assert len(errors_) == len(faults), stdout
+  assert re.search(r'NOTE 1 image\(s\): 16-bit grayscale .*img_009.png',
+                   stdout)
+  assert f'{len(faults)} problem(s) found' in stdout
+
+
+def test_check_prints_the_class_table_of_a_clean_dataset(tmp_path):
+  ud.write_folder(tmp_path, n=6)
+  ud.write_folder(tmp_path, n=2, split='val')
+  rc, stdout, _ = _cli('data.check', *ud.cli_args(tmp_path))
+  assert rc == 0, stdout
+  masks = np.stack([ud.example(i)[1] for i in range(6)])
+  counts = np.bincount(masks.ravel(), minlength=3)
+  total = counts.sum()
+  for k in range(3):
+    images = sum(int((m == k).any()) for m in masks)
+    assert re.search(rf'^\s+{k}\s+class_{k}\s+{counts[k]:,}\s+'
+                     rf'{100 * counts[k] / total:.1f}%\s+{images}$', stdout,
+                     re.M), stdout
+  assert 'No problems found.' in stdout
+  report = check.check_split(ud.folder_config(tmp_path), 'val')
+  assert report.errors == [] and report.examples == 2
+
+
+def test_check_reads_a_run_folders_config(tmp_path):
+  """--workdir alone: the stored config.json is the one checked."""
+  ud.write_folder(tmp_path / 'data', n=4)
+  ud.write_folder(tmp_path / 'data', n=2, split='val')
+  from seg_jax import workdir  # pylint: disable=g-import-not-at-top
+  workdir.write_config(tmp_path / 'run', ud.folder_config(tmp_path / 'data'))
+  out = io.StringIO()
+  assert check.check(workdir.read_config(tmp_path / 'run'), out=out) == 0
+  assert 'train: folder/train, 4 examples' in out.getvalue()
+  rc, stdout, _ = _cli('data.check', f'--workdir={tmp_path}/run')
+  assert rc == 0 and 'val: folder/val, 2 examples' in stdout, stdout
