@@ -52,8 +52,9 @@ TORCH_TWINS = ('fcn_resnet50', 'fcn_resnet101', 'deeplabv3_resnet50',
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      'config', None, f'Configuration file (a configs/*.py). '
+      f'{cli.CONFIG_KEYS_HELP}', lock_config=True)
   flags.DEFINE_integer('batch', 0, 'Global batch (0: '
                        'train.global_batch_size).')
   flags.DEFINE_list('crop', [], 'Input height,width (default: '

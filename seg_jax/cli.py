@@ -221,10 +221,15 @@ def _flag_error(argv, error):
                if a.startswith('--config=')), None)
   keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
           if a.startswith('--config.')]
+  loader = run_folder.loader_argument('')
+  if path and path.startswith(loader):  # a run folder's stored config
+    path = path[len(loader):]
+    path = path if path.endswith('.json') else run_folder.config_path(path)
   if path and keys:
     try:
       import runpy  # pylint: disable=g-import-not-at-top
-      config = runpy.run_path(path)['get_config']()
+      config = (run_folder.read_config(path) if path.endswith('.json') else
+                runpy.run_path(path)['get_config']())
     except Exception:  # pylint: disable=broad-except
       config = None
     for key in keys if config is not None else ():

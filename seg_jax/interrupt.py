@@ -52,7 +52,7 @@ def install(context=None):
   ignored instead: Ctrl-C reaches the whole process group, and the parent
   decides.
   """
-  if multiprocessing.parent_process() is not None:
+  if _in_child_process():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return
   if context:
@@ -67,6 +67,14 @@ def install(context=None):
   threading.Thread(target=_watch, args=(read_fd,), daemon=True,
                    name='seg_jax-signals').start()
   _STOP.installed = True
+
+
+def _in_child_process():
+  """Whether this is a worker process: started by multiprocessing, or
+  being started (its parent's main module is re-imported before
+  `parent_process()` is set)."""
+  return (multiprocessing.parent_process() is not None or
+          getattr(multiprocessing.current_process(), '_inheriting', False))
 
 
 def _ignore(signum, frame):

@@ -17,8 +17,9 @@ from ml_collections import config_flags
 from seg_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Configuration file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, f'Configuration file (a configs/*.py). '
+    f'{cli.CONFIG_KEYS_HELP}', lock_config=True)
 flags.DEFINE_integer('depth', 1, 'Module nesting depth of the table.')
 
 

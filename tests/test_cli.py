@@ -103,17 +103,27 @@ def _check_evaluate(workdir, miou, config):
 
 
 def test_every_cli_help_exits_zero():
-  clis = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.predict',
-          'seg_jax.export', 'seg_jax.summary', 'seg_jax.bench',
-          'seg_jax.data.bench',
-          'seg_jax.data.samples']
+  """--help exits 0 and lists the CLI's own flags: --config (saying where
+  the config keys are documented) and, for those that work on a training
+  run's folder, --workdir."""
+  run_folder = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.predict',
+                'seg_jax.export', 'seg_jax.data.check']
+  clis = run_folder + ['seg_jax.summary', 'seg_jax.bench',
+                       'seg_jax.data.to_folder', 'seg_jax.data.bench',
+                       'seg_jax.data.samples']
   procs = [subprocess.Popen([sys.executable, '-m', m, '--help'], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for m in clis]
   for module, proc in zip(clis, procs):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, (module, stderr[-2000:])
-    assert '--config' in stdout or '--out' in stdout, module
+    if module == 'seg_jax.data.samples':
+      assert re.search(r'^  --out: ', stdout, re.M), module  # no config
+      continue
+    assert re.search(r'^  --config: ', stdout, re.M), (module, stdout)
+    assert 'configs/default.py' in stdout, module
+    if module in run_folder:
+      assert re.search(r'^  --workdir: ', stdout, re.M), (module, stdout)
 
 
 def test_inference_modules_do_not_import_the_training_loop():

@@ -251,6 +251,8 @@ def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
   assert not [r for r in caplog.records if 'eval' in r.getMessage()[:6]]
   stored = json.load(open(tmp_path / 'run' / 'config.json'))
   assert stored['data']['val_split'] == ''
+  _one_line_error(*_cli('evaluate', f'--workdir={tmp_path}/run')[::2], 2,
+                  r"data.val_split is '' .* give --split=")
 
 
 def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):
@@ -320,6 +322,8 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
   _one_line_error(*_cli('evaluate', run, '--config.model.kwargs.width=4')[::2],
                   2, r'model.kwargs.width=4 contradicts the run in .*run, whose '
                   r'checkpoints were trained with model.kwargs.width=2 ')
+  _one_line_error(*_cli('evaluate', run, '--config.data.nope=1')[::2], 2,
+                  r'--config.data.nope: .*run/config.json has no such key')
   _one_line_error(*_cli('predict', run, f'--out={tmp_path}/p2',
                         '--keep=sky', paths[0][0])[::2],
                   2, r"--keep='sky' is not a class of this model")
@@ -334,6 +338,7 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
                  r'values \[3\].*data.check` lists every bad file.*no step '
                  r'had been trained'),
     ('ignore', 2, r'data.ignore_label=1 must be in 3..255'),
+    ('collision', 2, r'img_001.jpg and .*img_001.png have the same name'),
 ])
 def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
   ud.write_folder(tmp_path, n=10, mask_suffix='_mask' if fault == 'suffix'
@@ -351,6 +356,9 @@ def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
                    np.full(ud.SIZE, 3, np.uint8))
   elif fault == 'ignore':
     extra = ['--config.data.ignore_label=1']
+  elif fault == 'collision':
+    Image.open(tmp_path / 'images' / 'train' / 'img_001.png').save(
+        tmp_path / 'images' / 'train' / 'img_001.jpg')
   rc, _, stderr = _cli('main', *ud.cli_args(tmp_path), *extra,
                        f'--workdir={tmp_path}/run')
   _one_line_error(rc, stderr, code, pattern)

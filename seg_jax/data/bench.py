@@ -22,7 +22,9 @@ from PIL import Image
 from seg_jax import cli, data
 from seg_jax.data import pipeline, sources
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Configuration file.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Configuration file (a configs/*.py). Every config key, '
+    'with its meaning, is listed in configs/default.py.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
                              'grain worker process counts to measure.')
 _THREADS = flags.DEFINE_list('threads', [],

@@ -241,7 +241,8 @@ def _define_flags():
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file(
       'config', None, 'The configuration whose dataset (data.*) is copied; '
-      'override e.g. --config.data.root.', lock_config=True)
+      'override e.g. --config.data.root. Every config key, with its '
+      'meaning, is listed in configs/default.py.', lock_config=True)
   flags.DEFINE_string('out', None, 'Output folder of the folder layout.')
   flags.DEFINE_list('splits', ['train', 'val'], "Splits to copy: 'train' "
                     "(data.train_split), 'val' (data.val_split) or a "
