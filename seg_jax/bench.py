@@ -130,7 +130,7 @@ def _train_setup(config, mesh):
 
 def build(config, mesh, mode):
   """(jitted step, its arguments) for the train step or inference."""
-  from seg_jax import sharding, steps  # pylint: disable=g-import-not-at-top
+  from seg_jax import inference, sharding  # pylint: disable=g-import-not-at-top
   model, step, train_state = _train_setup(config, mesh)
   batch = sharding.to_global(synthetic_batch(config), mesh)
   if mode == 'train':
@@ -139,7 +139,7 @@ def build(config, mesh, mode):
                'batch_stats': train_state.batch_stats}
 
   def infer(variables, images):
-    x = steps.normalize(images, config.data.mean, config.data.std)
+    x = inference.normalize(images, config.data.mean, config.data.std)
     return jnp.argmax(model.apply(variables, x, train=False), -1)
 
   data = sharding.data_sharding(mesh)
@@ -151,7 +151,7 @@ def step_flops(config, mesh, mode):
   """Model FLOPs of one step over the whole batch (`seg_jax.flops`: 2 x
   multiply-adds of convolutions and matrix products, scanned layers counted
   once per iteration)."""
-  from seg_jax import flops, optim, state, steps  # pylint: disable=g-import-not-at-top
+  from seg_jax import flops, inference, optim, state, steps  # pylint: disable=g-import-not-at-top
   from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
   model = state.create_model(config)
   tx = optim.create_optimizer(config.train)
@@ -165,7 +165,7 @@ def step_flops(config, mesh, mode):
                  'batch_stats': abstract.batch_stats}
     return flops.count_flops(
         lambda v, x: model.apply(
-            v, steps.normalize(x, config.data.mean, config.data.std),
+            v, inference.normalize(x, config.data.mean, config.data.std),
             train=False), variables, batch['image'])
 
 

@@ -8,11 +8,19 @@ topology: the state is resharded onto the new mesh (any device count, any
 alone, is re-split over the new number of processes. Saves are
 asynchronous and atomic: a save cut short leaves a
 `*.orbax-checkpoint-tmp-*` folder that is never restored from.
+
+Only this module knows the on-disk layout, the old layouts included:
+`restore` is the one reader of a train state (for resume, inference and
+tools alike), `data_position` the one reader of a data position, and the
+`Checkpointer` the one owner of "best". Each finished step folder lists its
+files with their sizes and CRC-32 checksums (FILES.json), so a file that
+went missing, was cut short or had its bytes changed is named on restore.
 """
 
 import json
 import os
 import pathlib
+import zlib
 
 import grain
 import jax
@@ -20,7 +28,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from seg_jax import validate
+from seg_jax import errors, state as train_state
+from seg_jax import workdir as run_folder
 
 
 class _IteratorSnapshot:
@@ -44,7 +53,9 @@ class Checkpointer:
   Keeps the newest `max_to_keep` checkpoints **and** the best one by
   validation mIoU (saved with `metrics={'miou': ...}`), whichever they are:
   the best never pushes out the newest, which a resume needs, and survives
-  a resume (its mIoU is stored beside it).
+  a resume (its mIoU is stored beside it). The Checkpointer is the one
+  owner of "best": a save whose mIoU beats it is made whatever the
+  interval, and `best()` answers from it.
 
   Args:
     directory: checkpoint folder (created if needed).
@@ -69,10 +80,11 @@ class Checkpointer:
                                           item_handlers=_item_handlers())
     self.directory = directory
     self.every_steps = every_steps
+    self._best = _best(self._manager)
 
   def best(self):
-    """(step, mIoU) of the best checkpoint kept, or None if none has one."""
-    return _best(self._manager)
+    """(step, mIoU) of the best checkpoint saved, or None if none has one."""
+    return self._best
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -84,10 +96,10 @@ class Checkpointer:
   def restore_or_keep(self, state, data_iter):
     """Restores the latest checkpoint into (state, data_iter) if one exists.
 
-    A damaged checkpoint (a file missing or of another size than written,
-    or one orbax cannot read) raises `CheckpointError` naming the file;
-    with `on_corrupt='previous'` the next older checkpoint is tried instead,
-    with a warning naming what was skipped.
+    A damaged checkpoint (a file missing, or of another size or checksum
+    than written, or one orbax cannot read) raises `CheckpointError`
+    naming the file; with `on_corrupt='previous'` the next older checkpoint
+    is tried instead, with a warning naming what was skipped.
 
     Args:
       state: a freshly initialised `TrainState`; its shapes, dtypes and
@@ -99,9 +111,11 @@ class Checkpointer:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        verify(self.directory, step)
-        return self.restore(step, state, data_iter)
-      except validate.ConfigError:
+        restored, _ = restore(self.directory, step, state)
+        data_iter.set_state(data_position(self.directory, step))
+        logging.info('Restored checkpoint %d from %s', step, self.directory)
+        return restored, data_iter
+      except errors.ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         problem = e if isinstance(e, CheckpointError) else CheckpointError(
@@ -128,28 +142,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'seg_jax_set_aside_{step}')
     self._manager.reload()
-
-  def restore(self, step, state, data_iter):
-    """Restores checkpoint `step`; see `restore_or_keep`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    stored = self._manager.item_metadata(step)['state']
-    target = abstract
-    if hasattr(abstract, 'params'):  # a TrainState (tests save plain dicts)
-      _check_shapes(stored, {'params': abstract.params,
-                             'batch_stats': abstract.batch_stats,
-                             'ema': abstract.ema},
-                    f'{self.directory}/{step}', exact=True)
-      if not abstract.ema and 'ema' not in stored:
-        # Saved before TrainState had `ema`: read it as stored, then place
-        # each array where the state has the array of the same name.
-        target = _like(stored, abstract)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-    data_iter.set_state(_data_iterator_state(self.directory, step))
-    logging.info('Restored checkpoint %d from %s', step, self.directory)
-    state = restored['state']
-    return (state if target is abstract else _by_path(state, abstract),
-            data_iter)
+    self._best = _best(self._manager)
 
   def reached_preemption(self, step):
     """Whether a multi-process job was told to stop (SIGTERM on any
@@ -163,9 +156,9 @@ class Checkpointer:
     self._write_file_list()
 
   def maybe_save(self, step, state, data_iter, force=False, metrics=None):
-    """Saves if `step` is on the interval (or `force`); returns whether.
-    `metrics` ({'miou': float}) marks an evaluated step for 'best'."""
-    if not force and step % self.every_steps:
+    """Saves if `step` is on the interval, `force`, or `metrics`
+    ({'miou': float}, an evaluated step) beat the best; returns whether."""
+    if not (force or step % self.every_steps == 0 or self._beats(metrics)):
       return False
     return self._save(step, state, data_iter, metrics)
 
@@ -176,10 +169,16 @@ class Checkpointer:
       self._save(step, state, data_iter, metrics)
     self.wait()
 
+  def _beats(self, metrics):
+    return metrics is not None and (self._best is None or
+                                    metrics['miou'] > self._best[1])
+
   def _save(self, step, state, data_iter, metrics=None):
     # The interval is decided above; orbax's own policy would also save the
     # first step it sees, so it is overridden. orbax finishes the previous
     # save before it starts this one: that one's files are final.
+    if self._beats(metrics):
+      self._best = (step, float(metrics['miou']))
     saved = self._manager.save(step, force=True, metrics=metrics,
                                args=self._save_args(state, data_iter))
     self._write_file_list()
@@ -206,44 +205,66 @@ class Checkpointer:
     self._manager.close()
 
 
+def check_config(config):
+  """The checkpoint section's own check (see `seg_jax.validate`)."""
+  for key in ('every_steps', 'max_to_keep'):
+    value = config.checkpoint[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.ConfigError(f'checkpoint.{key}={value!r}: give an integer '
+                               '>= 1.')
+  check_on_corrupt(config.checkpoint.on_corrupt)
+
+
 def check_on_corrupt(value):
   """Returns `checkpoint.on_corrupt` if it is a known setting."""
   if value not in ('raise', 'previous'):
-    raise validate.ConfigError(
+    raise errors.ConfigError(
         f"checkpoint.on_corrupt={value!r}; use 'raise' or 'previous'.")
   return value
 
 
-class CheckpointError(validate.UserError):
+class CheckpointError(errors.UserError):
   """A checkpoint that is damaged or cannot be read."""
 
 
 FILE_LIST = 'FILES.json'
 
 
+def _crc32(path):
+  crc = 0
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
 def write_file_list(directory, step):
-  """Records every file of a finished step folder and its size in
-  `<step>/FILES.json`, so that a later missing or truncated file is found
-  and named (`verify`)."""
+  """Records every file of a finished step folder, its size and CRC-32, in
+  `<step>/FILES.json`, so that a later missing, truncated or altered file
+  is found and named (`verify`)."""
   root = pathlib.Path(directory, str(step))
-  sizes = {str(f.relative_to(root)): f.stat().st_size
-           for f in sorted(root.rglob('*')) if f.is_file()
-           and f.name != FILE_LIST}
+  listed = {str(f.relative_to(root)): {'size': f.stat().st_size,
+                                       'crc32': _crc32(f)}
+            for f in sorted(root.rglob('*'))
+            if f.is_file() and f.name != FILE_LIST}
   tmp = root / f'{FILE_LIST}.tmp'
-  tmp.write_text(json.dumps(sizes, indent=0))
+  tmp.write_text(json.dumps(listed, indent=0))
   tmp.replace(root / FILE_LIST)
 
 
 def verify(directory, step):
   """Raises `CheckpointError` naming the first file of checkpoint `step`
-  that is missing or not the size it was written with (checkpoints
-  without a file list, e.g. the newest while its save was cut short, are
-  left to orbax)."""
+  that is missing, not the size it was written with, or whose bytes
+  changed (its CRC-32). Checkpoints without a file list (the newest while
+  its save was cut short) are left to orbax; lists written before
+  checksums existed (sizes only) are checked for sizes."""
   root = pathlib.Path(directory, str(step))
   listed = root / FILE_LIST
   if not listed.exists():
     return
-  for name, size in json.loads(listed.read_text()).items():
+  for name, entry in json.loads(listed.read_text()).items():
+    size, crc = (entry, None) if isinstance(entry, int) else (
+        entry['size'], entry.get('crc32'))
     path = root / name
     if not path.exists():
       raise CheckpointError(f'Checkpoint {root} is damaged: {path} is '
@@ -252,62 +273,176 @@ def verify(directory, step):
       raise CheckpointError(
           f'Checkpoint {root} is damaged: {path} has '
           f'{path.stat().st_size} bytes, {size} were written.')
+    if crc is not None and _crc32(path) != crc:
+      raise CheckpointError(
+          f'Checkpoint {root} is damaged: the bytes of {path} changed since '
+          'they were written (CRC-32 mismatch).')
 
 
-def restore_variables(directory, step, abstract):
-  """Restores part of a checkpoint's train state: the leaves of `abstract`.
-
-  For inference: the optimizer state is not read.
+def restore(directory, step='latest', target=None, fields=None):
+  """Reads the train state of a checkpoint: the one reader, for resume,
+  inference and tools.
 
   Args:
     directory: the checkpoint folder (`<workdir>/checkpoints`).
     step: 'latest', 'best' (highest validation mIoU kept) or a step number
       (int or digit string).
-    abstract: dict of train-state fields to read (e.g. 'params',
-      'batch_stats', 'step') holding `jax.ShapeDtypeStruct`s with shardings.
+    target: the template whose shapes, dtypes and shardings the arrays get:
+      a `TrainState` (or pytree) of arrays or `jax.ShapeDtypeStruct`s. None:
+      everything as stored, on the first device, whatever topology wrote it.
+    fields: with a target, read only these top-level fields (e.g. no
+      optimizer state for inference) and return them as a dict.
+
+  The stored shapes must be the target's (`errors.ConfigError` naming the
+  first parameter otherwise). A state saved before a field existed (e.g.
+  `ema`) restores into a target that holds that field empty: its arrays are
+  read as stored and placed by name.
 
   Returns:
-    (dict like `abstract` with arrays, the step restored).
+    (the state or dict of fields, the step read).
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise validate.MissingFileError(
+    raise errors.MissingFileError(
         f'No checkpoints: {directory} does not exist; train first or check '
         '--workdir.')
   # The data-iterator item is registered, not read, so that orbax does not
   # warn that it cannot restore it.
   with ocp.CheckpointManager(directory, item_handlers=_item_handlers(
       ocp.PyTreeCheckpointHandler())) as manager:
-    steps = sorted(manager.all_steps())
-    if not steps:
-      raise validate.MissingFileError(
-          f'No complete checkpoint in {directory}.')
-    if step in ('latest', None, ''):
-      step = steps[-1]
-    elif step == 'best':
-      best = _best(manager)
-      if best is None:
-        raise validate.ConfigError(
-            f'--checkpoint=best: no checkpoint in {directory} was saved '
-            f'with a validation mIoU (steps {steps}); use "latest" or a step.')
-      step = best[0]
-    elif str(step).isdigit() and int(step) in steps:
-      step = int(step)
-    else:
-      raise validate.ConfigError(
-          f'--checkpoint={step!r}: {directory} holds steps {steps}; use one '
-          'of them, "latest" or "best".')
+    step = _choose_step(manager, directory, step)
+    where = f'{directory}/{step}'
     verify(directory, step)
-    _check_shapes(manager.item_metadata(step)['state'], abstract,
-                  f'{directory}/{step}')
+    stored = manager.item_metadata(step)['state']
+    if target is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          stored)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if fields is not None:
+      abstract = {f: _field(abstract, f) for f in fields}
+    _check_shapes(stored, abstract, where, exact=fields is None)
+    # Fields the state has empty but the checkpoint lacks (saved before they
+    # existed): read the stored tree, then place each array by name.
+    read = _like(stored, abstract) if _lacks_empty_fields(
+        stored, abstract) else abstract
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item=abstract, partial_restore=True,
+            item=read, partial_restore=fields is not None,
             restore_args=ocp.checkpoint_utils.construct_restore_args(
-                abstract))))['state']
-  logging.info('Restored %s of checkpoint %d from %s', sorted(abstract),
-               step, directory)
-  return restored, step
+                read))))['state']
+  logging.info('Restored %s of checkpoint %d from %s',
+               'all' if fields is None else sorted(fields), step, directory)
+  return (restored if read is abstract else _by_path(restored, abstract),
+          step)
+
+
+def restore_for_inference(config, workdir, mesh, step='latest'):
+  """The model and the variables a checkpoint of `workdir` holds.
+
+  Only what inference uses is read (`state.inference_fields`: the weight
+  average when the config keeps one, else parameters and BatchNorm
+  statistics; never the optimizer state), laid out on `mesh` as training
+  lays them out.
+
+  Args:
+    config: the config the checkpoint was trained with.
+    workdir: the training run's folder (checkpoints under `checkpoints/`).
+    mesh: device mesh the variables are placed on.
+    step: 'latest', 'best' or a step number (int or digit string).
+
+  Returns:
+    (model, variables {'params', 'batch_stats'}, step restored).
+  """
+  abstract = train_state.abstract_train_state(config, mesh)
+  fields = train_state.inference_fields(abstract)
+  restored, step = restore(run_folder.checkpoint_dir(workdir), step,
+                           abstract, fields=fields)
+  return (train_state.create_model(config),
+          train_state.inference_variables(restored), step)
+
+
+def data_position(directory, step):
+  """The data-iterator state this process continues from at `step`: the
+  one reader of it.
+
+  Read through grain's checkpoint handler (this process's file). Every
+  process saves the same position (global batches taken), so when the
+  process count changed the first process's file serves all; a checkpoint
+  of an older seg_jax (raw grain state) continues at batch `step` of the
+  current stream, with a warning.
+  """
+  directory = os.path.abspath(directory)
+  reader = _StateReader()
+  try:
+    with ocp.CheckpointManager(directory,
+                               item_handlers=_item_handlers()) as manager:
+      manager.restore(step, args=ocp.args.Composite(
+          data_iter=grain.checkpoint.CheckpointRestore(reader)))
+  except (ValueError, FileNotFoundError, KeyError):
+    # grain's handler reads process_<i>-of-<n>.json of today's topology.
+    folder = pathlib.Path(directory, str(step), 'data_iter')
+    first = sorted(folder.glob('process_0-of-*.json'))
+    if not first:
+      raise errors.MissingFileError(
+          f'Checkpoint {folder.parent} has no data-iterator state '
+          f'({folder}/process_*.json): it is damaged; restore another step '
+          'or start a new workdir.') from None
+    reader.set_state(first[0].read_bytes())
+  state = reader.state
+  if 'position' not in state:
+    logging.warning('Checkpoint %s/%d holds an older data-iterator state; the '
+                    'data stream continues at batch %d of the current '
+                    'order.', directory, step, step)
+    state = {'position': step}
+  return state
+
+
+class _StateReader:
+  """Receives the JSON state grain's handler reads (no iterator to set)."""
+
+  state = None
+
+  def set_state(self, state):
+    self.state = json.loads(state)
+
+  def start_prefetch(self):
+    pass
+
+
+def _choose_step(manager, directory, step):
+  """The step number 'latest', 'best' or a number names in `manager`."""
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise errors.MissingFileError(f'No complete checkpoint in {directory}.')
+  if step in ('latest', None, ''):
+    return steps[-1]
+  if step == 'best':
+    best = _best(manager)
+    if best is None:
+      raise errors.ConfigError(
+          f'--checkpoint=best: no checkpoint in {directory} was saved with a '
+          f'validation mIoU (steps {steps}); use "latest" or a step.')
+    return best[0]
+  if str(step).isdigit() and int(step) in steps:
+    return int(step)
+  raise errors.ConfigError(
+      f'--checkpoint={step!r}: {directory} holds steps {steps}; use one of '
+      'them, "latest" or "best".')
+
+
+def _field(tree, name):
+  return getattr(tree, name) if hasattr(tree, name) else tree[name]
+
+
+def _lacks_empty_fields(stored, abstract):
+  """Whether `abstract` has an empty top-level field the stored tree lacks."""
+  names = (list(abstract) if isinstance(abstract, dict) else
+           [f for f in ('step', 'params', 'batch_stats', 'opt_state', 'ema')
+            if hasattr(abstract, f)])
+  return any(not jax.tree.leaves(_field(abstract, n)) and n not in stored
+             for n in names)
 
 
 def _miou(metrics):
@@ -327,32 +462,6 @@ def _best(manager):
 def _item_handlers(state_handler=None):
   return {'state': state_handler or ocp.StandardCheckpointHandler(),
           'data_iter': grain.checkpoint.CheckpointHandler()}
-
-
-def _data_iterator_state(directory, step):
-  """The data-iterator state saved at `step`, for this process.
-
-  Every process saves the same position (global batches taken), so when
-  the process count changed the first process's file serves all; a
-  checkpoint of an older seg_jax (raw grain state) continues at batch
-  `step` of the current stream, with a warning.
-  """
-  folder = pathlib.Path(directory, str(step), 'data_iter')
-  own = folder / (f'process_{jax.process_index()}-of-'
-                  f'{jax.process_count()}.json')
-  files = [own] if own.exists() else sorted(folder.glob('process_0-of-*.json'))
-  if not files:
-    raise validate.MissingFileError(
-        f'Checkpoint {folder.parent} has no data-iterator state '
-        f'({folder}/process_*.json): it is damaged; restore another step or '
-        'start a new workdir.')
-  state = json.loads(files[0].read_text())
-  if 'position' not in state:
-    logging.warning('Checkpoint %s holds an older data-iterator state; the '
-                    'data stream continues at batch %d of the current '
-                    'order.', folder.parent, step)
-    state = {'position': step}
-  return state
 
 
 def _path(keys):
@@ -385,29 +494,41 @@ def _by_path(tree, abstract):
 
 
 def _check_shapes(stored, wanted, where, exact=False):
-  """Raises `validate.ConfigError` naming the first parameter whose stored
-  shape differs from the model the config builds, that is missing, or (with
-  `exact`) that the checkpoint holds beyond the model's."""
-  stored = _shapes({k: stored[k] for k in wanted if k in stored})
+  """Raises `errors.ConfigError` naming the first array whose stored shape
+  differs from the one the config builds, that is missing, or (with
+  `exact`) that the checkpoint holds beyond the config's state. Optimizer
+  state is left out: its shapes follow the parameters'."""
+  names = (list(wanted) if isinstance(wanted, dict) else
+           [f for f in ('params', 'batch_stats', 'ema') if hasattr(wanted, f)])
+  names = [n for n in names if n not in ('step', 'opt_state')]
+  wanted = {n: _field(wanted, n) for n in names}
+  stored = _shapes({k: stored[k] for k in names if k in stored})
   wanted = _shapes(wanted)
-  ema = [p for p in set(wanted) ^ set(stored) if p.startswith('ema/')]
-  if ema and (exact or ema[0] in wanted):
-    saved = 'with' if ema[0] in stored else 'without'
-    raise validate.ConfigError(
-        f'Checkpoint {where} was saved {saved} a moving average of the '
-        'weights (train.ema_decay); resume with the setting it was trained '
-        'with, or start a new workdir (model.init_from keeps the weights).')
+  stored_fields = {p.split('/')[0] for p in stored}
+  wanted_fields = {p.split('/')[0] for p in wanted}
+  missing = sorted(wanted_fields - stored_fields)
+  extra = sorted(stored_fields - wanted_fields)
+  for field, how in ([(f, 'without') for f in missing] +
+                     [(f, 'with') for f in (extra if exact else ())]):
+    if field in ('params', 'batch_stats'):
+      continue  # named parameter by parameter below
+    raise errors.ConfigError(
+        f'Checkpoint {where} was saved {how} the train-state field '
+        f"'{field}' ({train_state.FIELD_SETTINGS.get(field, 'another setting')}"
+        '); resume with the settings it was trained with (the run\'s '
+        'config.json), or start a new workdir (model.init_from keeps the '
+        'weights).')
   # Parameters first: the first one named is the most telling.
   for path, shape in sorted(wanted.items(),
                             key=lambda kv: not kv[0].startswith('params/')):
     if path not in stored:
-      raise validate.ConfigError(
+      raise errors.ConfigError(
           f'Checkpoint {where} has no {path} (shape {shape}) that the '
           'config\'s model needs: was it trained with another model.name or '
           'model.kwargs? Use the config the run was trained with (or '
           'model.init_from to start a new run from its weights).')
     if stored[path] != shape:
-      raise validate.ConfigError(
+      raise errors.ConfigError(
           f'Checkpoint {where} stores {path} with shape {stored[path]} but '
           f'the config\'s model has {shape}: was it trained with another '
           'model.num_classes or model.kwargs? Use the config the run was '
@@ -415,7 +536,7 @@ def _check_shapes(stored, wanted, where, exact=False):
           'weights).')
   extra = sorted(set(stored) - set(wanted))
   if exact and extra:
-    raise validate.ConfigError(
+    raise errors.ConfigError(
         f'Checkpoint {where} holds {extra[0]} (shape {stored[extra[0]]}) '
         'that the config\'s model does not have: was it trained with another '
         'model.name or model.kwargs? Use the config the run was trained '
@@ -423,24 +544,5 @@ def _check_shapes(stored, wanted, where, exact=False):
 
 
 def read_state(directory, step):
-  """Reads the train state stored at `step` as a pytree of arrays.
-
-  For tools and tests that need the stored values without building a
-  template: shapes and dtypes as saved, arrays on the first device,
-  whatever topology wrote them.
-  """
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.CheckpointManager(os.path.abspath(directory),
-                             item_handlers=_item_handlers()) as manager:
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        manager.item_metadata(step)['state'])
-    return manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']
-
-
-def read_data_iterator_state(directory, step):
-  """The JSON data-iterator state this process stored at `step`."""
-  files = sorted(
-      pathlib.Path(directory, str(step), 'data_iter').glob('process_*.json'))
-  return [json.loads(f.read_text()) for f in files]
+  """The train state stored at `step`, as stored (see `restore`)."""
+  return restore(directory, step)[0]

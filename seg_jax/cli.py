@@ -54,6 +54,44 @@ def define_run_flags(config_help, workdir_help):
     flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
 
 
+def define_inference_flags(crf=True):
+  """--checkpoint, --evaluator (with --evaluators as its alias), --tta and
+  (with `crf`) --crf: the inference flags evaluate, predict and export
+  share; `inference_names` reads them. Key flags of the calling CLI."""
+  module = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
+  module = sys.argv[0] if module == '__main__' else module
+  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
+                      'highest validation mIoU kept) or a step number.')
+  flags.DEFINE_list('evaluator', [], 'Inference settings: keys of '
+                    'eval.evaluators (e.g. whole, slide, tta; evaluate takes '
+                    'several). Default: the first of eval.in_training, as '
+                    'training reports it.')
+  flags.DEFINE_alias('evaluators', 'evaluator')
+  flags.DEFINE_bool('tta', False, "Shorthand for --evaluator=tta: the 'tta' "
+                    'evaluator\'s multi-scale + flip inference.')
+  names = ['checkpoint', 'evaluator', 'evaluators', 'tta']
+  if crf:
+    flags.DEFINE_bool('crf', False, 'Refine every prediction with the dense '
+                      'CRF (settings: config.crf).')
+    names.append('crf')
+  for name in names:
+    flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
+
+
+def inference_names(config, one=False):
+  """The evaluator names the inference flags ask for (`one`: exactly one)."""
+  from seg_jax import inference  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  names = list(f.evaluator) + (['tta'] if f.tta else [])
+  names = names or [inference.default_name(config)]
+  if one and len(names) > 1:
+    raise errors.ConfigError(f'--evaluator={",".join(names)}: give one '
+                             'evaluator here.')
+  for name in names:
+    inference.spec_from_config(config, name)  # known, and its settings valid
+  return names
+
+
 def stored_config_argv(argv):
   """`argv` with `--config` pointing at the run folder's stored config
   when it names none (`--config=DIR/config.json` works too)."""

@@ -250,3 +250,20 @@ def refine(image, logits, params):
                      jnp.asarray(lattice.offsets),
                      jnp.asarray(lattice.weights), jnp.asarray(neighbours),
                      params=params, num_vertices=m)
+
+
+class Refiner:
+  """The dense CRF as a refinement step composed with any inference: what
+  `evaluators.Evaluator` and `predict.Predictor` take as `refiner`."""
+
+  name = 'crf'
+
+  def __init__(self, params):
+    self.params = params
+
+  def settings(self):
+    return dataclasses.asdict(self.params)
+
+  def __call__(self, image, logits):
+    """Log-probabilities (h, w, C) of `logits` refined on `image`."""
+    return refine(image, logits, self.params)

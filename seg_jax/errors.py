@@ -44,3 +44,14 @@ def user_error(error):
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
+
+
+def config_int(config, key, minimum=1):
+  """The integer at `key` ('a.b') of `config`; ConfigError naming the key
+  unless it is an int >= `minimum`."""
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f'{key}={value!r}: give an integer >= {minimum}.')
+  return value

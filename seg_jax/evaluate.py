@@ -20,7 +20,6 @@ if __name__ in ('__main__', '__mp_main__'):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import copy
 import json
-import math
 import os
 
 import jax
@@ -30,42 +29,6 @@ from absl import flags, logging
 from seg_jax import cli, errors
 
 FLAGS = flags.FLAGS
-
-
-def _json_number(value):
-  value = float(value)
-  return None if math.isnan(value) else value
-
-
-def report_dict(result, class_names, *, split, step, spec):
-  """Everything one evaluation measured, as a JSON-ready dict (NaN: null)."""
-  s = result.scores
-  per_class = {
-      name: {'iou': s['iou'][i], 'acc': s['class_accuracy'][i],
-             'dice': s['dice'][i], 'precision': s['precision'][i],
-             'recall': s['recall'][i], 'fscore': s['fscore'][i],
-             'label_pixels': int(s['label_count'][i]),
-             'predicted_pixels': int(s['pred_count'][i])}
-      for i, name in enumerate(class_names)}
-  return {
-      'step': int(step), 'split': split, 'evaluator': result.name,
-      'settings': {k: list(v) if isinstance(v, tuple) else v
-                   for k, v in (spec if isinstance(spec, dict)
-                                else spec.__dict__).items()},
-      'aAcc': s['pixel_accuracy'], 'mAcc': s['mean_accuracy'],
-      'mIoU': s['miou'], 'fwIoU': s['fwiou'], 'mDice': s['mdice'],
-      'mFscore': s['mfscore'], 'mPrecision': s['mprecision'],
-      'mRecall': s['mrecall'], 'loss': result.loss,
-      'per_class': {n: {k: (_json_number(v) if isinstance(v, float) else v)
-                        for k, v in d.items()} for n, d in per_class.items()},
-      'class_names': list(class_names),
-      'confusion_matrix': result.confusion.tolist(),
-  }
-
-
-def _clean(d):
-  return {k: (_json_number(v) if isinstance(v, (float, np.floating)) else v)
-          for k, v in d.items()}
 
 
 def plot_confusion(confusion, class_names, path, title=''):
@@ -122,15 +85,16 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   Returns:
     list of (EvalResult, report dict), one per evaluator.
   """
-  from seg_jax import (crf, data, evaluators, metrics,  # pylint: disable=g-import-not-at-top
-                       sharding, state)
+  from seg_jax import (crf, data, evaluators, inference,  # pylint: disable=g-import-not-at-top
+                       sharding)
+  from seg_jax.checkpoint import restore_for_inference  # pylint: disable=g-import-not-at-top
   if split == 'val' and not config.data.val_split:
     raise errors.ConfigError(
         "data.val_split is '' (the run trained without a validation "
         'split): give --split=<a split of the dataset>, e.g. --split=test.')
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
-  model, variables, step = state.restore_for_inference(config, workdir, mesh,
-                                                       checkpoint)
+  model, variables, step = restore_for_inference(config, workdir, mesh,
+                                                 checkpoint)
   source, sizes = data.open_split(config, split)
   config = copy.deepcopy(config)
   config.data.eval_pad_size = data.fit_eval_pad_size(config, source, sizes)
@@ -140,18 +104,14 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   if writes:
     os.makedirs(out, exist_ok=True)
   reports = []
-  crf_params = crf.CRFParams.from_config(config) if use_crf else None
-  for name in names or tuple(config.eval.in_training)[:1]:
+  refiner = crf.Refiner(crf.CRFParams.from_config(config)) if use_crf \
+      else None
+  for name in names or (inference.default_name(config),):
     evaluator = evaluators.Evaluator(name, config, model, mesh, source,
-                                     crf_params=crf_params)
+                                     refiner=refiner)
     result = evaluator.run(variables, progress=_progress_bar(name, writes))
-    if use_crf:
-      result.name = name = f'{name}+crf'
-      evaluator.spec = {**evaluator.spec.__dict__,
-                        'crf': crf_params.__dict__}
-    report = report_dict(result, class_names, split=split, step=step,
-                         spec=evaluator.spec)
-    report = _clean(report)
+    name = result.name
+    report = result.report(class_names, split=split, step=step)
     if writes:
       stem = os.path.join(out, f'{split}_{name}_step{step}')
       with open(f'{stem}.json', 'w') as f:
@@ -159,7 +119,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
       plot_confusion(result.confusion, class_names, f'{stem}_confusion.png',
                      f'{config.model.name} on {split}, {name}, step {step}: '
                      f'mIoU {100 * result.scores["miou"]:.2f}')
-      print(metrics.format_table(result.scores, class_names))
+      print(result.table(class_names))
       print(f'Wrote {stem}.json and {stem}_confusion.png')
       print(summary_line(result, step, split), flush=True)
     reports.append((result, report))
@@ -193,17 +153,11 @@ def _define_flags():
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/ and '
                        'config.json).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
-                     'highest validation mIoU kept) or a step number.')
+  cli.define_inference_flags()
   flags.DEFINE_string('split', 'val', "Split to evaluate: 'val' "
                       "(data.val_split), 'train' (data.train_split) or a "
                       "dataset split name such as 'test'.")
-  flags.DEFINE_list('evaluators', [], 'Evaluators to run, keys of '
-                    'eval.evaluators (e.g. whole,slide,tta); default: the '
-                    'first of eval.in_training, as training reports it.')
   flags.DEFINE_string('out', '', 'Output folder (default: WORKDIR/eval).')
-  flags.DEFINE_bool('crf', False, 'Refine every prediction with the dense CRF '
-                    '(settings: config.crf); reported as <evaluator>+crf.')
 
 
 def main(argv):
@@ -213,7 +167,8 @@ def main(argv):
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-           split=FLAGS.split, names=tuple(FLAGS.evaluators), out=FLAGS.out,
+           split=FLAGS.split,
+           names=tuple(cli.inference_names(FLAGS.config)), out=FLAGS.out,
            use_crf=FLAGS.crf)
 
 

@@ -10,89 +10,104 @@ prediction is kept beyond the few shown as pictures.
 """
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
 
-from seg_jax import labels, metrics, sharding, steps
-from seg_jax.data import pipeline, transforms
+from seg_jax import errors, inference, labels, metrics, sharding, steps
+from seg_jax.data import pipeline
 
-EVAL_KEYS = ('mode', 'window', 'stride', 'scales', 'flip', 'average')
-
-
-def _size(value, key):
-  """() -> (); an int or a pair of positive ints -> (height, width)."""
-  if isinstance(value, int) and not isinstance(value, bool):
-    value = (value, value)
-  value = tuple(value) if isinstance(value, (tuple, list)) else value
-  if value == () or (isinstance(value, tuple) and len(value) == 2 and
-                     all(isinstance(v, int) and v > 0 for v in value)):
-    return value
-  raise ValueError(f'{key}={value!r}: give (height, width) in pixels, one '
-                   'int, or () for the default.')
-
-
-def _scales(value, key):
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    return (float(value),)
-  if isinstance(value, (tuple, list)) and all(
-      isinstance(v, (int, float)) for v in value):
-    return tuple(float(v) for v in value)
-  raise ValueError(f'{key}={value!r}: give a scale or a tuple of scales, '
-                   'e.g. (0.5, 1.0, 1.5).')
-
-
-def spec_from_config(config, name):
-  """The `steps.InferenceSpec` of evaluator `name` in `config.eval`.
-
-  An empty window is the training crop (`data.crop_size`); an empty stride
-  two thirds of the window, as mmsegmentation's slide recipes use. Errors
-  name the key (`eval.evaluators.<name>.<key>`).
-  """
-  evaluators = config.eval.evaluators
-  if name not in evaluators:
-    raise ValueError(f'Unknown evaluator {name!r}: config.eval.evaluators '
-                     f'defines {sorted(evaluators)}.')
-  e, where = evaluators[name], f'eval.evaluators.{name}'
-  unknown = sorted(set(e) - set(EVAL_KEYS))
-  if unknown:
-    raise ValueError(f'{where} has unknown key(s) {unknown}; the keys are '
-                     f'{list(EVAL_KEYS)}.')
-  window = (_size(e.get('window', ()), f'{where}.window') or
-            transforms.pair(config.data.crop_size))
-  stride = _size(e.get('stride', ()), f'{where}.stride') or tuple(
-      max(1, w * 2 // 3) for w in window)
-  try:
-    return steps.InferenceSpec(
-        mode=e.get('mode', 'whole'), window=window, stride=stride,
-        scales=_scales(e.get('scales', (1.0,)), f'{where}.scales'),
-        flip=bool(e.get('flip', False)), average=e.get('average', 'logits'))
-  except ValueError as err:
-    raise ValueError(f'{where}: {err}') from None
+def check_config(config):
+  """The eval section's own check (see `seg_jax.validate`): intervals,
+  batch size, and every evaluator training runs."""
+  errors.config_int(config, 'eval.every_steps')
+  errors.config_int(config, 'eval.global_batch_size')
+  errors.config_int(config, 'eval.num_images', 0)
+  for name in config.eval.in_training:
+    inference.spec_from_config(config, name)
 
 
 @dataclasses.dataclass
 class EvalResult:
-  """What one evaluation measured.
+  """What one evaluation measured, and every view of it: scalars for the
+  writers, the per-class table, example pictures and the JSON report. A
+  new score or picture is added here, and every caller has it.
 
   Attributes:
-    name: evaluator name.
+    name: evaluator name ('<name>+<refiner>' when refined, e.g. 'whole+crf').
     confusion: (C, C) int64, rows = true class, columns = prediction.
     loss: mean cross-entropy of the merged logits over the batches.
     scores: `metrics.scores_from_confusion(confusion)`.
     examples: (image, label, prediction) of the first examples, cropped to
       their original size, for pictures.
+    settings: the inference settings (and the refiner's) that produced it.
   """
   name: str
   confusion: np.ndarray
   loss: float
   scores: dict
   examples: list
+  settings: dict = dataclasses.field(default_factory=dict)
 
   def scalars(self, class_names):
     """Flat {name: float} for writers: 'loss', means, per-class values."""
     return {'loss': self.loss,
             **metrics.flatten_scores(self.scores, class_names)}
+
+  def table(self, class_names):
+    """The per-class table and the means, as printed by `evaluate`."""
+    return metrics.format_table(self.scores, class_names)
+
+  def panels(self, palette, ignore_label):
+    """One picture per example: image | ground truth | prediction."""
+    return example_panels(self.examples, palette, ignore_label)
+
+  def write(self, writer, step, prefix, class_names, palette, ignore_label):
+    """Writes the scalars and pictures under `prefix` (e.g. 'eval')."""
+    writer.write_scalars(step, {f'{prefix}/{k}': v for k, v in
+                                self.scalars(class_names).items()})
+    writer.write_images(step, {
+        f'{prefix}/example_{j}': p[None]
+        for j, p in enumerate(self.panels(palette, ignore_label))})
+    writer.flush()
+
+  def report(self, class_names, *, split, step):
+    """Everything measured, as a JSON-ready dict (NaN: null)."""
+    s = self.scores
+    per_class = {
+        name: {'iou': s['iou'][i], 'acc': s['class_accuracy'][i],
+               'dice': s['dice'][i], 'precision': s['precision'][i],
+               'recall': s['recall'][i], 'fscore': s['fscore'][i],
+               'label_pixels': int(s['label_count'][i]),
+               'predicted_pixels': int(s['pred_count'][i])}
+        for i, name in enumerate(class_names)}
+    means = {'aAcc': s['pixel_accuracy'], 'mAcc': s['mean_accuracy'],
+             'mIoU': s['miou'], 'fwIoU': s['fwiou'], 'mDice': s['mdice'],
+             'mFscore': s['mfscore'], 'mPrecision': s['mprecision'],
+             'mRecall': s['mrecall'], 'loss': self.loss}
+    return {
+        'step': int(step), 'split': split, 'evaluator': self.name,
+        'settings': _plain(self.settings),
+        **{k: _json_number(v) for k, v in means.items()},
+        'per_class': {n: {k: (_json_number(v) if isinstance(v, float) else v)
+                          for k, v in d.items()}
+                      for n, d in per_class.items()},
+        'class_names': list(class_names),
+        'confusion_matrix': self.confusion.tolist(),
+    }
+
+
+def _json_number(value):
+  value = float(value)
+  return None if math.isnan(value) else value
+
+
+def _plain(settings):
+  """Settings as JSON data: tuples as lists, nested dicts kept."""
+  return {k: (list(v) if isinstance(v, tuple) else
+              _plain(v) if isinstance(v, dict) else v)
+          for k, v in settings.items()}
 
 
 class Evaluator:
@@ -106,26 +121,33 @@ class Evaluator:
     source: the split's random-access source.
     num_shown: examples of the first batch kept for pictures.
     skip_counter: counts bad records skipped by the source.
-    crf_params: a `crf.CRFParams` to refine every prediction with the dense
-      CRF on the host (one process only), or None.
+    refiner: an optional refinement step composed with the inference, run
+      on the host on each example: an object with `name`, `settings()` and
+      `__call__(image (h, w, 3) uint8, logits (h, w, C)) -> log-probabilities
+      (h, w, C)` (e.g. `crf.Refiner`). One process only.
   """
 
   def __init__(self, name, config, model, mesh, source, num_shown=0,
-               skip_counter=None, crf_params=None):
-    self.name, self.config, self.mesh, self.source = name, config, mesh, source
-    self.spec = spec_from_config(config, name)
+               skip_counter=None, refiner=None):
+    self.config, self.mesh, self.source = config, mesh, source
+    self.spec = inference.spec_from_config(config, name)
+    self.name = name if refiner is None else f'{name}+{refiner.name}'
+    self.settings = dataclasses.asdict(self.spec)
+    if refiner is not None:
+      self.settings[refiner.name] = refiner.settings()
     self.num_classes = config.model.num_classes
     self.global_batch = config.eval.global_batch_size
     sharding.check_batch_size(self.global_batch, mesh,
                               'eval.global_batch_size')
     self.num_shown = min(num_shown, self.global_batch // jax.process_count())
     self.skips = skip_counter or pipeline.SkipCounter()
-    self.crf_params = crf_params
-    if crf_params is not None and jax.process_count() > 1:
-      raise ValueError('CRF evaluation runs in one process.')
+    self.refiner = refiner
+    if refiner is not None and jax.process_count() > 1:
+      raise errors.ConfigError(f'Evaluation with {refiner.name} runs in one '
+                               'process.')
     self.eval_step = steps.make_eval_step(model, config, mesh, self.spec,
                                           self.num_shown,
-                                          with_logits=crf_params is not None)
+                                          with_logits=refiner is not None)
 
   def run(self, variables, progress=None):
     """Evaluates `variables` ({'params', 'batch_stats'}) on the split.
@@ -146,7 +168,7 @@ class Evaluator:
     for i, batch in enumerate(ds):
       inputs = sharding.to_global(
           {k: batch[k] for k in ('image', 'label', 'size')}, self.mesh)
-      if self.crf_params is None:
+      if self.refiner is None:
         m, shown = self.eval_step(variables, inputs)
         acc.add(m, pixels=batch['label'].size * jax.process_count())
         shown = np.asarray(shown) if i == 0 else None
@@ -159,19 +181,18 @@ class Evaluator:
         progress(i + 1, num_batches)
     confusion, loss = acc.result()
     return EvalResult(self.name, confusion, loss,
-                      metrics.scores_from_confusion(confusion), examples)
-
+                      metrics.scores_from_confusion(confusion), examples,
+                      self.settings)
 
   def _refine_and_count(self, batch, logits, acc):
-    """CRF-refines each example's logits and adds its confusion matrix and
+    """Refines each example's logits and adds its confusion matrix and
     cross-entropy to `acc` on the host; returns the refined predictions."""
-    from seg_jax import crf  # pylint: disable=g-import-not-at-top
     ignore = labels.ignore_label(self.config)
     predictions = np.zeros(batch['label'].shape, np.int64)
     for j in np.flatnonzero(batch['index'] >= 0):
       h, w = batch['size'][j]
-      log_q = np.asarray(crf.refine(batch['image'][j, :h, :w],
-                                    logits[j, :h, :w], self.crf_params))
+      log_q = np.asarray(self.refiner(batch['image'][j, :h, :w],
+                                      logits[j, :h, :w]))
       predictions[j, :h, :w] = log_q.argmax(-1)
       label = batch['label'][j, :h, :w].astype(np.int64)
       valid = label != ignore
@@ -209,7 +230,7 @@ def create_evaluators(config, model, mesh, source, names, num_shown=0,
                       skip_counter=None):
   """`Evaluator`s for `names` (keys of `config.eval.evaluators`), in order."""
   if not names:
-    raise ValueError('No evaluator named: set eval.in_training to one or '
+    raise errors.ConfigError('No evaluator named: set eval.in_training to one or '
                      f'more of {sorted(config.eval.evaluators)}.')
   return [Evaluator(n, config, model, mesh, source, num_shown, skip_counter)
           for n in names]

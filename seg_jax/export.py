@@ -72,25 +72,23 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
     The meta dict written to FILE.json.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from seg_jax import (data, evaluators, sharding, state,  # pylint: disable=g-import-not-at-top
-                       steps)
+  from seg_jax import data, inference, sharding  # pylint: disable=g-import-not-at-top
+  from seg_jax.checkpoint import restore_for_inference  # pylint: disable=g-import-not-at-top
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   height, width = transforms.pair(
-      size or config.data.eval_pad_size or config.data.crop_size)
-  name = evaluator or tuple(config.eval.in_training)[0]
-  spec = evaluators.spec_from_config(config, name)
+      size or config.data.eval_pad_size or config.data.crop_size, '--size')
+  name = evaluator or inference.default_name(config)
+  spec = inference.spec_from_config(config, name)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
-  model, variables, step = state.restore_for_inference(config, workdir, mesh,
-                                                       checkpoint)
+  model, variables, step = restore_for_inference(config, workdir, mesh,
+                                                 checkpoint)
   variables = jax.device_get(variables)  # baked into the program
+  predict_step = inference.make_predict_step(model, config, spec)
 
   def predict(images):  # (b, H, W, 3) uint8 -> (b, H, W) int32
     sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
                              (images.shape[0], 2))
-    x = steps.normalize(images, config.data.mean, config.data.std)
-    logits = steps.infer_logits(
-        lambda v: model.apply(variables, v, train=False), x, sizes, spec)
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+    return predict_step(variables, images, sizes)
 
   batch, = jax.export.symbolic_shape('b')
   exported = jax.export.export(jax.jit(predict), platforms=platforms)(
@@ -116,18 +114,26 @@ def _define_flags():
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/ and '
                        'config.json).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
-                     'highest validation mIoU kept) or a step number.')
+  cli.define_inference_flags(crf=False)
   flags.DEFINE_string('out', None, 'Output file; FILE.json is written too.')
   flags.DEFINE_list('size', [], 'Input height,width (default: '
                     'data.eval_pad_size, else data.crop_size).')
-  flags.DEFINE_string('evaluator', '', 'Inference settings: a key of '
-                      'eval.evaluators (default: the first of '
-                      'eval.in_training).')
   flags.DEFINE_list('platforms', [], "Lower for these platforms, e.g. "
                     "cpu,cuda,tpu (default: this machine's).")
   flags.mark_flags_as_required(['out'])
   return flags.FLAGS
+
+
+def _size_flag(values):
+  """--size=H,W as (H, W), or None when not given."""
+  from seg_jax import errors  # pylint: disable=g-import-not-at-top
+  if not values:
+    return None
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError:
+    raise errors.ConfigError(f'--size={",".join(values)}: give height,width '
+                             'in pixels.') from None
 
 
 def main(argv):
@@ -135,8 +141,8 @@ def main(argv):
   cli.start(argv)
   f = FLAGS
   meta = export_model(f.config, f.workdir, f.out, checkpoint=f.checkpoint,
-                      size=tuple(int(v) for v in f.size) or None,
-                      evaluator=f.evaluator,
+                      size=_size_flag(f.size),
+                      evaluator=cli.inference_names(f.config, one=True)[0],
                       platforms=tuple(f.platforms) or None)
   print(f'Exported: step={meta["step"]} input={meta["input_size"]} '
         f'platforms={",".join(meta["platforms"])} -> {f.out} '

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from seg_jax import errors
 from seg_jax import labels as seg_labels
 from seg_jax.labels import IGNORE_LABEL
 
@@ -185,6 +186,40 @@ def binary_dice(logits, labels, ignore_label=IGNORE_LABEL, smooth=0.0,
   score = (2.0 * jnp.sum(p * y) + smooth) / jnp.maximum(
       jnp.sum(p) + jnp.sum(y) + smooth, eps)
   return jnp.where(jnp.sum(y) > 0, 1.0 - score, 0.0)
+
+
+def check_config(c):
+  """The loss's part of `config.train` (see `seg_jax.validate`): weights,
+  smoothing, focal exponent, class weights, the auxiliary head's weight."""
+  for name in NAMES:
+    if c.train.loss[name] < 0:
+      raise errors.ConfigError(f'train.loss.{name}={c.train.loss[name]!r}: '
+                               'give a weight >= 0 (0 turns it off).')
+  if not loss_weights(c):
+    raise errors.ConfigError('train.loss: every weight is 0; turn one on, '
+                             'e.g. --config.train.loss.cross_entropy=1.')
+  binary = [n for n in BINARY if c.train.loss[n]]
+  if binary and c.model.num_classes != 2:
+    raise errors.ConfigError(
+        f'train.loss.{binary[0]} needs model.num_classes=2 (background 0, '
+        f'foreground 1), not {c.model.num_classes}; use dice or '
+        'cross_entropy for more classes.')
+  if not 0 <= c.train.label_smoothing < 1:
+    raise errors.ConfigError(
+        f'train.label_smoothing={c.train.label_smoothing!r}: give a value in '
+        '[0, 1).')
+  if c.train.focal_gamma < 0:
+    raise errors.ConfigError(f'train.focal_gamma={c.train.focal_gamma!r}: '
+                             'give a value >= 0.')
+  if c.train.aux_loss_weight < 0:
+    raise errors.ConfigError(
+        f'train.aux_loss_weight={c.train.aux_loss_weight!r}: give a value '
+        '>= 0.')
+  weights = tuple(c.train.class_weights)
+  if weights and len(weights) != c.model.num_classes:
+    raise errors.ConfigError(
+        f'train.class_weights has {len(weights)} entries; '
+        f'model.num_classes={c.model.num_classes}.')
 
 
 def loss_weights(config):

@@ -2,6 +2,28 @@
 
 import optax
 
+from seg_jax import errors
+
+
+def check_config(config):
+  """The optimizer's part of `config.train` (see `seg_jax.validate`)."""
+  c = config.train
+  errors.config_int(config, 'train.num_steps')
+  errors.config_int(config, 'train.warmup_steps', 0)
+  if not c.learning_rate > 0:
+    raise errors.ConfigError(f'train.learning_rate={c.learning_rate!r}: give '
+                             'a positive rate.')
+  if c.warmup_steps >= c.num_steps:
+    raise errors.ConfigError(f'train.warmup_steps={c.warmup_steps} is not '
+                             f'below train.num_steps={c.num_steps}.')
+  for key in ('weight_decay', 'grad_clip_norm'):
+    if c[key] < 0:
+      raise errors.ConfigError(f'train.{key}={c[key]!r}: give a value >= 0.')
+  if not 0 <= c.momentum < 1:
+    raise errors.ConfigError(f'train.momentum={c.momentum!r}: give a value '
+                             'in [0, 1).')
+  create_optimizer(c)  # optimizer and schedule names
+
 
 def create_learning_rate_fn(cfg):
   """Learning-rate schedule from `config.train`, warmup included."""
@@ -16,8 +38,8 @@ def create_learning_rate_fn(cfg):
   elif cfg.schedule == 'constant':
     decay = optax.constant_schedule(cfg.learning_rate)
   else:
-    raise ValueError(f"train.schedule={cfg.schedule!r}; use 'poly', 'cosine' "
-                     "or 'constant'.")
+    raise errors.ConfigError(f"train.schedule={cfg.schedule!r}; use 'poly', "
+                             "'cosine' or 'constant'.")
   if not cfg.warmup_steps:
     return decay
   warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
@@ -33,8 +55,8 @@ def create_optimizer(cfg):
   elif cfg.optimizer == 'adamw':
     tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
   else:
-    raise ValueError(f"train.optimizer={cfg.optimizer!r}; use 'sgd' or "
-                     "'adamw'.")
+    raise errors.ConfigError(f"train.optimizer={cfg.optimizer!r}; use 'sgd' "
+                             "or 'adamw'.")
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx

@@ -104,15 +104,17 @@ class Predictor:
   """
 
   def __init__(self, config, model, variables, spec, batch_size,
-               crf_params=None, size_multiple=8):
-    from seg_jax import steps  # pylint: disable=g-import-not-at-top
+               refiner=None, size_multiple=8):
+    """`refiner`: an optional refinement step (e.g. `crf.Refiner`), as in
+    `evaluators.Evaluator`."""
+    from seg_jax import inference  # pylint: disable=g-import-not-at-top
     from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
     self.variables, self.batch_size = variables, batch_size
     self.size_multiple = size_multiple
-    self.crf_params = crf_params
+    self.refiner = refiner
     self.fill = transforms.fill_value(config.data.mean)
-    self.step = steps.make_predict_step(model, config, spec,
-                                        with_logits=crf_params is not None)
+    self.step = inference.make_predict_step(
+        model, config, spec, with_logits=refiner is not None)
 
   def canvas(self, image):
     """The batch canvas of an image: its size rounded up to the multiple."""
@@ -132,14 +134,12 @@ class Predictor:
       batch[k, :image.shape[0], :image.shape[1]] = image
       sizes[k] = image.shape[:2]
     out = self.step(self.variables, batch, sizes)
-    if self.crf_params is None:
+    if self.refiner is None:
       out = np.asarray(out)
       return [out[k, :s[0], :s[1]] for k, s in enumerate(sizes[:len(images)])]
-    from seg_jax import crf  # pylint: disable=g-import-not-at-top
     logits = np.asarray(out[1])
-    return [np.asarray(crf.refine(image, logits[k, :image.shape[0],
-                                                :image.shape[1]],
-                                  self.crf_params)).argmax(-1)
+    return [np.asarray(self.refiner(
+        image, logits[k, :image.shape[0], :image.shape[1]])).argmax(-1)
             for k, image in enumerate(images)]
 
 
@@ -316,19 +316,11 @@ def _define_flags():
   cli.define_run_flags('The configuration the checkpoint was trained with.',
                        'The training run folder (holds checkpoints/ and '
                        'config.json).')
-  flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
-                     'highest validation mIoU kept) or a step number.')
+  cli.define_inference_flags()
   flags.DEFINE_string('out', None, 'Output folder (created).')
   flags.DEFINE_list('keep', [], 'Class names or ids to keep in cut-outs; '
                     'everything else becomes transparent (images) or black '
                     '(videos).')
-  flags.DEFINE_bool('crf', False, 'Refine each prediction with the dense CRF '
-                    '(settings: config.crf).')
-  flags.DEFINE_bool('tta', False, "Use the 'tta' evaluator's multi-scale + "
-                    'flip inference (config.eval.evaluators.tta).')
-  flags.DEFINE_string('evaluator', '', 'Inference settings: a key of '
-                      'eval.evaluators (default: the first of '
-                      'eval.in_training; --tta means tta).')
   flags.DEFINE_integer('batch_size', 8, 'Images or frames per device batch.')
   flags.DEFINE_integer('size_multiple', 8, 'Images are padded to a multiple '
                        'of this (one compile per padded size): larger values '
@@ -349,20 +341,19 @@ def main(argv):
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
-  from seg_jax import (crf, data, evaluators, sharding,  # pylint: disable=g-import-not-at-top
-                       state)
+  from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
+                       sharding)
   config = FLAGS.config
   class_names, palette = data.class_info(config)
   keep = parse_keep(FLAGS.keep, class_names)
-  name = 'tta' if FLAGS.tta else (FLAGS.evaluator or
-                                  tuple(config.eval.in_training)[0])
-  spec = evaluators.spec_from_config(config, name)
+  name, = cli.inference_names(config, one=True)
+  spec = inference.spec_from_config(config, name)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
-  model, variables, step = state.restore_for_inference(
+  model, variables, step = checkpoint.restore_for_inference(
       config, FLAGS.workdir, mesh, FLAGS.checkpoint)
   predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
-                        crf.CRFParams.from_config(config) if FLAGS.crf
-                        else None, FLAGS.size_multiple)
+                        crf.Refiner(crf.CRFParams.from_config(config))
+                        if FLAGS.crf else None, FLAGS.size_multiple)
   os.makedirs(FLAGS.out, exist_ok=True)
   done, frames, failures = run(
       inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha))

@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from seg_jax import errors
+
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
 AXES = (DATA_AXIS, FSDP_AXIS)
@@ -123,6 +125,18 @@ def to_global(batch, mesh):
   sharding = data_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def check_config(config):
+  """The mesh section and the batch sizes it splits (see
+  `seg_jax.validate`)."""
+  errors.config_int(config, 'train.global_batch_size')
+  errors.config_int(config, 'eval.global_batch_size')
+  errors.config_int(config, 'mesh.fsdp_min_size', 0)
+  mesh = create_mesh(config.mesh.shape, config.mesh.axes)
+  check_batch_size(config.train.global_batch_size, mesh)
+  check_batch_size(config.eval.global_batch_size, mesh,
+                   'eval.global_batch_size')
 
 
 def check_batch_size(global_batch_size, mesh, key='train.global_batch_size'):

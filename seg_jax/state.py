@@ -1,5 +1,5 @@
-"""Train state and model from a config; initialisation, and restoring a
-checkpoint's variables for training or for inference."""
+"""The train state: what it holds, the model it is of, and how it is built
+from a config (initialisation, pretrained weights)."""
 
 from typing import Any
 
@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from seg_jax import checkpoint, models, optim, sharding
-from seg_jax import workdir as run_folder
+from seg_jax import errors, models, optim, sharding
 from seg_jax.data import transforms
 
 
@@ -35,12 +34,46 @@ class TrainState:
     return self.ema or self.variables()
 
 
+# What a setting a field's presence follows, for messages about states
+# saved with other settings.
+FIELD_SETTINGS = {'ema': 'train.ema_decay > 0 keeps it'}
+
+
+def inference_fields(state):
+  """The fields of a (possibly abstract) train state that inference reads,
+  with 'step': the weight average when kept, else the model's variables."""
+  return ('ema', 'step') if state.ema else ('params', 'batch_stats', 'step')
+
+
+def inference_variables(fields):
+  """{'params', 'batch_stats'} of the fields `inference_fields` named."""
+  variables = fields['ema'] if 'ema' in fields else fields
+  return {'params': variables['params'],
+          'batch_stats': variables['batch_stats']}
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def check_config(config):
+  """The model section's own check, with what the state depends on
+  (train.precision, train.ema_decay); see `seg_jax.validate`."""
+  num = config.model.num_classes
+  if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+    raise errors.ConfigError(f'model.num_classes={num!r}: give an integer '
+                             '>= 1.')
+  if not 0 <= config.train.ema_decay < 1:
+    raise errors.ConfigError(f'train.ema_decay={config.train.ema_decay!r}: '
+                             'give a value in [0, 1).')
+  create_model(config)  # model.name, model.kwargs, train.precision
+
+
 def create_model(config):
   """The model of `config.model`, computing in `config.train.precision`."""
-  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  dtypes = DTYPES
   if config.train.precision not in dtypes:
-    raise ValueError(f'train.precision={config.train.precision!r}; use one '
-                     f'of {sorted(dtypes)}.')
+    raise errors.ConfigError(f'train.precision={config.train.precision!r}; '
+                             f'use one of {sorted(dtypes)}.')
   return models.create_model(config.model.name, config.model.num_classes,
                              dtype=dtypes[config.train.precision],
                              **config.model.kwargs)
@@ -129,31 +162,3 @@ def abstract_train_state(config, mesh):
   return jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, shardings)
-
-
-def restore_for_inference(config, workdir, mesh, step='latest'):
-  """The model and the variables a checkpoint of `workdir` holds.
-
-  Only parameters and BatchNorm statistics are read (not the optimizer
-  state), laid out on `mesh` as training lays them out: their moving
-  average when the config keeps one (`train.ema_decay`).
-
-  Args:
-    config: the config the checkpoint was trained with.
-    workdir: the training run's folder (checkpoints under `checkpoints/`).
-    mesh: device mesh the variables are placed on.
-    step: 'latest', 'best' (highest validation mIoU kept) or a step number
-      (int or digit string).
-
-  Returns:
-    (model, variables {'params', 'batch_stats'}, step restored).
-  """
-  model = create_model(config)
-  abstract = abstract_train_state(config, mesh)
-  wanted = ({'ema': abstract.ema} if abstract.ema else
-            {'params': abstract.params, 'batch_stats': abstract.batch_stats})
-  restored, step = checkpoint.restore_variables(
-      run_folder.checkpoint_dir(workdir), step, {**wanted, 'step': abstract.step})
-  variables = restored['ema'] if abstract.ema else restored
-  return model, {'params': variables['params'],
-                 'batch_stats': variables['batch_stats']}, step

@@ -72,8 +72,6 @@ class Trainer:
           skip_counter=self.skips)
     self.step_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     self._nonfinite = None  # metrics.NonFinite since the last check
-    self.best = None  # (step, mIoU) of the best evaluation so far
-    self._last_eval = None  # (step, mIoU) of the latest evaluation
     self._last_train = {}  # the latest logged training scalars
     self.skipped_nonfinite = 0
     self.checkpointer = checkpoint.Checkpointer(
@@ -101,11 +99,11 @@ class Trainer:
     self.state, train_iter = self.checkpointer.restore_or_keep(
         self.state, train_iter)
     start = int(self.state.step)
-    self.best = self.checkpointer.best()
     if start:
+      best = self.checkpointer.best()
       logging.info('Resumed from step %d in %s; best mIoU so far: %s',
-                   start, self.workdir, 'none' if self.best is None else
-                   f'{self.best[1]:.4f} at step {self.best[0]}')
+                   start, self.workdir, 'none' if best is None else
+                   f'{best[1]:.4f} at step {best[0]}')
     if interrupt.received():  # a stop signal during the restore
       return {'step': start, 'stopped': interrupt.received(),
               'trained': False}
@@ -117,7 +115,7 @@ class Trainer:
       result = self._loop(start, train_iter, writer)
       step = int(self.state.step)
       self.checkpointer.save_final(step, self.state, train_iter,
-                                   self._eval_metrics(step))
+                                   _scores_of(result, step))
       if not result:  # resumed from a finished run: report its final metrics
         result = self._maybe_eval(step, None, force=True) or {}
       if not self.evaluators and not result.get('stopped'):
@@ -154,14 +152,18 @@ class Trainer:
       if save or step % cfg.train.log_every_steps == 0:
         self._check_finite(writer)  # before a save and at log time
       train_metrics = self._maybe_log(step, train_metrics, writer)
-      result = self._guarded(step, train_iter, f'Evaluation at step {step}',
-                             lambda s=step: self._maybe_eval(s, writer)
-                             ) or result
-      evaluated = self._eval_metrics(step)
-      new_best = evaluated is not None and self.best[0] == step
+      evaluated = self._guarded(step, train_iter,
+                                f'Evaluation at step {step}',
+                                lambda s=step: self._maybe_eval(s, writer))
+      result = evaluated or result
+      # An evaluation that beats the best kept is saved whatever the step.
       self.checkpointer.maybe_save(step, self.state, train_iter,
-                                   force=bool(stopped) or new_best,
-                                   metrics=evaluated)
+                                   force=bool(stopped),
+                                   metrics=_scores_of(evaluated, step))
+      if evaluated:
+        best_step, best_miou = self.checkpointer.best()
+        writer.write_scalars(step, {'eval/best_miou': best_miou,
+                                    'eval/best_step': best_step})
       if stopped:
         return {'step': step, 'stopped': stopped}
     self._check_finite(writer)
@@ -261,37 +263,20 @@ class Trainer:
       r = evaluator.run(self.variables())
       scalars = r.scalars(self.class_names)
       if writer is not None:
-        self._write_eval(step, writer, _eval_prefix(i, r.name), r, scalars)
+        r.write(writer, step, _eval_prefix(i, r.name), self.class_names,
+                self.palette, labels.ignore_label(self.config))
       logging.info('eval %s at step %d took %.1fs: mIoU=%.4f', r.name, step,
                    time.time() - t0, scalars['miou'])
       result = result or {'step': step, **scalars}
-    self._record_eval(step, result['miou'], writer)
     return result
 
-  def _record_eval(self, step, miou, writer):
-    """Keeps the first evaluator's mIoU of `step` for the checkpoint saved
-    there, and the best so far (written as eval/best_miou, best_step)."""
-    self._last_eval = (step, miou)
-    if self.best is None or miou > self.best[1]:
-      self.best = (step, miou)
-    if writer is not None:
-      writer.write_scalars(step, {'eval/best_miou': self.best[1],
-                                  'eval/best_step': self.best[0]})
 
-  def _eval_metrics(self, step):
-    """{'miou': ...} when `step` was just evaluated, else None."""
-    if self._last_eval is None or self._last_eval[0] != step:
-      return None
-    return {'miou': float(self._last_eval[1])}
-
-  def _write_eval(self, step, writer, prefix, result, scalars):
-    writer.write_scalars(step, {f'{prefix}/{k}': v
-                                for k, v in scalars.items()})
-    panels = evaluators.example_panels(result.examples, self.palette,
-                                       labels.ignore_label(self.config))
-    writer.write_images(step, {f'{prefix}/example_{j}': p[None]
-                               for j, p in enumerate(panels)})
-    writer.flush()
+def _scores_of(result, step):
+  """{'miou': ...} of an evaluation result of `step` (for the checkpoint
+  saved there), else None."""
+  if not result or result.get('step') != step or 'miou' not in result:
+    return None
+  return {'miou': float(result['miou'])}
 
 
 def train_and_evaluate(config, workdir):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import data, train, validate
+from seg_jax import data, errors, train, validate
 
 from configs import unet_membrane
 
@@ -53,7 +53,7 @@ def test_binary_export_needs_a_label_map(tmp_path):
   _write(tmp_path, 'train', 2)
   c = _config(tmp_path)
   c.data.label_map = {}
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=rf'^{tmp_path}/masks/train/000.png holds only the '
                      r'values 0 and 255, a binary mask export: 255 would be '
                      r'read as ignore .* Set data.label_map=\{255: 1\} '):
@@ -66,12 +66,12 @@ def test_binary_export_needs_a_label_map(tmp_path):
   np.testing.assert_array_equal(data.create_source(c, 'train')[1]['label'],
                                 raw)
   c.data.label_map = {255: 7}
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'^data.label_map has 255: 7; map mask values '
                      r'0..255 to class ids 0..1 or data.ignore_label=255.$'):
     validate.check_config(c)
   c.data.name = 'shapes'
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r"^data.label_map is read by the folder source "
                      r"only, not data.name='shapes'"):
     validate.check_config(c)

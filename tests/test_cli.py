@@ -52,11 +52,11 @@ def test_train_without_tensorflow_then_evaluate_in_a_fresh_process(
       capture_output=True, text=True, timeout=300)
   assert wrong.returncode != 0
   assert "--checkpoint='5'" in wrong.stderr and '[3, 6]' in wrong.stderr
-  from seg_jax import sharding, state  # pylint: disable=g-import-not-at-top
+  from seg_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
   tiny_config.model.num_classes = 6
   with pytest.raises(ValueError, match=r'stores params/Conv_0/bias with shape '
                      r'\(5,\) but the config.s model has \(6,\)'):
-    state.restore_for_inference(tiny_config, workdir, sharding.create_mesh())
+    checkpoint.restore_for_inference(tiny_config, workdir, sharding.create_mesh())
 
 
 def _check_events_and_progress(workdir, stderr, miou, config):

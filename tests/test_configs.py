@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from seg_jax import data, evaluators, models
+from seg_jax import data, inference, models
 from seg_jax.data import pipeline
 
 from conftest import REPO
@@ -32,7 +32,7 @@ def test_config_is_consistent(name):
   pipeline.train_transform(config)
   pipeline.eval_transform(config)
   for name in config.eval.evaluators:  # every evaluator is well formed
-    evaluators.spec_from_config(config, name)
+    inference.spec_from_config(config, name)
   assert set(config.eval.in_training) <= set(config.eval.evaluators)
   assert config.data.on_bad_sample in ('raise', 'skip')
   # Dataset roots stay inside the project (data/...): a user's clone and a

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from seg_jax import data
+from seg_jax import data, steps
 from seg_jax.data import pipeline, shapes, transforms
 
 
@@ -222,7 +222,7 @@ def test_photometric_brightness_and_contrast_are_exact():
     np.testing.assert_allclose(c, np.diag([k, k, k, 0])[:3], atol=1e-7)
     assert 0.5 <= k <= 1.5
     factors.append(float(k))
-    out = transforms.apply_colour(x, np.stack([c, c]))
+    out = steps.apply_colour(x, np.stack([c, c]))
     np.testing.assert_allclose(out, np.clip(x * k, 0, 255), rtol=1e-6,
                                atol=1e-4)
   # Each operation is applied with probability one half.
@@ -238,10 +238,10 @@ def test_photometric_saturation_and_hue_keep_grey_and_luma():
     m = transforms.Photometric(brightness_delta=0.0,
                                contrast_range=(1.0, 1.0)).sample(rng)
     # Grey has no chroma: saturation and hue leave it as it is.
-    np.testing.assert_allclose(transforms.apply_colour(grey, m[None]), grey,
+    np.testing.assert_allclose(steps.apply_colour(grey, m[None]), grey,
                                atol=1e-3)
     # Both keep luma (Y of YIQ) where nothing clips.
-    out = transforms.apply_colour(colour.astype(np.float32) * 0.5 + 60,
+    out = steps.apply_colour(colour.astype(np.float32) * 0.5 + 60,
                                   m[None])
     luma = np.array([0.299, 0.587, 0.114])
     np.testing.assert_allclose(out @ luma, (colour * 0.5 + 60) @ luma,
@@ -250,7 +250,7 @@ def test_photometric_saturation_and_hue_keep_grey_and_luma():
   m = next(m for m in (desat.sample(np.random.default_rng(s))
                        for s in range(10)) if not np.allclose(m[:, :3],
                                                               np.eye(3)))
-  out = transforms.apply_colour(colour, m[None])
+  out = steps.apply_colour(colour, m[None])
   np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)
   np.testing.assert_allclose(out[..., 1], out[..., 2], atol=1e-3)
 
@@ -262,8 +262,8 @@ def test_photometric_numpy_and_jax_agree():
   m = np.stack([transforms.Photometric().sample(np.random.default_rng(s))
                 for s in range(3)])
   np.testing.assert_allclose(
-      np.asarray(transforms.apply_colour(jnp.asarray(x), jnp.asarray(m))),
-      transforms.apply_colour(x, m), rtol=1e-5, atol=1e-3)
+      np.asarray(steps.apply_colour(jnp.asarray(x), jnp.asarray(m))),
+      steps.apply_colour(x, m), rtol=1e-5, atol=1e-3)
 
 
 def test_cat_max_ratio_redraws_dominated_crops():

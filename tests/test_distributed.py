@@ -153,9 +153,9 @@ def test_two_processes_equal_one_process_on_four_devices(tiny_config,
         checkpoint.read_state(str(multi / 'checkpoints'), 9)[part],
         checkpoint.read_state(str(single / 'checkpoints'), 9)[part],
         atol=5e-5)
-  assert checkpoint.read_data_iterator_state(str(multi / 'checkpoints'), 9) \
-      == [{'position': 9, 'global_batch_size': 8, 'seed': 0,
-           'process_count': 1}]
+  assert checkpoint.data_position(str(multi / 'checkpoints'), 9) \
+      == {'position': 9, 'global_batch_size': 8, 'seed': 0,
+          'process_count': 1}
 
 
 @pytest.fixture(scope='module')

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seg_jax import data, evaluators, sharding, state, steps
-from seg_jax.steps import InferenceSpec
+from seg_jax import data, evaluators, inference, sharding, state
+from seg_jax.inference import InferenceSpec
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +33,7 @@ def _images(n, h, w, seed=0):
 
 
 def _infer(apply_fn, x, sizes, spec):
-  return np.asarray(jax.jit(lambda x, s: steps.infer_logits(
+  return np.asarray(jax.jit(lambda x, s: inference.infer_logits(
       apply_fn, x, s, spec))(x, jnp.asarray(sizes, jnp.int32)))
 
 
@@ -137,7 +137,7 @@ def test_resize_within_equals_resizing_the_valid_region_alone(antialias):
   x[1, :, 23:] = -1e3
   sizes = np.array([[30, 40], [17, 23], [30, 40]])
   new = np.array([[45, 60], [9, 35], [11, 13]])
-  got = np.asarray(steps.resize_within(
+  got = np.asarray(inference.resize_within(
       jnp.asarray(x), jnp.asarray(sizes), jnp.asarray(new), (45, 60),
       antialias=antialias))
   for i in range(3):
@@ -209,13 +209,13 @@ def test_ignore_label_must_not_be_a_class_id(tiny_config):
 
 def test_unknown_evaluator_and_bad_settings_name_the_key(tiny_config):
   with pytest.raises(ValueError, match="Unknown evaluator 'multi'.*'slide'"):
-    evaluators.spec_from_config(tiny_config, 'multi')
+    inference.spec_from_config(tiny_config, 'multi')
   tiny_config.eval.evaluators.whole.mode = 'tiles'
   with pytest.raises(ValueError, match="mode='tiles'"):
-    evaluators.spec_from_config(tiny_config, 'whole')
+    inference.spec_from_config(tiny_config, 'whole')
   tiny_config.eval.evaluators.slide.scales = (0.0,)
   with pytest.raises(ValueError, match='positive scales'):
-    evaluators.spec_from_config(tiny_config, 'slide')
+    inference.spec_from_config(tiny_config, 'slide')
 
 
 def test_bad_window_stride_and_scales_name_the_key(tiny_config):
@@ -223,15 +223,15 @@ def test_bad_window_stride_and_scales_name_the_key(tiny_config):
   slide.window, slide.stride = (16, 16), (20, 8)
   with pytest.raises(ValueError, match=r'eval.evaluators.slide: stride=\(20, '
                      r'8\) is larger than window'):
-    evaluators.spec_from_config(tiny_config, 'slide')
+    inference.spec_from_config(tiny_config, 'slide')
   slide.window = (32, 32, 3)
   with pytest.raises(ValueError, match=r'eval.evaluators.slide.window=\(32, '
                      r'32, 3\): give \(height, width\)'):
-    evaluators.spec_from_config(tiny_config, 'slide')
+    inference.spec_from_config(tiny_config, 'slide')
   # A config file may give one int per size and one scale.
   tiny_config.eval.evaluators.mine = dict(mode='slide', window=24, stride=12,
                                           scales=0.5)
-  spec = evaluators.spec_from_config(tiny_config, 'mine')
+  spec = inference.spec_from_config(tiny_config, 'mine')
   assert spec.window == (24, 24) and spec.stride == (12, 12)
   assert spec.scales == (0.5,)
 
@@ -271,6 +271,6 @@ def test_probs_average_of_one_confident_pass_keeps_the_loss_finite():
 
 
 def test_default_slide_window_is_the_crop_and_stride_two_thirds(tiny_config):
-  spec = evaluators.spec_from_config(tiny_config, 'slide')
+  spec = inference.spec_from_config(tiny_config, 'slide')
   assert spec.window == (32, 32) and spec.stride == (21, 21)
   assert spec.mode == 'slide' and spec.scales == (1.0,)

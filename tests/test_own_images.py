@@ -191,7 +191,7 @@ def test_16bit_nested_dataset_trains_and_predicts_like_its_8bit_version(
   """The same grayscale examples saved as flat 8-bit PNGs and as 16-bit
   PNGs in subfolders train to bit-identical parameters, and `predict`
   writes the same labels for the 16-bit file as for the 8-bit one."""
-  from seg_jax import evaluators, predict, sharding, state  # pylint: disable=g-import-not-at-top
+  from seg_jax import inference, predict, sharding  # pylint: disable=g-import-not-at-top
   plain, deep = tmp_path / 'plain', tmp_path / 'deep'
   for split, n in (('train', 10), ('val', 3)):
     ud.write_folder(plain, n=n, split=split, grey=True)
@@ -205,11 +205,11 @@ def test_16bit_nested_dataset_trains_and_predicts_like_its_8bit_version(
   for a, b in zip(jax.tree.leaves(s8['params']), jax.tree.leaves(s16['params'])):
     np.testing.assert_array_equal(a, b)
   config = ud.folder_config(plain)
-  model, variables, _ = state.restore_for_inference(
+  model, variables, _ = checkpoint.restore_for_inference(
       config, str(tmp_path / 'run_plain'),
       sharding.create_mesh(devices=jax.devices()[:1]))
   predictor = predict.Predictor(config, model, variables,
-                                evaluators.spec_from_config(
+                                inference.spec_from_config(
                                     config, 'whole'), 2)
   outputs = predict.Outputs(str(tmp_path / 'out'), ud.PALETTE, [], 0.5)
   images = [(str(plain / 'images' / 'val' / 'img_001.png'), 'eight'),

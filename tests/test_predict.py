@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import crf, evaluators, predict, sharding, state
+from seg_jax import checkpoint, crf, evaluators, inference, predict, sharding
 from seg_jax.data import shapes
 
 from conftest import REPO
@@ -23,20 +23,33 @@ SIZES = {'a.png': (32, 32), 'b.jpg': (40, 48), 'c.png': (24, 36)}
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
-  """A workdir holding a checkpoint of the tiny model (initial weights),
-  and the in-process model and variables it restores to."""
+  """A workdir holding a checkpoint of the tiny model, and the in-process
+  model and variables it restores to. The classifier (the last 1x1 conv)
+  gets seeded random weights and the bias that centres its logits on shapes
+  images, so its labels follow the features and several classes appear in
+  each image (a predictor that wrote one class everywhere would fail)."""
   from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
-  from seg_jax import train  # pylint: disable=g-import-not-at-top
+  from seg_jax import state, train  # pylint: disable=g-import-not-at-top
   config = unet_shapes_tiny.get_config()
   workdir = str(tmp_path_factory.mktemp('run'))
   trainer = train.Trainer(config, workdir)
-  trainer.checkpointer.maybe_save(1, trainer.state, iter(trainer.train_ds),
-                                  force=True)
+  params = dict(trainer.state.params)
+  kernel = np.random.default_rng(1).normal(size=(1, 1, 4, 5))
+  params['Conv_0'] = {'kernel': jnp.asarray(kernel, jnp.float32),
+                      'bias': jnp.zeros(5, jnp.float32)}
+  images = np.stack([_image(32, 32, k) for k in range(3)])
+  logits = state.create_model(config).apply(
+      {'params': params, 'batch_stats': trainer.state.batch_stats},
+      inference.normalize(images, config.data.mean, config.data.std),
+      train=False)
+  params['Conv_0']['bias'] = -jnp.mean(logits, (0, 1, 2))
+  trainer.checkpointer.maybe_save(1, trainer.state.replace(params=params),
+                                  iter(trainer.train_ds), force=True)
   trainer.checkpointer.close()
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
-  model, variables, step = state.restore_for_inference(config, workdir, mesh)
+  model, variables, step = checkpoint.restore_for_inference(config, workdir, mesh)
   assert step == 1
-  spec = evaluators.spec_from_config(config, 'whole')
+  spec = inference.spec_from_config(config, 'whole')
   return config, workdir, predict.Predictor(config, model, variables, spec, 4)
 
 
@@ -88,6 +101,7 @@ def test_predict_folder_and_video_with_keep_and_a_corrupt_file(run,
       'Predicted: 3 images, 13 video frames, 1 failed')  # ...the rest ran
   palette = np.zeros((256, 3), np.uint8)
   palette[:5] = shapes.PALETTE
+  seen = set()  # the classes predicted
   for name, (h, w) in SIZES.items():
     stem = out / 'in' / os.path.splitext(name)[0]
     with Image.open(f'{stem}.png') as im:
@@ -98,6 +112,8 @@ def test_predict_folder_and_video_with_keep_and_a_corrupt_file(run,
     image = np.asarray(Image.open(inputs / name).convert('RGB'))
     expected, = predictor([image])  # same labels as in this process
     np.testing.assert_array_equal(label, expected)
+    assert len(np.unique(label)) >= 2, np.unique(label)  # not one class
+    seen.update(np.unique(label).tolist())
     with Image.open(f'{stem}_overlay.jpg') as im:
       assert im.size == (w, h)
     with Image.open(f'{stem}_keep.png') as im:
@@ -105,6 +121,7 @@ def test_predict_folder_and_video_with_keep_and_a_corrupt_file(run,
     assert rgba.shape == (h, w, 4)
     np.testing.assert_array_equal(rgba[..., 3] == 255, np.isin(label, [1, 2]))
     np.testing.assert_array_equal(rgba[..., :3], image)
+  assert len(seen) >= 3, seen
   assert not (out / 'in' / 'broken.png').exists()
   _check_videos(out / 'in' / 'video', inputs / 'video' / 'clip.mp4',
                 predictor)
@@ -235,15 +252,14 @@ def test_evaluation_with_crf_counts_the_refined_predictions(run,
   from seg_jax import data  # pylint: disable=g-import-not-at-top
   source = data.create_source(tiny_config, 'val')
   mesh = sharding.create_mesh()
-  model, variables, _ = state.restore_for_inference(tiny_config, workdir,
+  model, variables, _ = checkpoint.restore_for_inference(tiny_config, workdir,
                                                     mesh)
   params = crf.CRFParams(iterations=3)
   result = evaluators.Evaluator('whole', tiny_config, model, mesh, source,
-                                crf_params=params).run(variables)
+                                refiner=crf.Refiner(params)).run(variables)
   confusion = np.zeros((5, 5), np.int64)
-  from seg_jax import steps  # pylint: disable=g-import-not-at-top
-  step = steps.make_predict_step(
-      model, tiny_config, evaluators.spec_from_config(tiny_config, 'whole'),
+  step = inference.make_predict_step(
+      model, tiny_config, inference.spec_from_config(tiny_config, 'whole'),
       with_logits=True)
   for i in range(9):
     ex = source[i]

@@ -144,8 +144,8 @@ def test_random_sigkills_end_bit_identical(tmp_path):
     for (path, x), y in zip(paths, jax.tree.leaves(b)):
       np.testing.assert_array_equal(np.asarray(y), np.asarray(x),
                                     err_msg=f'step {step} {path}')
-    assert (checkpoint.read_data_iterator_state(cut_ckpt, step) ==
-            checkpoint.read_data_iterator_state(ref_ckpt, step))
+    assert (checkpoint.data_position(cut_ckpt, step) ==
+            checkpoint.data_position(ref_ckpt, step))
 
 
 def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
@@ -216,8 +216,8 @@ def _signal_after_step_7(proc, workdir, sig):
   assert max(steps) == stopped  # the step it stopped at is saved
   assert int(checkpoint.read_state(f'{workdir}/checkpoints',
                                    stopped)['step']) == stopped
-  assert checkpoint.read_data_iterator_state(f'{workdir}/checkpoints',
-                                             stopped)[0]['position'] == stopped
+  assert checkpoint.data_position(f'{workdir}/checkpoints',
+                                 stopped)['position'] == stopped
   assert not [f for f in os.listdir(f'{workdir}/checkpoints') if 'tmp' in f]
 
 

@@ -278,7 +278,7 @@ def test_tfds_array_record_source(tmp_path):
 def test_missing_root_list_and_empty_split_name_the_path(tmp_path):
   missing = tmp_path / 'nowhere'
   for name in ('voc', 'cityscapes', 'ade20k', 'camvid', 'folder'):
-    with pytest.raises(FileNotFoundError, match=f'data.root=.*nowhere'):
+    with pytest.raises(FileNotFoundError, match='data.root=.*nowhere'):
       data.create_source(_config(name, missing, 11), 'train')
   with pytest.raises(FileNotFoundError, match=r'VOC2012 not found under '
                      r'data.root=.*: expected JPEGImages/'):

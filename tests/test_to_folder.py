@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import data, validate
+from seg_jax import data, errors
 from seg_jax.data import sources, to_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def test_png_copy_is_exact_and_overwrite_leaves_no_stale_files(camvid,
                                                                tmp_path):
   out = tmp_path / 'out'
   to_folder.convert(_config('camvid', camvid), str(out), progress=False)
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=re.escape(f'{out / "images" / "val"} already '
                                      'holds 2 files')):
     to_folder.convert(_config('camvid', camvid), str(out), ('val', 'train'),
@@ -134,7 +134,7 @@ def test_skipped_records_are_left_out_and_counted(camvid, tmp_path):
   assert os.listdir(out / 'images' / 'train') == ['0001TP_train_000000.jpg']
   Image.fromarray(_gradient(2)).save(camvid / 'train' /
                                      '0001TP_train_000002.png')
-  with pytest.raises(validate.UserError,
+  with pytest.raises(errors.UserError,
                      match=r'000001\.png: cannot decode image .*'
                      'on_bad_sample=skip'):
     to_folder.convert(_config('camvid', camvid), str(tmp_path / 'o2'),

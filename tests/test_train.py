@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from seg_jax import checkpoint, optim, state, train, validate
+from seg_jax import checkpoint, errors, optim, state, train
 
 from conftest import REPO
 
@@ -202,7 +202,7 @@ def test_nonfinite_step_stops_naming_it_and_the_last_checkpoint(tiny_config,
                                                                 tmp_path):
   tiny_config.train.num_steps, tiny_config.train.log_every_steps = 9, 1
   trainer = _poisoned_trainer(tiny_config, tmp_path, at=5)
-  with pytest.raises(validate.NonFiniteError,
+  with pytest.raises(errors.NonFiniteError,
                      match=rf'^Step 5: the loss or gradient norm is NaN/Inf; '
                      rf'training stopped and the last good checkpoint is step '
                      rf'3 in {tmp_path}/checkpoints. Lower '):
@@ -262,7 +262,7 @@ def _check_moving_average(config, ckpt, workdir):
              zip(jax.tree.leaves(now['ema']['params']),
                  jax.tree.leaves(now['params'])))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  _, variables, step = state.restore_for_inference(config, str(workdir), mesh,
+  _, variables, step = checkpoint.restore_for_inference(config, str(workdir), mesh,
                                                    step=3)
   assert step == 3
   for a, b in zip(jax.tree.leaves(variables),
@@ -309,7 +309,7 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
   c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 2
   ckpt = str(tmp_path / 'checkpoints')
   trainer = _run_with_mious(c, tmp_path, [1.0, 0.9, 0.8, 0.7, 0.6])
-  assert trainer.best == (2, 1.0)
+  assert trainer.checkpointer.best() == (2, 1.0)
   assert checkpoint.Checkpointer(ckpt, 3, 2).all_steps() == [2, 9, 10]
   c.train.num_steps = 14
   trainer = train.Trainer(c, str(tmp_path))
@@ -319,7 +319,7 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
   assert trainer.checkpointer.best() == (2, 1.0)
   trainer.checkpointer.close()
   trainer = _run_with_mious(c, tmp_path, [0.5, 0.4])
-  assert trainer.best == (2, 1.0)
+  assert trainer.checkpointer.best() == (2, 1.0)
   kept = checkpoint.Checkpointer(ckpt, 3, 2)
   assert kept.all_steps() == [2, 12, 14] and kept.best() == (2, 1.0)
   from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
@@ -328,14 +328,15 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
   assert dict(scalars['eval/best_step'])[14] == 2
   abstract = state.abstract_train_state(
       c, jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',)))
-  _, step = checkpoint.restore_variables(ckpt, 'best',
-                                         {'params': abstract.params})
+  _, step = checkpoint.restore(ckpt, 'best', abstract, fields=('params',))
   assert step == 2
 
 
 def test_damaged_checkpoint_is_reported_by_path(tiny_config, tmp_path):
-  """A truncated or missing file of the latest checkpoint is named; the run
-  falls back to the previous step only with checkpoint.on_corrupt set."""
+  """A file of the latest checkpoint whose bytes changed (size kept), that
+  was cut short or is missing is named; the run falls back to the previous
+  step only with checkpoint.on_corrupt set. A file list written before
+  checksums existed (sizes only) still restores."""
   c = tiny_config
   c.eval.every_steps = 100
   train.train_and_evaluate(c, str(tmp_path))
@@ -344,23 +345,42 @@ def test_damaged_checkpoint_is_reported_by_path(tiny_config, tmp_path):
   listed = json.loads((ckpt / '6' / 'FILES.json').read_text())
   assert any(name.startswith('state/') for name in listed)
   name = max((n for n in listed if n.startswith('state/')),
-             key=lambda n: listed[n])
+             key=lambda n: listed[n]['size'])
+  size = listed[name]['size']
   path = ckpt / '6' / name
-  path.write_bytes(path.read_bytes()[:listed[name] // 2])
+  good = path.read_bytes()
+  flipped = bytearray(good)
+  flipped[size // 2] ^= 0x01
+  path.write_bytes(bytes(flipped))
   c.train.num_steps = 9
   with pytest.raises(checkpoint.CheckpointError,
+                     match=rf'^Checkpoint {ckpt}/6 is damaged: the bytes of '
+                     rf'{path} changed since they were written \(CRC-32 '
+                     rf'mismatch\). Move {ckpt}/6 away to resume from the '
+                     r"previous checkpoint, or set checkpoint.on_corrupt="):
+    train.train_and_evaluate(c, str(tmp_path))
+  path.write_bytes(good)
+  sizes_only = {n: entry['size'] for n, entry in listed.items()}
+  (ckpt / '6' / 'FILES.json').write_text(json.dumps(sizes_only))
+  assert int(checkpoint.read_state(str(ckpt), 6)['step']) == 6
+  path.write_bytes(good[:size // 2])
+  with pytest.raises(checkpoint.CheckpointError,
                      match=rf'^Checkpoint {ckpt}/6 is damaged: {path} has '
-                     rf'{listed[name] // 2} bytes, {listed[name]} were '
+                     rf'{size // 2} bytes, {size} were '
                      rf'written. Move {ckpt}/6 away to resume from the '
                      r"previous checkpoint, or set checkpoint.on_corrupt="):
     train.train_and_evaluate(c, str(tmp_path))
   with pytest.raises(checkpoint.CheckpointError, match=rf'{path} has'):
-    checkpoint.restore_variables(str(ckpt), 'latest', {})
+    checkpoint.restore(str(ckpt), 'latest')
   path.unlink()
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf'^Checkpoint {ckpt}/6 is damaged: {path} is '
                      'missing.'):
     train.train_and_evaluate(c, str(tmp_path))
+  # The byte flip again (size kept), with the checksums listed: the run
+  # falls back past it as past a truncated file.
+  path.write_bytes(bytes(flipped))
+  (ckpt / '6' / 'FILES.json').write_text(json.dumps(listed))
   c.checkpoint.on_corrupt = 'previous'
   trainer = train.Trainer(c, str(tmp_path))
   it = iter(trainer.train_ds)

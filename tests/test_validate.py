@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from seg_jax import train, validate
+from seg_jax import errors, train, validate
 
 from conftest import REPO
 
@@ -66,14 +66,14 @@ def _set(config, key, value):
 def test_each_impossible_setting_is_one_line_naming_the_key(
     tiny_config, key, value, message):
   _set(tiny_config, key, value)
-  with pytest.raises(validate.ConfigError, match=message) as e:
+  with pytest.raises(errors.ConfigError, match=message) as e:
     validate.check_config(tiny_config)
   assert '\n' not in str(e.value)
 
 
 def test_unwritable_workdir(tiny_config, tmp_path):
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'--workdir=.*file/run is not writable \(Not a '
                      r'directory\): choose a folder you can write to.$'):
     validate.check_config(tiny_config, str(tmp_path / 'file' / 'run'))
@@ -104,14 +104,14 @@ def test_checkpoint_of_another_model_is_refused_naming_the_parameter(
   train.train_and_evaluate(tiny_config, str(tmp_path))
   tiny_config.model.kwargs.width = 8
   tiny_config.train.num_steps = 6
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=rf'^Checkpoint {tmp_path}/checkpoints/3 stores '
                      r'params/\S+ with shape \(\d+(, \d+)*,?\) but the '
                      r"config's model has \(\d+(, \d+)*,?\): was it trained "
                      r'with another model.num_classes or model.kwargs\?'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   tiny_config.model.kwargs = {'width': 4, 'depth': 2, 'batch_norm': False}
-  with pytest.raises(validate.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'has no params/\S+/bias \(shape \(\d+,\)\) that '
                      r"the config's model needs: was it trained with another "
                      r'model.name or model.kwargs\?'):
@@ -124,7 +124,7 @@ def test_missing_dataset_root_is_a_user_error(tiny_config, tmp_path):
   from seg_jax import data  # pylint: disable=g-import-not-at-top
   tiny_config.data.name, tiny_config.model.num_classes = 'folder', 2
   tiny_config.data.root = str(tmp_path / 'nowhere')
-  with pytest.raises(validate.MissingFileError,
+  with pytest.raises(errors.MissingFileError,
                      match=rf"^folder: dataset folder data.root='{tmp_path}/"
                      r"nowhere' does not exist; it must hold images/ and "
                      r'masks/.$') as e:

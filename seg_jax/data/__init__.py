@@ -101,6 +101,50 @@ def class_info(config):
   return tuple(names), np.asarray(palette, np.uint8)
 
 
+def check_config(c):
+  """The data section's own check (see `seg_jax.validate`): every value,
+  the dataset name and its classes against model.num_classes; no file is
+  read."""
+  errors.config_int(c, 'data.worker_count', 0)
+  errors.config_int(c, 'data.num_threads')
+  labels.ignore_label(c)  # outside the class ids, within uint8
+  if not isinstance(c.data.mask_suffix, str) or '/' in c.data.mask_suffix:
+    raise errors.ConfigError(
+        f'data.mask_suffix={c.data.mask_suffix!r}: give what a mask\'s file '
+        "name adds to its image's, e.g. '_mask'.")
+  crop = transforms.pair(c.data.crop_size, 'data.crop_size')
+  if c.data.eval_pad_size not in ((), None):
+    pad = transforms.pair(c.data.eval_pad_size, 'data.eval_pad_size')
+    if pad[0] < crop[0] or pad[1] < crop[1]:
+      raise errors.ConfigError(
+          f'data.crop_size={crop} is larger than data.eval_pad_size={pad}: '
+          'evaluation pads images to at least the crop size; raise '
+          'data.eval_pad_size or lower data.crop_size.')
+  lo, hi = tuple(c.data.scale_range)
+  if not 0 < lo <= hi:
+    raise errors.ConfigError(f'data.scale_range={tuple(c.data.scale_range)}: '
+                             'give 0 < low <= high.')
+  if not 0 < c.data.cat_max_ratio <= 1:
+    raise errors.ConfigError(f'data.cat_max_ratio={c.data.cat_max_ratio!r}: '
+                             'give a value in (0, 1].')
+  if c.data.label_map:
+    if c.data.name != 'folder':
+      raise errors.ConfigError(
+          f'data.label_map is read by the folder source only, not '
+          f'data.name={c.data.name!r} (its mask values are fixed); remove it.')
+    sources.folder_table(c.model.num_classes, c.data.ignore_label,
+                         dict(c.data.label_map))
+  if len(c.data.mean) != 3 or len(c.data.std) != 3 or min(c.data.std) <= 0:
+    raise errors.ConfigError(f'data.mean={tuple(c.data.mean)} / data.std='
+                             f'{tuple(c.data.std)}: give 3 values each, '
+                             'std > 0.')
+  files.check_on_bad_sample(c.data.on_bad_sample)
+  if c.data.name not in DATASETS:
+    raise errors.ConfigError(f'Unknown data.name={c.data.name!r}; choose one '
+                             f'of {sorted(DATASETS)}.')
+  class_info(c)  # num_classes against the dataset's class list, the palette
+
+
 def check_palette(palette, num_classes):
   """`data.palette` as a (num_classes, 3) uint8 array, or ConfigError."""
   try:
@@ -129,7 +173,6 @@ def create_source(config, split, strict=True):
   if name not in DATASETS:
     raise errors.ConfigError(f'Unknown data.name={name!r}; choose one of '
                              f'{sorted(DATASETS)}.')
-  files.check_on_bad_sample(config.data.on_bad_sample)
   if name != 'shapes':
     split = {'train': config.data.train_split,
              'val': config.data.val_split}.get(split, split)

@@ -23,11 +23,9 @@ if __name__ in ('__main__', '__mp_main__'):
   interrupt.install('nothing was changed')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import collections
 import concurrent.futures
 import copy
 import dataclasses
-import os
 import sys
 
 import numpy as np

@@ -32,7 +32,8 @@ BadSampleError = errors.BadSampleError
 
 def check_on_bad_sample(value):
   if value not in ON_BAD_SAMPLE:
-    raise ValueError(f"data.on_bad_sample={value!r}; use 'raise' or 'skip'.")
+    raise errors.ConfigError(f"data.on_bad_sample={value!r}; use 'raise' or "
+                             "'skip'.")
   return value
 
 

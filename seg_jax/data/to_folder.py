@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from seg_jax import data, validate
+from seg_jax import data, errors
 from seg_jax.data import files
 
 IMAGE_FORMATS = ('jpg', 'png')
@@ -76,7 +76,7 @@ def check_out(out, splits, class_names, overwrite=False):
     for folder in split_dirs(out, split):
       held = _held_files(folder)
       if held and not overwrite:
-        raise validate.ConfigError(
+        raise errors.ConfigError(
             f'--out={out}: {folder} already holds {len(held)} files of split '
             f'{split!r}; pass --overwrite to replace them, or choose another '
             '--out.')
@@ -86,7 +86,7 @@ def check_out(out, splits, class_names, overwrite=False):
   if os.path.isfile(listed) and not overwrite:
     with open(listed) as f:
       if f.read().split('\n') != [*class_names, '']:
-        raise validate.ConfigError(
+        raise errors.ConfigError(
             f'--out={out}: {listed} names other classes than this dataset; '
             'pass --overwrite to replace it, or choose another --out.')
 
@@ -162,7 +162,7 @@ def convert_split(source, out, split, *, image_format='jpg', jpeg_quality=95,
     written, size, skips = _write_all(source, dirs, split, image_format,
                                       jpeg_quality, threads, progress)
   except files.BadSampleError as e:
-    raise validate.UserError(
+    raise errors.UserError(
         f'{e} Set --config.data.on_bad_sample=skip to leave such records '
         'out (and pass --overwrite to replace what was written).') from None
   skips = list(getattr(source, 'skipped_at_build', ())) + skips
@@ -179,7 +179,7 @@ def open_source(config, split):
   try:
     return data.create_source(config, split)
   except (FileNotFoundError, ValueError) as e:
-    raise validate.ConfigError(str(e).strip('"\'')) from None
+    raise errors.ConfigError(str(e).strip('"\'')) from None
 
 
 def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
@@ -190,11 +190,11 @@ def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
   written. Returns one `Summary` per split.
   """
   if image_format not in IMAGE_FORMATS:
-    raise validate.ConfigError(f'--image_format={image_format!r}: use one '
+    raise errors.ConfigError(f'--image_format={image_format!r}: use one '
                                f'of {", ".join(IMAGE_FORMATS)}.')
   root = config.data.get('root') or ''
   if root and os.path.realpath(root) == os.path.realpath(out):
-    raise validate.ConfigError(f'--out={out} is the dataset folder itself '
+    raise errors.ConfigError(f'--out={out} is the dataset folder itself '
                                '(data.root); choose another --out.')
   sources = {split: open_source(config, split) for split in splits}
   class_names = next(iter(sources.values())).class_names
@@ -268,7 +268,7 @@ def main(argv):
   cli.quiet_library_logs()
   f, splits = flags.FLAGS, tuple(flags.FLAGS.splits)
   if not splits:
-    raise validate.ConfigError('--splits is empty: name at least one split.')
+    raise errors.ConfigError('--splits is empty: name at least one split.')
   summaries = convert(f.config, f.out, splits, image_format=f.image_format,
                       jpeg_quality=f.jpeg_quality, overwrite=f.overwrite,
                       threads=f.threads)

@@ -9,7 +9,8 @@ example's augmentation does not depend on worker count or on resumption.
 Photometric distortion is drawn here per example but applied on the device:
 brightness, contrast, saturation and hue are each linear in RGB, so the
 drawn distortion is one (3, 4) affine colour matrix ('colour' in the
-example) that the train step applies to the whole batch at once. This keeps
+example) that the train step applies to the whole batch at once
+(`steps.apply_colour`). This keeps
 the host, usually the bottleneck, to decoding and geometry.
 """
 
@@ -19,6 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from seg_jax import errors
 from seg_jax.data import files
 from seg_jax.labels import IGNORE_LABEL
 
@@ -30,8 +32,19 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
 _YIQ_INV = np.linalg.inv(_YIQ)
 
 
-def pair(size):
-  return (int(size), int(size)) if np.isscalar(size) else tuple(map(int, size))
+def pair(size, key=None):
+  """(height, width) of one int or two: the one parser of config sizes.
+
+  With `key` (the config key or flag it came from), anything but one or two
+  positive integers is a ConfigError naming it.
+  """
+  values = (size, size) if np.isscalar(size) else tuple(size)
+  if key is not None and (len(values) != 2 or not all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+      for v in values)):
+    raise errors.ConfigError(f'{key}={size!r}: give (height, width) in '
+                             'pixels.')
+  return tuple(int(v) for v in values)
 
 
 def scaled_size(size, scale):
@@ -107,22 +120,6 @@ class Photometric:
     if contrast is not None and not contrast_first:
       then(contrast * np.eye(3))
     return np.concatenate([a, b[:, None]], 1).astype(np.float32)
-
-
-def apply_colour(images, colour):
-  """Applies per-example (N, 3, 4) colour matrices to (N, H, W, 3) images.
-
-  Works on numpy or jax arrays; returns float values clipped to 0..255.
-  """
-  xp = np if isinstance(images, np.ndarray) else _jnp()
-  x = images.astype(xp.float32)
-  out = xp.einsum('nhwc,ndc->nhwd', x, colour[:, :, :3])
-  return xp.clip(out + colour[:, None, None, :, 3], 0.0, 255.0)
-
-
-def _jnp():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  return jnp
 
 
 def _crop_origin(label, crop_h, crop_w, rng, cat_max_ratio, ignore_label):
