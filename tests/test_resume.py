@@ -174,6 +174,16 @@ def test_restored_iterator_yields_the_uninterrupted_batches(tiny_config,
     got = next(restored)
     np.testing.assert_array_equal(got['image'], want['image'])
     np.testing.assert_array_equal(got['label'], want['label'])
+  # The one reader of the position: this process's file through grain's
+  # handler; another topology's first-process file; an older raw state.
+  folder = tmp_path / '5' / 'data_iter'
+  want = {'position': 5, 'global_batch_size': 8, 'seed': 0,
+          'process_count': 1}
+  assert checkpoint.data_position(str(tmp_path), 5) == want
+  os.replace(folder / 'process_0-of-1.json', folder / 'process_0-of-2.json')
+  assert checkpoint.data_position(str(tmp_path), 5) == want
+  (folder / 'process_0-of-2.json').write_text('{"last_seen_indices": {}}')
+  assert checkpoint.data_position(str(tmp_path), 5) == {'position': 5}
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
