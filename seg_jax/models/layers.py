@@ -137,8 +137,15 @@ def _tap_sum(x, k, dilation):
 TAP_SUM_MAX_VALID = 0.6
 
 
+def cpu_forms():
+  """Whether the CPU formulations below are used: on the CPU backend only,
+  where they were measured (benchmarks/conv_micro.py, BENCHMARKS.md)."""
+  return jax.default_backend() == 'cpu'
+
+
 class Conv(nn.Module):
-  """`nn.Conv` without bias (same parameter, same initialisation).
+  """`nn.Conv` (same parameters, same initialisation; a bias only with
+  `use_bias`), 'SAME' or 'VALID' padding.
 
   Exact reformulations (outside `all_taps()`):
   - kernel taps that, at this input size, only ever meet the zero padding
@@ -157,13 +164,26 @@ class Conv(nn.Module):
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  use_bias: bool = False
+  padding: str = 'SAME'
 
   @nn.compact
   def __call__(self, x):
     k = self.param('kernel', nn.initializers.lecun_normal(),
                    (self.kernel, self.kernel, x.shape[-1], self.features),
                    jnp.float32).astype(self.dtype)
-    x = x.astype(self.dtype)
+    y = self._conv(x.astype(self.dtype), k)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+  def _conv(self, x, k):
+    if self.padding == 'VALID':
+      return jax.lax.conv_general_dilated(
+          x, k, (self.stride,) * 2, 'VALID',
+          rhs_dilation=(self.dilation,) * 2,
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.kernel > 1 and self.stride == 1 and self.kernel % 2:
       rows = _taps_in_image(self.kernel, self.dilation, x.shape[1])
       cols = _taps_in_image(self.kernel, self.dilation, x.shape[2])
@@ -171,7 +191,7 @@ class Conv(nn.Module):
       valid = (sum(_valid_taps(k.shape[0], self.dilation, x.shape[1])) *
                sum(_valid_taps(k.shape[1], self.dilation, x.shape[2])) /
                (k.shape[0] * k.shape[1] * x.shape[1] * x.shape[2]))
-      if (_SKIP_PADDING_TAPS[-1] and jax.default_backend() == 'cpu' and
+      if (_SKIP_PADDING_TAPS[-1] and cpu_forms() and
           k.shape[0] * k.shape[1] > 1 and valid <= TAP_SUM_MAX_VALID):
         return _tap_sum(x, k, self.dilation)
     if k.shape[:2] == (1, 1) and one_by_one_as_dot():
@@ -182,6 +202,93 @@ class Conv(nn.Module):
     return jax.lax.conv_general_dilated(
         x, k, (self.stride,) * 2, pad, rhs_dilation=(self.dilation,) * 2,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class ConvTranspose(nn.Module):
+  """`nn.ConvTranspose` with 'SAME' padding (same parameters, same
+  initialisation, same result).
+
+  On CPU, when the kernel equals the stride (no two outputs share an input
+  pixel: the U-Net's 2x2/2 up-convolution), it is one matrix product per
+  input pixel, each pixel's (kernel x kernel x features) block laid out in
+  place: measured on the unet_camvid step, XLA's CPU backend runs the
+  transposed convolution and its gradients as convolutions over the
+  zero-dilated input, 4x the work at a slow rate (about 400 of the step's
+  1,230 ms).
+  """
+  features: int
+  kernel: int = 2
+  stride: int = 2
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.param('kernel', nn.initializers.lecun_normal(),
+                   (self.kernel, self.kernel, x.shape[-1], self.features),
+                   jnp.float32).astype(self.dtype)
+    x = x.astype(self.dtype)
+    s = self.stride
+    if self.kernel == s and cpu_forms():
+      n, h, w, c = x.shape
+      # lax.conv_transpose (transpose_kernel=False) reads the kernel
+      # flipped: output (s*i + a, s*j + b) takes tap (s-1-a, s-1-b).
+      taps = k[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, s * s *
+                                                         self.features)
+      y = jnp.dot(x, taps).reshape(n, h, w, s, s, self.features)
+      y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * s, w * s,
+                                                self.features)
+    else:
+      y = jax.lax.conv_transpose(x, k, (s, s), 'SAME',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+
+def max_pool(x):
+  """2x2/2 max-pooling: `nn.max_pool`'s values and gradient (which goes to
+  the first maximum of each window, row-major, as XLA's select-and-scatter
+  gives it). On CPU with even sizes it is elementwise work over the four
+  window positions, which XLA fuses; its select-and-scatter gradient was
+  the step's slowest non-convolution (measured on unet_camvid)."""
+  if cpu_forms() and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0:
+    return _max_pool_2x2(x)
+  return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _windows(x):
+  """The four (N, H/2, W/2, C) views of 2x2 windows, row-major."""
+  return [x[:, a::2, b::2] for a in (0, 1) for b in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x):
+  v = _windows(x)
+  return jnp.maximum(jnp.maximum(v[0], v[1]), jnp.maximum(v[2], v[3]))
+
+
+def _max_pool_fwd(x):
+  y = _max_pool_2x2(x)
+  return y, (x, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  taken = jnp.zeros(y.shape, bool)
+  parts = []
+  for v in _windows(x):  # the first maximum of each window gets g
+    first = (v == y) & ~taken
+    taken = taken | first
+    parts.append(jnp.where(first, g, 0).astype(g.dtype))
+  n, h, w, c = y.shape
+  # (a, b) = (0, 0), (0, 1), (1, 0), (1, 1) back into place.
+  grid = jnp.stack(parts, 3).reshape(n, h, w, 2, 2, c)
+  return (grid.transpose(0, 1, 3, 2, 4, 5).reshape(x.shape),)
+
+
+_max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ConvBN(nn.Module):

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax.models import layers
+
 
 def _crop_like(x, height, width):
   """Centre-crops (N, H, W, C) features to (N, height, width, C)."""
@@ -47,9 +49,10 @@ class DoubleConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    for _ in range(2):
-      x = nn.Conv(self.features, (3, 3), padding=self.padding,
-                  use_bias=not self.batch_norm, dtype=self.dtype)(x)
+    for i in range(2):  # the names nn.Conv gave: checkpoints still load
+      x = layers.Conv(self.features, 3, padding=self.padding,
+                      use_bias=not self.batch_norm, dtype=self.dtype,
+                      name=f'Conv_{i}')(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                          dtype=self.dtype)(x)
@@ -98,23 +101,27 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.width * 2**level)(x, train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool(x)
     x = block(self.width * 2**self.depth)(x, train)
-    for level in reversed(range(self.depth)):
-      x = self._upsample(x, self.width * 2**level)
+    for k, level in enumerate(reversed(range(self.depth))):
+      x = self._upsample(x, self.width * 2**level, k)
       skip = _crop_like(skips[level], x.shape[1], x.shape[2])
       x = block(self.width * 2**level)(jnp.concatenate([skip, x], -1), train)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+    # Named as nn.Conv was numbered: after the bilinear path's 1x1 convs.
+    last = self.depth if self.upsample == 'bilinear' else 0
+    x = layers.Conv(self.num_classes, 1, use_bias=True, dtype=self.dtype,
+                    name=f'Conv_{last}')(x)
     x = x[:, :height, :width]  # padding was added at the bottom/right edge
     return x.astype(jnp.float32)
 
-  def _upsample(self, x, features):
+  def _upsample(self, x, features, index):
     if self.upsample == 'transpose':
-      return nn.ConvTranspose(features, (2, 2), strides=(2, 2),
-                              dtype=self.dtype)(x)
+      return layers.ConvTranspose(features, 2, 2, dtype=self.dtype,
+                                  name=f'ConvTranspose_{index}')(x)
     n, h, w, c = x.shape
     x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'bilinear')
-    return nn.Conv(features, (1, 1), dtype=self.dtype)(x)
+    return layers.Conv(features, 1, use_bias=True, dtype=self.dtype,
+                       name=f'Conv_{index}')(x)
 
   def _pad_input(self, x):
     """Pads so every level divides evenly and output pixel (i, j) is input (i, j)."""

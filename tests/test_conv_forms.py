@@ -1,0 +1,153 @@
+"""The CPU formulations of `models.layers` equal the plain operations:
+values and gradients (float32 tolerance), odd sizes and edge cases, the
+same parameters and FLOP count; the U-Net built on them keeps the
+parameter names and initial values flax's own layers gave it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from seg_jax import flops
+from seg_jax.models import layers, unet
+
+
+def _close(a, b, tol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol,
+                               atol=tol * max(1.0, float(np.abs(y).max())))
+
+
+def _plain(monkeypatch):
+  monkeypatch.setattr(layers, 'cpu_forms', lambda: False)
+
+
+@pytest.mark.parametrize('kernel, stride, hw', [(2, 2, (3, 5)), (2, 2, (4, 4)),
+                                                (3, 3, (2, 3)),
+                                                (3, 2, (3, 4))])
+def test_conv_transpose_equals_flax_values_and_gradients(kernel, stride, hw,
+                                                         monkeypatch):
+  """kernel == stride: one product per input pixel; else the plain
+  transposed convolution. Both equal nn.ConvTranspose ('SAME'), and the
+  parameters are nn.ConvTranspose's, initial values included."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *hw, 5)),
+                  jnp.float32)
+  ours = layers.ConvTranspose(7, kernel, stride)
+  ref = nn.ConvTranspose(7, (kernel, kernel), strides=(stride, stride))
+  v = ours.init(jax.random.key(3), x)
+  _close(v, ref.init(jax.random.key(3), x), 0)
+
+  def loss(module, v, x):
+    return jnp.sum(jnp.sin(module.apply(v, x)))
+
+  want = (ref.apply(v, x), jax.grad(loss, (1, 2))(ref, v, x))
+  got = (ours.apply(v, x), jax.grad(loss, (1, 2))(ours, v, x))
+  assert got[0].shape == (2, hw[0] * stride, hw[1] * stride, 7)
+  _close(got, want)
+  with layers.all_taps():
+    counted = flops.count_flops(lambda v: ours.apply(v, x), v)
+  _plain(monkeypatch)
+  assert counted == flops.count_flops(lambda v: ours.apply(v, x), v)
+
+
+def test_max_pool_equals_flax_with_ties_and_odd_sizes():
+  """Values and the gradient, which goes to the first maximum of each
+  window (row-major), as nn.max_pool's select-and-scatter gives it: ties
+  in every position pattern; odd sizes take nn.max_pool itself."""
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 3, size=(3, 8, 10, 4)).astype(np.float32)  # many ties
+  x[0, :2, :2, 0] = 5.0  # a window of four equal maxima
+  x = jnp.asarray(x)
+  g = jnp.asarray(rng.normal(size=(3, 4, 5, 4)), jnp.float32)
+  ref = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(layers.max_pool(x), ref(x))
+  vjp = lambda f: jax.vjp(f, x)[1](g)[0]
+  np.testing.assert_array_equal(vjp(layers.max_pool), vjp(ref))
+  assert float(vjp(layers.max_pool)[0, 0, 0, 0]) == float(g[0, 0, 0, 0])
+  odd = jnp.asarray(rng.normal(size=(1, 5, 7, 2)), jnp.float32)
+  np.testing.assert_array_equal(layers.max_pool(odd), ref(odd))
+
+
+@pytest.mark.parametrize('padding, bias, kernel', [('SAME', True, 3),
+                                                   ('VALID', True, 3),
+                                                   ('SAME', False, 1),
+                                                   ('VALID', False, 3)])
+def test_conv_with_bias_and_valid_padding_equals_flax(padding, bias, kernel):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 9, 3)),
+                  jnp.float32)
+  ours = layers.Conv(4, kernel, padding=padding, use_bias=bias)
+  ref = nn.Conv(4, (kernel, kernel), padding=padding, use_bias=bias)
+  v = ours.init(jax.random.key(5), x)
+  _close(v, ref.init(jax.random.key(5), x), 0)
+  loss = lambda m, v: jnp.sum(jnp.sin(m.apply(v, x)))
+  _close((ours.apply(v, x), jax.grad(loss, 1)(ours, v)),
+         (ref.apply(v, x), jax.grad(loss, 1)(ref, v)))
+
+
+class _FlaxUNet(nn.Module):
+  """The U-Net as flax's own layers built it (seg_jax before the shared
+  layers), for its parameter names and initial values."""
+  width: int
+  depth: int
+  upsample: str
+  batch_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    skips = []
+    for level in range(self.depth):
+      x = DoubleConv(self.width * 2**level, self.batch_norm)(x, train)
+      skips.append(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = DoubleConv(self.width * 2**self.depth, self.batch_norm)(x, train)
+    for level in reversed(range(self.depth)):
+      f = self.width * 2**level
+      if self.upsample == 'transpose':
+        x = nn.ConvTranspose(f, (2, 2), strides=(2, 2))(x)
+      else:
+        n, h, w, c = x.shape
+        x = nn.Conv(f, (1, 1))(jax.image.resize(x, (n, 2 * h, 2 * w, c),
+                                                'bilinear'))
+      x = DoubleConv(f, self.batch_norm)(jnp.concatenate([skips[level], x], -1),
+                                     train)
+    return nn.Conv(3, (1, 1))(x)
+
+
+class DoubleConv(nn.Module):
+  features: int
+  batch_norm: bool
+
+  @nn.compact
+  def __call__(self, x, train):
+    for _ in range(2):
+      x = nn.Conv(self.features, (3, 3), use_bias=not self.batch_norm)(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = nn.relu(x)
+    return x
+
+
+@pytest.mark.parametrize('upsample, batch_norm', [('transpose', True),
+                                                  ('bilinear', True),
+                                                  ('transpose', False)])
+def test_unet_keeps_flax_parameter_names_values_and_outputs(upsample,
+                                                            batch_norm):
+  """Checkpoints and init_from files of the flax-layer U-Net still load:
+  the same parameter tree and initial values, and the same outputs and
+  gradients (float32 tolerance)."""
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 24, 3)),
+                  jnp.float32)
+  ours = unet.UNet(3, width=4, depth=2, upsample=upsample,
+                   batch_norm=batch_norm)
+  ref = _FlaxUNet(4, 2, upsample, batch_norm)
+  v = ours.init(jax.random.key(7), x)
+  _close(v, ref.init(jax.random.key(7), x), 0)
+
+  def loss(m, p):
+    out, _ = m.apply({**v, 'params': p}, x, train=True,
+                     mutable=['batch_stats'])
+    return jnp.mean(out ** 2)
+
+  _close((ours.apply(v, x), jax.grad(loss, 1)(ours, v['params'])),
+         (ref.apply(v, x), jax.grad(loss, 1)(ref, v['params'])))
