@@ -31,6 +31,8 @@ The last line is machine-readable:
 ratio_eager=<f> ratio_compile=<f>] compile_s=<f> ...`.
 """
 
+import importlib.util
+import os
 import resource
 import statistics
 import sys
@@ -137,14 +139,13 @@ def build(config, mesh, mode):
     return step, (train_state, batch, jax.random.key(1))
   variables = {'params': train_state.params,
                'batch_stats': train_state.batch_stats}
-
-  def infer(variables, images):
-    x = inference.normalize(images, config.data.mean, config.data.std)
-    return jnp.argmax(model.apply(variables, x, train=False), -1)
-
-  data = sharding.data_sharding(mesh)
-  step = jax.jit(infer, in_shardings=(None, data), out_shardings=data)
-  return step, (variables, batch['image'])
+  # The predict step `predict` and `export` run: whole-image inference.
+  step = inference.make_predict_step(model, config, inference.InferenceSpec())
+  images = batch['image']
+  sizes = jax.device_put(
+      np.tile(np.array(images.shape[1:3], np.int32), (images.shape[0], 1)),
+      sharding.data_sharding(mesh))
+  return step, (variables, images, sizes)
 
 
 def step_flops(config, mesh, mode):
@@ -227,12 +228,10 @@ def time_compiled(compiled, args, mode, steps, repeats, warmup):
         train_state, m = compiled(train_state, batch, rng)
       jax.block_until_ready((train_state, m))
   else:
-    variables, images = args
-
     def run(n):
       out = None
       for _ in range(n):
-        out = compiled(variables, images)
+        out = compiled(*args)
       jax.block_until_ready(out)
 
   run(warmup)
@@ -300,24 +299,46 @@ def torch_flops(model, images, labels, loss_fn):
   return float(counter.get_total_flops())
 
 
-def torch_twin(config):
-  """(model, images, labels, loss_fn, optimizer, autocast dtype, device) of
-  the torchvision twin of `config`, or a reason it has none."""
-  import torch  # pylint: disable=g-import-not-at-top
+# The U-Net's twin: plain torch code beside the package, in a source
+# checkout (benchmarks/ is not installed).
+TORCH_UNET = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'benchmarks', 'torch_unet.py')
+
+
+def _twin_model(config):
+  """The torch twin module of `config`'s model, or a reason it has none."""
   import torchvision  # pylint: disable=g-import-not-at-top
-  from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   name, kwargs = config.model.name, dict(config.model.kwargs)
+  if name == 'unet':
+    if not os.path.isfile(TORCH_UNET):
+      return f'the U-Net twin is {TORCH_UNET}, in a source checkout'
+    spec = importlib.util.spec_from_file_location('torch_unet', TORCH_UNET)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.create(config.model.num_classes, kwargs)
   if name not in TORCH_TWINS:
-    return f'{name} has no torchvision twin (only {", ".join(TORCH_TWINS)})'
+    return (f'{name} has no torch twin (only unet and '
+            f'{", ".join(TORCH_TWINS)})')
   if kwargs.get('output_stride', 8) != 8 or kwargs.get('width', 64) != 64 or (
       kwargs.get('multi_grid')):
     return ('torchvision builds output stride 8, width 64, no multi-grid; '
             f'model.kwargs={kwargs}')
-  aux = bool(kwargs.get('aux_head', False))
-  device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  model = getattr(torchvision.models.segmentation, name)(
+  return getattr(torchvision.models.segmentation, name)(
       weights=None, weights_backbone=None, num_classes=config.model.num_classes,
-      aux_loss=aux).to(device).to(memory_format=torch.channels_last)
+      aux_loss=bool(kwargs.get('aux_head', False)))
+
+
+def torch_twin(config):
+  """(model, images, labels, loss_fn, optimizer, autocast dtype, device) of
+  the torch twin of `config` (torchvision's, or the U-Net's), or a reason
+  it has none."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  model = _twin_model(config)
+  if isinstance(model, str):
+    return model
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = model.to(device).to(memory_format=torch.channels_last)
   n, (h, w) = (config.train.global_batch_size,
                transforms.pair(config.data.crop_size))
   g = torch.Generator().manual_seed(0)
@@ -325,7 +346,10 @@ def torch_twin(config):
       memory_format=torch.channels_last)
   labels = torch.randint(0, config.model.num_classes, (n, h, w),
                          generator=g).to(device)
-  ce = torch.nn.CrossEntropyLoss(ignore_index=config.data.ignore_label)
+  weights = tuple(config.train.class_weights)
+  ce = torch.nn.CrossEntropyLoss(
+      ignore_index=config.data.ignore_label,
+      weight=torch.tensor(weights, device=device) if weights else None)
   weight = config.train.aux_loss_weight
 
   def loss_fn(out, labels):

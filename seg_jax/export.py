@@ -83,7 +83,8 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
   model, variables, step = restore_for_inference(config, workdir, mesh,
                                                  checkpoint)
   variables = jax.device_get(variables)  # baked into the program
-  predict_step = inference.make_predict_step(model, config, spec)
+  # The predict step's own function, traced into the exported program.
+  predict_step = inference.make_predict_fn(model, config, spec)
 
   def predict(images):  # (b, H, W, 3) uint8 -> (b, H, W) int32
     sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),

@@ -74,5 +74,8 @@ def jaxpr_flops(jaxpr):
 
 def count_flops(fn, *args, **kwargs):
   """FLOPs of one call `fn(*args, **kwargs)`; arguments may be arrays or
-  `jax.ShapeDtypeStruct`s (nothing is computed)."""
+  `jax.ShapeDtypeStruct`s (nothing is computed). A jitted `fn` is traced
+  as it is (its compiler options cannot be nested in another trace)."""
+  if hasattr(fn, 'trace'):
+    return jaxpr_flops(fn.trace(*args, **kwargs).jaxpr)
   return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs))

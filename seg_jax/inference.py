@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from seg_jax import errors
 from seg_jax.data import transforms
+from seg_jax.models import layers
 
 
 def normalize(images, mean, std):
@@ -293,6 +294,21 @@ def infer_logits(apply_fn, x, sizes, spec):
   return mean
 
 
+def make_predict_fn(model, config, spec, with_logits=False):
+  """Returns `predict(variables, images, sizes)`, not jitted (for programs
+  that trace it inside their own, as `export` does); see
+  `make_predict_step`."""
+
+  def predict(variables, images, sizes):
+    x = normalize(images, config.data.mean, config.data.std)
+    logits = infer_logits(lambda v: model.apply(variables, v, train=False),
+                          x, sizes, spec)
+    predicted = jnp.argmax(logits, -1).astype(jnp.int32)
+    return (predicted, logits) if with_logits else predicted
+
+  return predict
+
+
 def make_predict_step(model, config, spec, with_logits=False):
   """Returns jitted `predict_step(variables, images, sizes)`.
 
@@ -306,12 +322,5 @@ def make_predict_step(model, config, spec, with_logits=False):
   example's (h, w) in `sizes` (N, 2), to int32 label maps (N, H, W) (and,
   with `with_logits`, float32 logits (N, H, W, C)).
   """
-
-  def predict_step(variables, images, sizes):
-    x = normalize(images, config.data.mean, config.data.std)
-    logits = infer_logits(lambda v: model.apply(variables, v, train=False),
-                          x, sizes, spec)
-    predicted = jnp.argmax(logits, -1).astype(jnp.int32)
-    return (predicted, logits) if with_logits else predicted
-
-  return jax.jit(predict_step)
+  return jax.jit(make_predict_fn(model, config, spec, with_logits),
+                 compiler_options=layers.compiler_options())

@@ -16,6 +16,7 @@ from seg_jax import labels as seg_labels
 from seg_jax import losses, sharding
 from seg_jax import state as seg_state
 from seg_jax import metrics as seg_metrics
+from seg_jax.models import layers
 
 
 def apply_colour(images, colour):
@@ -146,5 +147,6 @@ def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):
   # The variables keep the layout they come with (the train state's).
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(eval_step, in_shardings=(None, batch_sharding),
+                 compiler_options=layers.compiler_options(),
                  out_shardings=(repl, repl, repl) if with_logits
                  else (repl, repl))

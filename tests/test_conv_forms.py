@@ -151,3 +151,73 @@ def test_unet_keeps_flax_parameter_names_values_and_outputs(upsample,
 
   _close((ours.apply(v, x), jax.grad(loss, 1)(ours, v['params'])),
          (ref.apply(v, x), jax.grad(loss, 1)(ref, v['params'])))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_channel_dot_equals_dot_values_gradients_and_flops(dtype):
+  """The 1x1 convolution's product: the same values, gradients (one
+  product contracting batch and space for the kernel's) and FLOPs as
+  `jnp.dot`."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 8)), dtype)
+  k = jnp.asarray(rng.normal(size=(8, 6)), dtype)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k).astype(jnp.float32)))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  _close((layers.channel_dot(x, k).astype(jnp.float32),
+          jax.grad(loss(layers.channel_dot), (0, 1))(x, k)),
+         (jnp.dot(x, k).astype(jnp.float32),
+          jax.grad(loss(jnp.dot), (0, 1))(x, k)), tol)
+  grads = jax.grad(loss(layers.channel_dot), (0, 1))(x, k)
+  assert [g.dtype for g in grads] == [dtype, dtype]
+  step = lambda f: lambda x, k: jax.grad(loss(f), (0, 1))(x, k)
+  assert (flops.count_flops(step(layers.channel_dot), x, k) ==
+          flops.count_flops(step(jnp.dot), x, k) == 3 * 2 * 30 * 8 * 6)
+
+
+def test_batch_norm_folded_into_the_convolution_for_inference():
+  """Inference folds each ConvBN's BatchNorm (trained statistics) into its
+  convolution: the same logits as running it (float32 tolerance); training
+  and initialisation run the BatchNorm itself."""
+  from seg_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.create_model('deeplabv3_resnet50', 5, width=8)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 37, 29, 3)),
+                  jnp.float32)
+  v = model.init(jax.random.key(0), x, train=False)
+  rng = np.random.default_rng(9)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda p, a: a * rng.uniform(0.5, 1.5, a.shape).astype(np.float32) + (
+          rng.normal(0, 0.2, a.shape).astype(np.float32)
+          if 'mean' in jax.tree_util.keystr(p) else 0), v['batch_stats'])
+  v = {'params': v['params'], 'batch_stats': stats}
+  folded = model.apply(v, x, train=False)
+  with layers.unfolded_batch_norm():
+    plain = model.apply(v, x, train=False)
+  _close(folded, plain)
+  jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(v))
+  with layers.unfolded_batch_norm():
+    plain_jaxpr = str(jax.make_jaxpr(
+        lambda v: model.apply(v, x, train=False))(v))
+  assert jaxpr.count('rsqrt') < plain_jaxpr.count('rsqrt') or (
+      len(jaxpr) < len(plain_jaxpr))
+  train = lambda: model.apply(v, x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(1)})[0]
+  trained = train()  # folding on: training still normalises by the batch
+  with layers.unfolded_batch_norm():
+    np.testing.assert_array_equal(trained, train())
+  assert not np.allclose(trained, folded, atol=1e-3)
+
+
+def test_cpu_compiler_options_keep_the_results():
+  """The inference steps' XLA options (convolutions on XLA's own CPU
+  kernels) are known to this jaxlib, and a convolution compiled with them
+  gives what it gives without (float32 tolerance)."""
+  options = layers.compiler_options()
+  assert options == {'xla_cpu_experimental_ynn_fusion_type':
+                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+  assert layers.compiler_options(xla_convolutions=False) == {}
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 8, 4)), jnp.float32)
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  _close(jax.jit(conv, compiler_options=options)(x, w), jax.jit(conv)(x, w))

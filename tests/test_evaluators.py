@@ -175,7 +175,9 @@ def test_eight_devices_give_the_one_device_confusion_matrix(tiny_config,
     assert eight.confusion.dtype == np.int64
     assert int(one.confusion.sum()) == labelled  # each example exactly once
     np.testing.assert_array_equal(eight.confusion, one.confusion)
-    np.testing.assert_allclose(eight.loss, one.loss, rtol=1e-5)
+    # The loss is a float sum: on CPU, XLA's convolution kernels (used for
+    # inference, models/layers.py) order it by the per-device batch.
+    np.testing.assert_allclose(eight.loss, one.loss, rtol=3e-5)
 
 
 def test_ignore_label_254_on_relabelled_data_gives_the_same_metrics(

@@ -2,6 +2,7 @@
 bilinear-initialised transposed convolutions, max-pooling with indices."""
 
 import contextlib
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -137,10 +138,71 @@ def _tap_sum(x, k, dilation):
 TAP_SUM_MAX_VALID = 0.6
 
 
+@jax.custom_vjp
+def channel_dot(x, k):
+  """x (..., C) @ k (C, D): a 1x1 convolution as a matrix product, whose
+  kernel gradient contracts every leading axis of x and of the output
+  gradient in one product, laid out (C, D) as it is stored.
+
+  Measured on CPU (benchmarks/conv_micro.py shapes): autodiff of
+  `jnp.dot` computes that gradient at 46-160 GFLOP/s, this at 160-400.
+  Values and gradients are the same products.
+  """
+  return jnp.dot(x, k)
+
+
+def _channel_dot_fwd(x, k):
+  return jnp.dot(x, k), (x, k)
+
+
+def _channel_dot_bwd(res, g):
+  x, k = res
+  axes = tuple(range(x.ndim - 1))
+  dk = jax.lax.dot_general(x, g, ((axes, axes), ((), ())))
+  return jnp.dot(g, k.T).astype(x.dtype), dk.astype(k.dtype)
+
+
+channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
+
+
 def cpu_forms():
   """Whether the CPU formulations below are used: on the CPU backend only,
   where they were measured (benchmarks/conv_micro.py, BENCHMARKS.md)."""
   return jax.default_backend() == 'cpu'
+
+
+# On CPU, XLA hands convolutions and matrix products to YNNPACK by default.
+# Measured (2026-11-30, this 2-core CPU; BENCHMARKS.md): XLA's own
+# convolution kernels are faster in every forward pass measured (single
+# convolutions in benchmarks/conv_micro.py, e.g. 3x3 64 channels at 64x64
+# 4.9 -> 3.1 ms; inference of fcn_resnet50 at 512x512 0.95 -> 0.77 s).
+# Train steps keep YNNPACK: the ResNet models' get slower without it
+# (fcn_resnet50 at 128x128: 1.09 -> 1.48 s, their BatchNorm reductions
+# then wait on the convolutions' threads), and the U-Net's, 11% faster,
+# then no longer matches itself across device counts to the float noise
+# the topology tests allow. YNNPACK's matrix products stay in every case.
+_CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def compiler_options(xla_convolutions=True):
+  """XLA options for an inference step (`jax.jit(...,
+  compiler_options=...)`): on CPU, convolutions on XLA's own kernels (see
+  above); none elsewhere, without `xla_convolutions`, or where this jaxlib
+  does not know the option."""
+  return _cpu_compiler_options() if xla_convolutions else {}
+
+
+@functools.cache
+def _cpu_compiler_options():
+  if not cpu_forms():
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros(1)).compile()
+  except Exception:  # pylint: disable=broad-except
+    return {}  # another jaxlib: its defaults
+  return dict(_CPU_COMPILER_OPTIONS)
 
 
 class Conv(nn.Module):
@@ -168,11 +230,15 @@ class Conv(nn.Module):
   padding: str = 'SAME'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, scale=None):
+    """`scale` (features,): multiplies the kernel's output channels first
+    (a folded BatchNorm, see `ConvBN`)."""
     k = self.param('kernel', nn.initializers.lecun_normal(),
                    (self.kernel, self.kernel, x.shape[-1], self.features),
-                   jnp.float32).astype(self.dtype)
-    y = self._conv(x.astype(self.dtype), k)
+                   jnp.float32)
+    if scale is not None:
+      k = k * scale
+    y = self._conv(x.astype(self.dtype), k.astype(self.dtype))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,),
                          jnp.float32).astype(self.dtype)
@@ -197,7 +263,7 @@ class Conv(nn.Module):
     if k.shape[:2] == (1, 1) and one_by_one_as_dot():
       if self.stride > 1:
         x = x[:, ::self.stride, ::self.stride]
-      return jnp.dot(x, k[0, 0])
+      return channel_dot(x, k[0, 0])
     pad = [(self.dilation * (n - 1) // 2,) * 2 for n in k.shape[:2]]
     return jax.lax.conv_general_dilated(
         x, k, (self.stride,) * 2, pad, rhs_dilation=(self.dilation,) * 2,
@@ -235,7 +301,7 @@ class ConvTranspose(nn.Module):
       # flipped: output (s*i + a, s*j + b) takes tap (s-1-a, s-1-b).
       taps = k[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, s * s *
                                                          self.features)
-      y = jnp.dot(x, taps).reshape(n, h, w, s, s, self.features)
+      y = channel_dot(x, taps).reshape(n, h, w, s, s, self.features)
       y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * s, w * s,
                                                 self.features)
     else:
@@ -291,8 +357,32 @@ def _max_pool_bwd(res, g):
 _max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+BN_EPSILON = 1e-5
+_FOLD_BATCH_NORM = [True]
+
+
+@contextlib.contextmanager
+def unfolded_batch_norm():
+  """Within this context, `ConvBN` runs its BatchNorm in inference too (the
+  reference its folding is compared with)."""
+  _FOLD_BATCH_NORM.append(False)
+  try:
+    yield
+  finally:
+    _FOLD_BATCH_NORM.pop()
+
+
 class ConvBN(nn.Module):
-  """Conv (no bias) + BatchNorm (+ ReLU), torchvision's usual triple."""
+  """Conv (no bias) + BatchNorm (+ ReLU), torchvision's usual triple.
+
+  In inference (`train=False`) the BatchNorm is folded into the
+  convolution: its per-channel scale gamma / sqrt(var + eps) multiplies the
+  kernel's output channels and its shift beta - mean * scale becomes the
+  bias, the same function up to float rounding with one pass over the
+  activations less. Every inference path (the in-training evaluation,
+  evaluate, predict, export, bench --mode=infer) runs through it. Training
+  and initialisation run the BatchNorm itself.
+  """
   features: int
   kernel: int = 3
   stride: int = 1
@@ -302,10 +392,17 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    x = Conv(self.features, self.kernel, self.stride, self.dilation,
-             self.dtype, name='conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name='bn')(x)
+    conv = Conv(self.features, self.kernel, self.stride, self.dilation,
+                self.dtype, name='conv')
+    if train or self.is_initializing() or not _FOLD_BATCH_NORM[-1]:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=BN_EPSILON, dtype=self.dtype, name='bn')(conv(x))
+    else:
+      bn = self.variables['params']['bn']
+      stats = self.variables['batch_stats']['bn']
+      scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + BN_EPSILON)
+      x = conv(x, scale) + (bn['bias'] - stats['mean'] * scale).astype(
+          self.dtype)
     return nn.relu(x) if self.relu else x
 
 
