@@ -56,6 +56,9 @@ def get_config():
   c.data.photometric.contrast_range = (0.5, 1.5)  # multiplicative factor
   c.data.photometric.saturation_range = (0.5, 1.5)  # factor vs. grey
   c.data.photometric.hue_delta = 36.0  # +- degrees of hue rotation
+  # Image channels: 3 (RGB), 1 (grayscale), 4 (RGBA / 4-channel TIFF) or
+  # more (multi-channel TIFF); other than 3 for data.name='folder' only.
+  c.data.channels = 3
   c.data.mean = (123.675, 116.28, 103.53)  # per-channel mean, 0..255 scale
   c.data.std = (58.395, 57.12, 57.375)  # per-channel std, 0..255 scale
   c.data.worker_count = 0  # grain worker processes (0: in the main process)

@@ -3,7 +3,7 @@
 Cell membranes in electron micrographs (ISBI 2012), retinal vessels, any
 single-foreground task exported as 0/255 masks, in the `folder` layout:
 
-  DATA/images/{train,val}/*.png   grayscale (read as RGB) or colour
+  DATA/images/{train,val}/*.png   grayscale, 8 or 16-bit (data.channels=1)
   DATA/masks/{train,val}/*.png    0 background, 255 foreground
 
 `data.label_map={255: 1}` reads 255 as class 1 (without it such masks are
@@ -28,9 +28,10 @@ def get_config():
   c.data.crop_size = (512, 512)
   c.data.eval_pad_size = (512, 512)
   c.data.scale_range = (0.75, 1.5)
-  c.data.photometric.enabled = True  # brightness and contrast act on grey
-  c.data.mean = (128.0, 128.0, 128.0)
-  c.data.std = (64.0, 64.0, 64.0)
+  c.data.channels = 1  # grayscale: one input channel
+  c.data.photometric.enabled = True  # brightness and contrast (grey)
+  c.data.mean = (128.0,)
+  c.data.std = (64.0,)
   c.train.loss.cross_entropy = 0.0
   c.train.loss.binary_cross_entropy = 1.0
   c.train.loss.binary_dice = 1.0

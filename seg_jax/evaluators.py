@@ -220,7 +220,7 @@ def example_panels(examples, palette, ignore_label):
   """One picture per example: image | ground truth overlay | prediction
   overlay, side by side, (H, 3W, 3) uint8."""
   return [np.concatenate([
-      image, labels.overlay(image, label, palette,
+      labels.display_rgb(image), labels.overlay(image, label, palette,
                             ignore_label_value=ignore_label),
       labels.overlay(image, pred, palette, ignore_label_value=ignore_label)],
                          axis=1) for image, label, pred in examples]

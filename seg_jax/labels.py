@@ -57,11 +57,22 @@ def colorize(label, palette, ignore_color=(255, 255, 255)):
   return table[np.asarray(label, np.int64).clip(0, 255)]
 
 
+def display_rgb(image):
+  """(H, W, 3) uint8 of an image of any channel count, for pictures:
+  grayscale repeated, the first three channels of more."""
+  image = np.asarray(image)
+  if image.shape[-1] == 3:
+    return image
+  if image.shape[-1] < 3:
+    return np.repeat(image[..., :1], 3, -1)
+  return np.ascontiguousarray(image[..., :3])
+
+
 def overlay(image, label, palette, alpha=0.5, ignore_label_value=IGNORE_LABEL):
   """Blends the colours of `label` over `image`; ignored pixels stay as is.
 
   Args:
-    image: (H, W, 3) uint8.
+    image: (H, W, C) uint8 (`display_rgb` of it is shown).
     label: (H, W) train ids.
     palette: (num_classes, 3) uint8.
     alpha: weight of the label colour.
@@ -70,6 +81,7 @@ def overlay(image, label, palette, alpha=0.5, ignore_label_value=IGNORE_LABEL):
   Returns:
     (H, W, 3) uint8.
   """
+  image = display_rgb(image)  # any channel count
   colours = colorize(label, palette).astype(np.float32)
   blended = (1 - alpha) * image.astype(np.float32) + alpha * colours
   keep = (np.asarray(label) == ignore_label_value)[..., None]

@@ -112,6 +112,7 @@ class Predictor:
     self.variables, self.batch_size = variables, batch_size
     self.size_multiple = size_multiple
     self.refiner = refiner
+    self.channels = config.data.channels
     self.fill = transforms.fill_value(config.data.mean)
     self.step = inference.make_predict_step(
         model, config, spec, with_logits=refiner is not None)
@@ -122,12 +123,12 @@ class Predictor:
     return tuple(-(-n // m) * m for n in image.shape[:2])
 
   def __call__(self, images):
-    """(H_i, W_i) int32 label maps of up to `batch_size` RGB uint8 images
-    that have one `canvas`."""
+    """(H_i, W_i) int32 label maps of up to `batch_size` uint8 images
+    (H_i, W_i, data.channels) that have one `canvas`."""
     assert 0 < len(images) <= self.batch_size
     h, w = self.canvas(images[0])
     assert all(self.canvas(i) == (h, w) for i in images)
-    batch = np.empty((self.batch_size, h, w, 3), np.uint8)
+    batch = np.empty((self.batch_size, h, w, self.channels), np.uint8)
     batch[...] = self.fill
     sizes = np.tile(np.array([h, w], np.int32), (self.batch_size, 1))
     for k, image in enumerate(images):
@@ -162,7 +163,9 @@ class Outputs:
 
   def cut_out(self, image, label, transparent):
     """Kept classes as they are; the rest transparent (RGBA) or black."""
+    from seg_jax import labels  # pylint: disable=g-import-not-at-top
     kept = np.isin(label, self.keep)
+    image = labels.display_rgb(image)
     if transparent:
       return np.dstack([image, np.where(kept, 255, 0).astype(np.uint8)])
     return np.where(kept[..., None], image, 0).astype(np.uint8)
@@ -261,7 +264,7 @@ def predict_images(items, predictor, outputs, progress=None):
 
   for path, name in items:
     try:
-      image = files.read_image(path)
+      image = files.read_image(path, predictor.channels)
     except (files.BadSampleError, OSError) as e:
       failures.append((path, str(e)))
       if progress is not None:
@@ -294,6 +297,10 @@ def run(inputs, predictor, outputs):
       failures += predict_images(images, predictor, outputs, bar.update)
   done, frames = len(images) - len(failures), 0
   for path, name in videos:
+    if predictor.channels != 3:
+      failures.append((path, f'{path}: videos are RGB but the model takes '
+                             f'data.channels={predictor.channels}.'))
+      continue
     try:
       with _bar(None, 'frame', os.path.basename(path)) as bar:
         frames += predict_video(path, name, predictor, outputs,

@@ -80,8 +80,9 @@ def create_model(config):
 
 
 def init_input_shape(config):
-  """(1, H, W, 3): the example input parameters are initialised with."""
-  return (1, *transforms.pair(config.data.crop_size), 3)
+  """(1, H, W, C): the example input parameters are initialised with (C:
+  `data.channels`)."""
+  return (1, *transforms.pair(config.data.crop_size), config.data.channels)
 
 
 def train_state_shapes(model, tx, input_shape, ema=False):

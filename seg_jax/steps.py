@@ -20,15 +20,16 @@ from seg_jax.models import layers
 
 
 def apply_colour(images, colour):
-  """Applies per-example (N, 3, 4) colour matrices (drawn on the host by
-  `data.transforms.Photometric`) to (N, H, W, 3) images.
+  """Applies per-example (N, C, C + 1) colour matrices (drawn on the host by
+  `data.transforms.Photometric`) to (N, H, W, C) images.
 
   Works on numpy or jax arrays; returns float values clipped to 0..255.
   """
   xp = np if isinstance(images, np.ndarray) else jnp
+  c = images.shape[-1]
   x = images.astype(xp.float32)
-  out = xp.einsum('nhwc,ndc->nhwd', x, colour[:, :, :3])
-  return xp.clip(out + colour[:, None, None, :, 3], 0.0, 255.0)
+  out = xp.einsum('nhwc,ndc->nhwd', x, colour[:, :, :c])
+  return xp.clip(out + colour[:, None, None, :, c], 0.0, 255.0)
 
 
 def preprocess(batch, config):

@@ -70,7 +70,8 @@ def test_binary_export_needs_a_label_map(tmp_path):
                      match=r'^data.label_map has 255: 7; map mask values '
                      r'0..255 to class ids 0..1 or data.ignore_label=255.$'):
     validate.check_config(c)
-  c.data.name = 'shapes'
+  c.data.name = 'shapes'  # an RGB source: the recipe's grey setting goes
+  c.data.channels, c.data.mean, c.data.std = 3, (128.0,) * 3, (64.0,) * 3
   with pytest.raises(errors.ConfigError,
                      match=r"^data.label_map is read by the folder source "
                      r"only, not data.name='shapes'"):

@@ -32,7 +32,8 @@ def _folder(config, split, strict=True):
                         config.data.on_bad_sample,
                         ignore_label=labels.ignore_label(config),
                         label_map=dict(config.data.label_map),
-                        mask_suffix=config.data.mask_suffix, strict=strict)
+                        mask_suffix=config.data.mask_suffix, strict=strict,
+                        channels=config.data.channels)
 
 
 def _tfds(config, split, strict=True):
@@ -107,6 +108,11 @@ def check_config(c):
   read."""
   errors.config_int(c, 'data.worker_count', 0)
   errors.config_int(c, 'data.num_threads')
+  channels = errors.config_int(c, 'data.channels')
+  if channels != 3 and c.data.name != 'folder':
+    raise errors.ConfigError(
+        f'data.channels={channels}: data.name={c.data.name!r} gives RGB '
+        "images; other channel counts are read by the 'folder' source.")
   labels.ignore_label(c)  # outside the class ids, within uint8
   if not isinstance(c.data.mask_suffix, str) or '/' in c.data.mask_suffix:
     raise errors.ConfigError(
@@ -134,10 +140,11 @@ def check_config(c):
           f'data.name={c.data.name!r} (its mask values are fixed); remove it.')
     sources.folder_table(c.model.num_classes, c.data.ignore_label,
                          dict(c.data.label_map))
-  if len(c.data.mean) != 3 or len(c.data.std) != 3 or min(c.data.std) <= 0:
-    raise errors.ConfigError(f'data.mean={tuple(c.data.mean)} / data.std='
-                             f'{tuple(c.data.std)}: give 3 values each, '
-                             'std > 0.')
+  if (len(c.data.mean) != channels or len(c.data.std) != channels or
+      min(c.data.std) <= 0):
+    raise errors.ConfigError(
+        f'data.mean={tuple(c.data.mean)} / data.std={tuple(c.data.std)}: '
+        f'give data.channels={channels} values each, std > 0.')
   files.check_on_bad_sample(c.data.on_bad_sample)
   if c.data.name not in DATASETS:
     raise errors.ConfigError(f'Unknown data.name={c.data.name!r}; choose one '

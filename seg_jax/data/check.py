@@ -80,7 +80,7 @@ def _inspect_pair(source, image_path, mask_path, pad):
   """(errors, notes, mapped label or None, image (h, w) or None)."""
   problems, notes, image = [], [], None
   try:
-    image, notes = files.read_image_notes(image_path)
+    image, notes = files.read_image_notes(image_path, source.channels)
   except errors.UserError as e:
     problems.append(str(e))
   try:

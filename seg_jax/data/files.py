@@ -99,23 +99,34 @@ def _is_empty(path):
     return False
 
 
-def read_image(path):
-  """RGB uint8 (H, W, 3), upright (EXIF orientation applied); see
-  `read_image_notes` for how other modes are read."""
-  return read_image_notes(path)[0]
+def read_image(path, channels=3):
+  """uint8 (H, W, channels), upright (EXIF orientation applied); see
+  `read_image_notes` for how files of each kind are read."""
+  return read_image_notes(path, channels)[0]
 
 
-def read_image_notes(path):
-  """(RGB uint8 (H, W, 3), notes): the image and how it was read.
+TIFF_EXTENSIONS = ('.tif', '.tiff')
 
-  8-bit images of any mode become RGB (grayscale repeated, alpha dropped,
-  palette and CMYK converted). 16-bit images (PIL modes I;16*, I) are scaled
-  to 0..255 as value * 255 / 65535, so a 16-bit image holding an 8-bit
-  one's values x 257 reads back exactly as that 8-bit image. Float images
-  (mode F) are read as 0..1 and scaled by 255; values outside 0..1 are an
-  error. The EXIF orientation is applied. `notes` lists each of these that
-  happened (for `seg_jax.data.check`).
+
+def read_image_notes(path, channels=3):
+  """(uint8 (H, W, channels), notes): the image and how it was read.
+
+  channels=3 (RGB): 8-bit images of any mode become RGB (grayscale
+  repeated, alpha dropped, palette and CMYK converted). channels=1: the
+  file must hold one channel (8-bit, 16-bit or float grayscale). channels=4:
+  an RGBA PNG, or a 4-channel TIFF. Any other count: a TIFF with that many
+  channels (read with `tifffile`: interleaved (H, W, C) or planar
+  (C, H, W)); TIFFs are read that way for 1 and 4 channels too when PIL
+  cannot. Values: 16-bit images (PIL modes I;16*, I, or uint16 TIFFs) are
+  scaled to 0..255 as value * 255 / 65535, so a 16-bit image holding an
+  8-bit one's values x 257 reads back exactly as that 8-bit image; float
+  images are read as 0..1 and scaled by 255 (values outside 0..1 are an
+  error). The EXIF orientation is applied. `notes` lists each of these that
+  happened (for `seg_jax.data.check`). A file whose channel count does not
+  fit `channels` is a BadSampleError naming both.
   """
+  if channels != 3:
+    return _read_channels(path, channels)
   im, orientation = _open(path, 'image')
   notes = []
   if orientation != 1:
@@ -135,6 +146,67 @@ def read_image_notes(path):
   notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): read as '
                'RGB')
   return np.asarray(im.convert('RGB')), notes
+
+
+def _read_channels(path, channels):
+  """`read_image_notes` for channels != 3."""
+  if path.lower().endswith(TIFF_EXTENSIONS) and channels not in (1, 4):
+    return _read_tiff(path, channels), []
+  try:
+    im, orientation = _open(path, 'image')
+  except BadSampleError:
+    if path.lower().endswith(TIFF_EXTENSIONS):
+      return _read_tiff(path, channels), []  # e.g. a float multi-page TIFF
+    raise
+  notes = ([f'EXIF orientation {orientation} applied (the image is read '
+            'upright, as viewers show it)'] if orientation != 1 else [])
+  if channels == 1 and im.mode in HIGH_BIT_MODES + ('F',):
+    notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): scaled to '
+                 '8 bits')
+    return _grey_to_uint8(np.asarray(im), im.mode, path)[..., None], notes
+  if channels == 1 and im.mode in ('L', '1'):
+    return np.asarray(im.convert('L'))[..., None], notes
+  if channels == 4 and im.mode == 'RGBA':
+    return np.asarray(im), notes
+  raise BadSampleError(
+      f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
+      f'{im.mode!r}) but data.channels={channels}: set data.channels to the '
+      "images' count (1: grayscale, 3: RGB, 4: RGBA or 4-channel TIFF, "
+      'more: multi-channel TIFF), or convert the images.')
+
+
+def _read_tiff(path, channels):
+  """(H, W, channels) uint8 of a multi-channel TIFF, via tifffile."""
+  try:
+    import tifffile  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise errors.ConfigError(
+        f'{path}: reading a {channels}-channel TIFF needs the tifffile '
+        "package: pip install tifffile (or pip install -e '.[tiff]').") from None
+  try:
+    raw = np.asarray(tifffile.imread(path))
+  except FileNotFoundError:
+    raise BadSampleError(f'{path}: image file not found.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadSampleError(f'{path}: cannot decode image ({e}); the file is '
+                         'corrupt or not a TIFF: replace or remove it.') from e
+  if raw.ndim == 2:
+    raw = raw[..., None]
+  if raw.ndim == 3 and raw.shape[0] == channels and raw.shape[-1] != channels:
+    raw = np.moveaxis(raw, 0, -1)  # planar (C, H, W)
+  if raw.ndim != 3 or raw.shape[-1] != channels:
+    raise BadSampleError(
+        f'{path}: the TIFF holds an array of shape {raw.shape} but '
+        f'data.channels={channels}: give (H, W, {channels}) or '
+        f'({channels}, H, W) images, or set data.channels to their count.')
+  if raw.dtype == np.uint8:
+    return raw
+  if raw.dtype.kind == 'f':
+    return _grey_to_uint8(raw, 'F', path)
+  if raw.dtype.kind in 'iu' and raw.dtype.itemsize <= 4:
+    return _grey_to_uint8(raw.astype(np.int64), 'I', path)
+  raise BadSampleError(f'{path}: TIFF values of type {raw.dtype} are not '
+                       'read; save 8 or 16-bit integers or floats in 0..1.')
 
 
 # EXIF tag 274: how the stored pixels are rotated/flipped for display.
@@ -343,7 +415,7 @@ class FileSource:
   """
 
   def __init__(self, name, pairs, class_names, palette, table,
-               on_bad_sample='raise', origin=''):
+               on_bad_sample='raise', origin='', channels=3):
     """Args:
       name: dataset/split for messages, e.g. 'voc/train'.
       pairs: list of (image path, mask path).
@@ -351,7 +423,9 @@ class FileSource:
       table: raw value -> train id table from `label_table`.
       on_bad_sample: 'raise' or 'skip'.
       origin: where the pairs were listed (a file or folder), for messages.
+      channels: image channels (`config.data.channels`; see `read_image`).
     """
+    self.channels = channels
     self.name = name
     self.class_names = tuple(class_names)
     self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
@@ -383,7 +457,8 @@ class FileSource:
 
   def load(self, image_path, mask_path):
     """Decoded, checked example {'image', 'label'} of one pair."""
-    return to_example(read_image(image_path), self.read_mask(mask_path),
+    return to_example(read_image(image_path, self.channels),
+                      self.read_mask(mask_path),
                       self.table, mask_path, image_path)
 
   def read_mask(self, path):

@@ -381,7 +381,7 @@ def folder_dirs(root, split):
 
 def folder(root, split, num_classes, on_bad_sample='raise',
            ignore_label=IGNORE_LABEL, label_map=None, mask_suffix='',
-           strict=True):
+           strict=True, channels=3):
   """A user dataset: images and single-channel masks paired by path.
 
   Layout: `{root}/images/{split}/` + `{root}/masks/{split}/`, or
@@ -403,6 +403,8 @@ def folder(root, split, num_classes, on_bad_sample='raise',
     strict: False leaves colliding names, images without masks and masks
       without images in `source.pairing` (for `seg_jax.data.check`) instead
       of refusing them (`check_pairing`).
+    channels: image channels (`files.read_image_notes` says which files
+      give how many).
   """
   files.check_root(root, 'folder', 'it must hold images/ and masks/')
   image_dir, mask_dir = folder_dirs(root, split)
@@ -420,7 +422,8 @@ def folder(root, split, num_classes, on_bad_sample='raise',
                         folder_table(num_classes, ignore_label, label_map),
                         on_bad_sample, origin=image_dir,
                         refuse_binary_export=(not label_map and
-                                              ignore_label == 255))
+                                              ignore_label == 255),
+                        channels=channels)
   source.pairing = pairing
   if strict:  # a 0/255 export fails before training
     source.check_mask(source.pairs[0][1])

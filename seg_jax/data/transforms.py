@@ -58,14 +58,25 @@ def fill_value(mean):
 
 
 def pad_image(image, height, width, fill):
-  """Pads (H, W, 3) at the bottom/right with `fill` to (height, width)."""
+  """Pads (H, W, C) at the bottom/right with `fill` to (height, width)."""
   h, w = image.shape[:2]
   if h >= height and w >= width:
     return image
-  out = np.empty((max(h, height), max(w, width), 3), np.uint8)
+  out = np.empty((max(h, height), max(w, width), image.shape[-1]), np.uint8)
   out[...] = fill
   out[:h, :w] = image
   return out
+
+
+def resize_image(image, size, box=None):
+  """Bilinear resize of (H, W, C) uint8 to `size` (width, height), PIL's
+  (of the `box` region when given): RGB and RGBA in one call, any other
+  channel count one channel at a time (the same filter per channel)."""
+  if image.shape[-1] in (3, 4):
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR,
+                                                    box=box))
+  return np.stack([np.asarray(Image.fromarray(image[..., c]).resize(
+      size, Image.BILINEAR, box=box)) for c in range(image.shape[-1])], -1)
 
 
 def pad_label(label, height, width, ignore_label=IGNORE_LABEL):
@@ -85,16 +96,19 @@ class Photometric:
   U(-brightness_delta, brightness_delta), contrast and saturation scale by a
   factor from their ranges (contrast before or after the colour changes, at
   random), hue rotates by U(-hue_delta, hue_delta) degrees. Values are on
-  the 0..255 scale; the result is clipped to it once, on device.
+  the 0..255 scale; the result is clipped to it once, on device. Images of
+  other than 3 channels (grayscale, multispectral) get brightness and
+  contrast only: saturation and hue are colour notions.
   """
   brightness_delta: float = 32.0
   contrast_range: tuple = (0.5, 1.5)
   saturation_range: tuple = (0.5, 1.5)
   hue_delta: float = 36.0
 
-  def sample(self, rng):
-    """A random (3, 4) float32 matrix [A | b]: rgb' = A @ rgb + b."""
-    a, b = np.eye(3), np.zeros(3)
+  def sample(self, rng, channels=3):
+    """A random (C, C + 1) float32 matrix [A | b]: x' = A @ x + b, C =
+    `channels`."""
+    a, b = np.eye(channels), np.zeros(channels)
 
     def then(m, c=0.0):  # compose: new = m @ old + c
       nonlocal a, b
@@ -102,13 +116,17 @@ class Photometric:
 
     draws = rng.random(5)
     if draws[0] < 0.5:
-      then(np.eye(3), rng.uniform(-self.brightness_delta,
-                                  self.brightness_delta))
+      then(np.eye(channels), rng.uniform(-self.brightness_delta,
+                                         self.brightness_delta))
     contrast_first = draws[1] < 0.5
     contrast = (rng.uniform(*self.contrast_range) if draws[2] < 0.5
                 else None)
     if contrast is not None and contrast_first:
-      then(contrast * np.eye(3))
+      then(contrast * np.eye(channels))
+    if channels != 3:
+      if contrast is not None and not contrast_first:
+        then(contrast * np.eye(channels))
+      return np.concatenate([a, b[:, None]], 1).astype(np.float32)
     if draws[3] < 0.5:
       s = rng.uniform(*self.saturation_range)
       then(s * np.eye(3) + (1 - s) * np.outer(np.ones(3), _LUMA))
@@ -192,15 +210,14 @@ class TrainTransform(grain.transforms.RandomMap):
       image = element['image'][top:y1, left:x1]
     else:
       box = (left * w / sw, top * h / sh, x1 * w / sw, y1 * h / sh)
-      image = np.asarray(Image.fromarray(element['image']).resize(
-          (x1 - left, y1 - top), Image.BILINEAR, box=box))
+      image = resize_image(element['image'], (x1 - left, y1 - top), box)
     image = pad_image(image, crop_h, crop_w, fill_value(self.mean))
     if self.flip and rng.random() < 0.5:
       image, label = image[:, ::-1], label[:, ::-1]
     out = {'image': np.ascontiguousarray(image),
            'label': np.ascontiguousarray(label)}
     if self.photometric is not None:
-      out['colour'] = self.photometric.sample(rng)
+      out['colour'] = self.photometric.sample(rng, image.shape[-1])
     return out
 
 

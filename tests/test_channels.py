@@ -1,0 +1,128 @@
+"""Images that are not RGB (data.channels): grayscale, RGBA, multi-channel
+TIFF; read, augmented, trained, evaluated and predicted end to end."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg_jax import errors, evaluate, steps, train
+from seg_jax.data import files, transforms
+
+import user_data as ud
+
+
+def test_files_are_read_with_the_configured_channel_count(tmp_path):
+  grey = ud.example(0)[0][..., 0]
+  Image.fromarray(grey).save(tmp_path / 'grey.png')
+  Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')
+  rgb = ud.example(1)[0]
+  Image.fromarray(rgb).save(tmp_path / 'rgb.png')
+  rgba = np.dstack([rgb, grey])
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'rgba.png')
+  for name in ('grey.png', 'grey16.png'):
+    np.testing.assert_array_equal(
+        files.read_image(str(tmp_path / name), 1), grey[..., None])
+  np.testing.assert_array_equal(files.read_image(str(tmp_path / 'rgba.png'),
+                                                 4), rgba)
+  with pytest.raises(files.BadSampleError,
+                     match=r"rgb.png: the image has 3 channel\(s\) \(PIL mode "
+                           r"'RGB'\) but data.channels=1: set data.channels"):
+    files.read_image(str(tmp_path / 'rgb.png'), 1)
+  with pytest.raises(files.BadSampleError, match=r'but data.channels=4'):
+    files.read_image(str(tmp_path / 'rgb.png'), 4)
+
+
+def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):
+  tifffile = pytest.importorskip('tifffile')
+  rng = np.random.default_rng(0)
+  six = rng.integers(0, 256, (7, 9, 6)).astype(np.uint8)
+  tifffile.imwrite(tmp_path / 'hwc.tif', six)
+  tifffile.imwrite(tmp_path / 'chw.tif', np.moveaxis(six, -1, 0))
+  tifffile.imwrite(tmp_path / 'hwc16.tif', six.astype(np.uint16) * 257)
+  tifffile.imwrite(tmp_path / 'four.tif', six[..., :4])
+  for name in ('hwc.tif', 'chw.tif', 'hwc16.tif'):
+    np.testing.assert_array_equal(files.read_image(str(tmp_path / name), 6),
+                                  six)
+  np.testing.assert_array_equal(files.read_image(str(tmp_path / 'four.tif'),
+                                                 4), six[..., :4])
+  with pytest.raises(files.BadSampleError,
+                     match=r'hwc.tif: the TIFF holds an array of shape '
+                           r'\(7, 9, 6\) but data.channels=5'):
+    files.read_image(str(tmp_path / 'hwc.tif'), 5)
+
+
+@pytest.mark.parametrize('channels', [1, 4])
+def test_photometric_is_brightness_and_contrast_for_other_channel_counts(
+    channels):
+  """Saturation and hue are colour notions: for 1 or 4 channels the drawn
+  matrix is a gain and an offset shared by every channel."""
+  x = np.random.default_rng(1).integers(0, 256, (2, 5, 6, channels),
+                                        np.uint8)
+  for seed in range(10):
+    m = transforms.Photometric().sample(np.random.default_rng(seed), channels)
+    assert m.shape == (channels, channels + 1)
+    gain, offset = m[0, 0], m[0, -1]
+    np.testing.assert_allclose(m[:, :-1], gain * np.eye(channels), atol=1e-6)
+    np.testing.assert_allclose(m[:, -1], offset, atol=1e-6)
+    out = steps.apply_colour(x, np.stack([m, m]))
+    np.testing.assert_allclose(out, np.clip(x * gain + offset, 0, 255),
+                               rtol=1e-5, atol=1e-3)
+
+
+def _write(root, channels, n, split):
+  """A folder dataset whose images have `channels` channels (grey PNGs,
+  RGBA PNGs) and learnable colours."""
+  for i in range(n):
+    image, mask = ud.example(i)
+    if channels == 1:
+      image = image[..., :1]
+      im = Image.fromarray(image[..., 0])
+    else:
+      image = np.dstack([image, 255 - image[..., 0]])
+      im = Image.fromarray(image, 'RGBA')
+    os.makedirs(root / 'images' / split, exist_ok=True)
+    im.save(root / 'images' / split / f'img_{i:03d}.png')
+    ud.save_mask(str(root / 'masks' / split / f'img_{i:03d}.png'), mask)
+
+
+@pytest.mark.parametrize('channels', [1, 4])
+def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
+    tmp_path, channels):
+  from seg_jax import checkpoint, inference, predict, sharding  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  _write(root, channels, 10, 'train')
+  _write(root, channels, 3, 'val')
+  config = ud.folder_config(root, **{
+      'data.channels': channels, 'data.mean': (127.0,) * channels,
+      'data.std': (60.0,) * channels, 'data.photometric.enabled': True})
+  run = str(tmp_path / 'run')
+  result = train.train_and_evaluate(config, run)
+  assert result['step'] == 4 and 0 <= result['miou'] <= 1
+  kernel = checkpoint.read_state(f'{run}/checkpoints', 4)['params'][
+      'DoubleConv_0']['Conv_0']['kernel']
+  assert kernel.shape[2] == channels  # the model takes the channels
+  (_, report), = evaluate.evaluate(config, run)
+  assert report['mIoU'] == pytest.approx(result['miou'], abs=1e-6)
+  model, variables, _ = checkpoint.restore_for_inference(
+      config, run, sharding.create_mesh(devices=jax.devices()[:1]))
+  predictor = predict.Predictor(config, model, variables,
+                                inference.spec_from_config(config, 'whole'),
+                                2)
+  outputs = predict.Outputs(str(tmp_path / 'out'), ud.PALETTE, [1], 0.5)
+  items = predict.find_inputs([str(root / 'images' / 'val')])
+  assert predict.predict_images(items, predictor, outputs) == []
+  with Image.open(tmp_path / 'out' / 'val' / 'img_000.png') as im:
+    assert im.size == (ud.SIZE[1], ud.SIZE[0])
+  with Image.open(tmp_path / 'out' / 'val' / 'img_000_overlay.jpg') as im:
+    assert im.mode == 'RGB'
+  # Grey files are read as RGB for 3 channels (documented); RGBA files for
+  # 1 channel, or grey files for 4, are refused naming file and setting.
+  wrong = ud.folder_config(root, **{'data.channels': 4 if channels == 1
+                                    else 1})
+  wrong.data.mean, wrong.data.std = ((1.0,) * wrong.data.channels,
+                                     (1.0,) * wrong.data.channels)
+  with pytest.raises(errors.UserError, match=r'data.channels=\d'):
+    train.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
