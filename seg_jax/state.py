@@ -142,6 +142,10 @@ def pretrained_init_fn(config):
     tensors = weights.load_weights(path)
     pretrained = convert.from_torchvision(
         fmt, tensors, scan_blocks=config.model.kwargs.get('scan_blocks', False))
+    # An RGB stem for another data.channels: adapted as timm does.
+    pretrained = weights.adapt_stem(pretrained, variables,
+                                    config.data.channels,
+                                    f'model.init_from={path}')
     variables, n, skipped = convert.load_pretrained(
         variables, pretrained, f'model.init_from={path}')
     logging.info('Loaded %d tensors from %s (%s); kept fresh: %s', n, path,

@@ -126,3 +126,45 @@ def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
                                      (1.0,) * wrong.data.channels)
   with pytest.raises(errors.UserError, match=r'data.channels=\d'):
     train.train_and_evaluate(wrong, str(tmp_path / 'wrong'))
+
+
+def test_pretrained_rgb_stem_adapted_to_1_and_4_channels():
+  """timm's rule: summed for 1 channel (a grey image then responds as the
+  RGB model to that grey repeated), repeated and scaled by 3/C for more
+  (for a multiple of 3, equal channels respond as the RGB model to
+  (x, x, x)); a stem of neither 3 nor the data's channels is one line
+  naming all three."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from seg_jax.models import weights  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+  grey = rng.normal(size=(1, 8, 9, 1)).astype(np.float32)
+  conv = lambda x, k: np.asarray(jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  one = weights.adapt_input_channels(kernel, 1)
+  np.testing.assert_allclose(one, kernel.sum(2, keepdims=True))
+  np.testing.assert_allclose(conv(grey, one),
+                             conv(np.repeat(grey, 3, -1), kernel), rtol=1e-5,
+                             atol=1e-5)
+  four = weights.adapt_input_channels(kernel, 4)
+  np.testing.assert_allclose(four[:, :, :3], kernel * 0.75)
+  np.testing.assert_allclose(four[:, :, 3], kernel[:, :, 0] * 0.75)
+  six = weights.adapt_input_channels(kernel, 6)
+  np.testing.assert_allclose(conv(np.repeat(grey, 6, -1), six),
+                             conv(np.repeat(grey, 3, -1), kernel), rtol=1e-5,
+                             atol=1e-5)
+  model = {'stem': {'kernel': np.zeros((3, 3, 4, 5))},
+           'head': {'kernel': np.zeros((1, 1, 5, 2))}}
+  pretrained = {'stem': {'kernel': kernel},
+                'head': {'kernel': np.ones((1, 1, 5, 2))}}
+  adapted = weights.adapt_stem(pretrained, model, 4, 'model.init_from=w.pth')
+  np.testing.assert_array_equal(adapted['stem']['kernel'], four)
+  np.testing.assert_array_equal(adapted['head']['kernel'], np.ones((1, 1, 5,
+                                                                     2)))
+  pretrained['stem']['kernel'] = np.zeros((3, 3, 2, 5))
+  with pytest.raises(ValueError,
+                     match=r'^model.init_from=w.pth: stem/kernel: the stem '
+                           r'takes 2 channels; only an RGB stem \(3\) is '
+                           r"adapted .*data.channels=4 \(the model's input\); "
+                           r"the weights' stem has 2.$"):
+    weights.adapt_stem(pretrained, model, 4, 'model.init_from=w.pth')

@@ -107,3 +107,53 @@ def load_weights(path):
   if path.endswith('.safetensors'):
     return load_safetensors(path)
   return load_torch_state_dict(path)
+
+
+def adapt_input_channels(kernel, channels):
+  """A stem kernel (kh, kw, 3, out) trained on RGB, for `channels` inputs.
+
+  timm's rule (`adapt_input_conv`): for 1 channel the RGB taps are summed
+  (a grey image's response equals the RGB model's on that grey repeated);
+  for more than 3 they are repeated (R, G, B, R, ...) and scaled by
+  3 / channels, so an input whose channels all equal x responds as the RGB
+  model does to (x, x, x). 3 channels: unchanged.
+  """
+  kernel = np.asarray(kernel)
+  if channels == kernel.shape[2]:
+    return kernel
+  if kernel.shape[2] != 3:
+    raise ValueError(f'the stem takes {kernel.shape[2]} channels; only an '
+                     'RGB stem (3) is adapted to another channel count')
+  if channels == 1:
+    return kernel.sum(2, keepdims=True)
+  repeats = -(-channels // 3)
+  return (np.tile(kernel, (1, 1, repeats, 1))[:, :, :channels] *
+          (3.0 / channels)).astype(kernel.dtype)
+
+
+def adapt_stem(pretrained, variables, channels, source):
+  """`pretrained` (nested dicts) with every 4-D kernel that takes 3 input
+  channels where the model's takes `channels` adapted
+  (`adapt_input_channels`); a stem that fits neither is a ValueError naming
+  the weights, the model and data.channels."""
+  if channels == 3:
+    return pretrained
+
+  def walk(p, v, path):
+    if isinstance(p, dict):
+      return {k: walk(p[k], v.get(k, {}) if isinstance(v, dict) else {},
+                      path + (k,)) for k in p}
+    shape = getattr(v, 'shape', None)
+    if (shape is not None and np.ndim(p) == 4 and len(shape) == 4 and
+        tuple(np.shape(p)) != tuple(shape) and shape[2] == channels and
+        np.shape(p)[:2] + np.shape(p)[3:] == tuple(shape[:2] + shape[3:])):
+      try:
+        return adapt_input_channels(p, channels)
+      except ValueError as e:
+        raise ValueError(
+            f'{source}: {"/".join(path)}: {e}, and data.channels={channels} '
+            f'(the model\'s input); the weights\' stem has {np.shape(p)[2]}.'
+        ) from None
+    return p
+
+  return walk(pretrained, variables, ())
