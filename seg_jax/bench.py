@@ -105,12 +105,13 @@ def synthetic_batch(config, rng=0):
   label = rng.integers(0, config.model.num_classes, (n, h, w)).astype(
       np.uint8)
   label[rng.random((n, h, w)) < 0.05] = labels.ignore_label(config)
-  batch = {'image': rng.integers(0, 256, (n, h, w, 3)).astype(np.uint8),
+  c = config.data.channels
+  batch = {'image': rng.integers(0, 256, (n, h, w, c)).astype(np.uint8),
            'label': label}
   if config.data.photometric.enabled:
-    colour = np.zeros((n, 3, 4), np.float32)
-    colour[:, :, :3] = np.eye(3) * rng.uniform(0.8, 1.2, (n, 1, 1))
-    colour[:, :, 3] = rng.uniform(-10, 10, (n, 3))
+    colour = np.zeros((n, c, c + 1), np.float32)
+    colour[:, :, :c] = np.eye(c) * rng.uniform(0.8, 1.2, (n, 1, 1))
+    colour[:, :, c] = rng.uniform(-10, 10, (n, c))
     batch['colour'] = colour
   return batch
 
@@ -175,10 +176,11 @@ def synthetic_batch_abstract(config):
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   n, (h, w) = (config.train.global_batch_size,
                transforms.pair(config.data.crop_size))
-  batch = {'image': jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8),
+  c = config.data.channels
+  batch = {'image': jax.ShapeDtypeStruct((n, h, w, c), jnp.uint8),
            'label': jax.ShapeDtypeStruct((n, h, w), jnp.uint8)}
   if config.data.photometric.enabled:
-    batch['colour'] = jax.ShapeDtypeStruct((n, 3, 4), jnp.float32)
+    batch['colour'] = jax.ShapeDtypeStruct((n, c, c + 1), jnp.float32)
   return batch
 
 
