@@ -1,4 +1,6 @@
-"""Golden logits of torchvision segmentation models on seeded weights.
+"""Golden logits of torchvision segmentation models on seeded weights
+(`MODELS`: fcn_resnet50, deeplabv3_resnet50, deeplabv3_mobilenet_v3_large,
+lraspp_mobilenet_v3_large).
 
     python benchmarks/torchvision_golden.py [--out=tests/golden]
 
@@ -26,7 +28,7 @@ weights from the manifest stored in the golden file. The rule (version
   stage's output std 0.8-2.0, measured). He's 2 / fan_in counts on each
   BatchNorm to re-normalise; eval-mode BatchNorms with these fixed
   statistics do not, and the residual sums then grow to std ~1300 by
-  layer4 (measured);
+  layer4 (measured). A depthwise kernel (C, 1, k, k) has fan_in k * k;
 - any other `bias`: N(0, 0.1^2);
 - integer tensors (`num_batches_tracked`): zeros, as torch leaves them
   (seg_jax ignores them).
@@ -58,10 +60,14 @@ SEED = 20240229
 INPUT_SEED = 7
 INPUT_SHAPE = (1, 37, 45, 3)
 NUM_CLASSES = 21
-# (torchvision constructor, aux_loss). deeplabv3 carries the aux head so the
-# 'aux_classifier.*' mapping is checked too; fcn without it keeps the file
-# small (its head is the same FCNHead).
-MODELS = (('fcn_resnet50', False), ('deeplabv3_resnet50', True))
+# (torchvision constructor, aux_loss). The deeplabv3 models carry the aux
+# head so the 'aux_classifier.*' mapping, and which features it reads
+# (ResNet's layer3, MobileNetV3's stride-8 block 4), are checked too; fcn
+# without it keeps the file small (its head is the same FCNHead); lraspp
+# has none.
+MODELS = (('fcn_resnet50', False), ('deeplabv3_resnet50', True),
+          ('deeplabv3_mobilenet_v3_large', True),
+          ('lraspp_mobilenet_v3_large', False))
 
 
 def seeded_tensor(key, shape, dtype, bn_prefixes, seed=SEED):
@@ -134,7 +140,7 @@ def _generate(name, aux, out_dir):
   from torchvision.models import segmentation  # pylint: disable=g-import-not-at-top
   tmodel = getattr(segmentation, name)(
       weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-      aux_loss=aux).eval()
+      **({'aux_loss': True} if aux else {})).eval()  # lraspp takes none
   sd = tmodel.state_dict()
   shapes = [(k, list(v.shape), str(v.numpy().dtype)) for k, v in sd.items()]
   values = seeded_state_dict(shapes)

@@ -17,8 +17,9 @@ FLOPs are model FLOPs counted from the step's jaxpr (`seg_jax.flops`:
 convolutions and matrix products, torch's convention, kernel taps that only
 meet padding included; a scanned stage counts once per iteration, where
 XLA's cost analysis counts a loop body once). With
-torch installed, `--vs-torch` runs the torchvision twin of `fcn_resnet50/101`
-or `deeplabv3_resnet50/101` (same batch, crop, classes, optimizer, aux head;
+torch installed, `--vs-torch` runs the torchvision twin of `fcn_resnet50/101`,
+`deeplabv3_resnet50/101`, `deeplabv3_mobilenet_v3_large` or
+`lraspp_mobilenet_v3_large` (same batch, crop, classes, optimizer, aux head;
 channels-last; bf16 autocast on GPU) eagerly and with `torch.compile`, in
 this process, and prints both ratios and torch's own FLOP count.
 
@@ -50,7 +51,8 @@ FLAGS = flags.FLAGS
 
 # torchvision constructors with a seg_jax twin of the same parameters.
 TORCH_TWINS = ('fcn_resnet50', 'fcn_resnet101', 'deeplabv3_resnet50',
-               'deeplabv3_resnet101')
+               'deeplabv3_resnet101', 'deeplabv3_mobilenet_v3_large',
+               'lraspp_mobilenet_v3_large')
 
 
 def _define_flags():
@@ -293,12 +295,37 @@ def _repeat(batch):
 
 
 def torch_flops(model, images, labels, loss_fn):
-  """FLOPs torch counts for one forward + backward of `model`."""
+  """FLOPs torch counts for one forward + backward of `model`, a grouped
+  convolution's kernel gradient counted once (`_conv_backward_flops`)."""
+  import torch  # pylint: disable=g-import-not-at-top
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
-  with FlopCounterMode(display=False) as counter:
+  with FlopCounterMode(display=False, custom_mapping={
+      torch.ops.aten.convolution_backward: _conv_backward_flops}) as counter:
     loss_fn(model(images), labels).backward()
   model.zero_grad(set_to_none=True)
   return float(counter.get_total_flops())
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride,
+                         padding, dilation, transposed, output_padding,
+                         groups, output_mask, out_shape=None, **kwargs):
+  """torch's `convolution_backward` formula (torch.utils.flop_counter,
+  which passes shapes), its kernel gradient divided by `groups`: torch
+  2.14 counts that gradient as an ungrouped convolution over the
+  transposed input, `groups` times its products (960x for MobileNetV3's
+  widest depthwise convolution). The input gradient's count is right."""
+  del bias, stride, padding, dilation, output_padding, kwargs
+  from torch.utils.flop_counter import conv_flop_count  # pylint: disable=g-import-not-at-top
+  t = lambda shape: [shape[1], shape[0], *shape[2:]]
+  flops = 0
+  if output_mask[0]:
+    flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0],
+                             not transposed)
+  if output_mask[1]:
+    lhs, rhs = ((grad_out_shape, x_shape) if transposed else
+                (x_shape, grad_out_shape))
+    flops += conv_flop_count(t(lhs), t(rhs), t(out_shape[1])) // groups
+  return flops
 
 
 # The U-Net's twin: plain torch code beside the package, in a source
@@ -321,13 +348,17 @@ def _twin_model(config):
   if name not in TORCH_TWINS:
     return (f'{name} has no torch twin (only unet and '
             f'{", ".join(TORCH_TWINS)})')
-  if kwargs.get('output_stride', 8) != 8 or kwargs.get('width', 64) != 64 or (
+  if 'mobilenet' in name:
+    if kwargs.get('width', 1.0) != 1.0:
+      return f'torchvision builds width 1.0; model.kwargs={kwargs}'
+  elif kwargs.get('output_stride', 8) != 8 or kwargs.get('width', 64) != 64 or (
       kwargs.get('multi_grid')):
     return ('torchvision builds output stride 8, width 64, no multi-grid; '
             f'model.kwargs={kwargs}')
+  aux = {'aux_loss': True} if kwargs.get('aux_head') else {}  # lraspp: none
   return getattr(torchvision.models.segmentation, name)(
       weights=None, weights_backbone=None, num_classes=config.model.num_classes,
-      aux_loss=bool(kwargs.get('aux_head', False)))
+      **aux)
 
 
 def torch_twin(config):

@@ -56,6 +56,45 @@ def test_flops_of_convolutions_and_products_forward_and_backward():
   assert flops.count_flops(jax.jit(looped), w, v) == (7 + 2) * 2 * 4 * 16 * 16
 
 
+def test_flops_of_grouped_convolutions_forward_and_backward():
+  """Feature groups (MobileNet's depthwise convolutions): each output
+  channel sums over its group's input channels only, forward and in both
+  gradients. JAX computes a grouped kernel's gradient as a convolution
+  with `batch_group_count`, its input gradient with `feature_group_count`;
+  each costs the forward pass (stride 2: not the inserted zeros)."""
+  x = jax.ShapeDtypeStruct((2, 16, 16, 12), jnp.float32)
+  for groups, out, stride in ((12, 12, 1), (12, 24, 2), (3, 6, 1)):
+    w = jax.ShapeDtypeStruct((5, 5, 12 // groups, out), jnp.float32)
+
+    def forward(w, x, groups=groups, stride=stride):
+      return jax.lax.conv_general_dilated(
+          x, w, (stride, stride), ((2, 2), (2, 2)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=groups)
+
+    size = 16 // stride
+    f = 2 * (2 * size * size * out) * 25 * (12 // groups)
+    assert flops.count_flops(forward, w, x) == f, groups
+    grad = jax.grad(lambda w, x: jnp.sum(forward(w, x) ** 2), (0, 1))
+    assert flops.count_flops(grad, w, x) == 3 * f, groups
+
+
+def test_bilinear_resizing_is_not_counted():
+  """`jax.image.resize` (one matrix product per axis inside) is
+  interpolation: not counted, forward or backward, jitted or not, as
+  torch counts its upsampling; the 1x1 product beside it is."""
+  from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((2, 8, 12, 6), jnp.float32)
+  k = jax.ShapeDtypeStruct((6, 5), jnp.float32)
+  fn = lambda k, x: layers.resize_bilinear(jnp.dot(x, k), 32, 48)
+  product = 2 * (2 * 8 * 12) * 6 * 5
+  assert flops.count_flops(fn, k, x) == product
+  assert flops.count_flops(jax.jit(jax.grad(
+      lambda k, x: jnp.sum(fn(k, x) ** 2))), k, x) == 2 * product
+  assert flops.count_flops(lambda x: jax.image.resize(
+      x, (2, 4, 6, 6), 'bilinear'), x) == 0
+
+
 def test_bench_cli_reports_the_step_and_the_input_loop():
   """The tiny config on 8 devices, TensorFlow hidden; --vs-torch without a
   twin (or without torch) says why it is skipped; the last line is

@@ -221,3 +221,65 @@ def test_cpu_compiler_options_keep_the_results():
   conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   _close(jax.jit(conv, compiler_options=options)(x, w), jax.jit(conv)(x, w))
+
+
+@pytest.mark.parametrize('groups, features, kernel, stride, dilation, hw', [
+    (6, 6, 3, 1, 1, (5, 7)),  # depthwise
+    (6, 12, 3, 1, 1, (5, 7)),  # depthwise, channel multiplier 2
+    (6, 6, 5, 2, 1, (8, 9)),  # MobileNet's strided 5x5 depthwise
+    (6, 6, 5, 1, 2, (3, 9)),  # dilated: the outer rows meet padding only
+    (6, 6, 3, 1, 8, (5, 7)),  # only the centre tap meets the image
+    (2, 4, 3, 1, 4, (5, 7)),  # ungrouped, this would be a per-tap sum
+    (3, 6, 1, 2, 1, (5, 7)),  # grouped 1x1: a convolution, not a product
+])
+def test_grouped_conv_equals_flax_values_gradients_and_flops(
+    groups, features, kernel, stride, dilation, hw):
+  """Feature groups (depthwise included) through every branch of
+  `layers.Conv`: the same parameters, initial values, outputs and
+  gradients as nn.Conv with torch's symmetric padding; FLOPs as counted
+  without padding-only taps, all taps as nn.Conv's."""
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(2, *hw, 6)),
+                  jnp.float32)
+  pad = dilation * (kernel - 1) // 2
+  ours = layers.Conv(features, kernel, stride, dilation,
+                     feature_group_count=groups)
+  ref = nn.Conv(features, (kernel, kernel), (stride, stride),
+                ((pad, pad), (pad, pad)), kernel_dilation=dilation,
+                feature_group_count=groups, use_bias=False)
+  v = ours.init(jax.random.key(5), x)
+  assert v['params']['kernel'].shape == (kernel, kernel, 6 // groups,
+                                         features)
+  _close(v, ref.init(jax.random.key(5), x), 0)
+  loss = lambda m, v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  want = (ref.apply(v, x), jax.grad(loss, (1, 2))(ref, v, x))
+  _close((ours.apply(v, x), jax.grad(loss, (1, 2))(ours, v, x)), want)
+  with layers.all_taps():
+    _close((ours.apply(v, x), jax.grad(loss, (1, 2))(ours, v, x)), want)
+    assert flops.count_flops(lambda v: ours.apply(v, x), v) == (
+        flops.count_flops(lambda v: ref.apply(v, x), v))
+
+
+@pytest.mark.parametrize('groups', [1, 8])
+def test_conv_bn_epsilon_and_momentum_folded_and_trained(groups):
+  """ConvBN's BatchNorm epsilon is the one its inference folding uses (an
+  epsilon as large as the variances would show a mismatch) and its
+  momentum the one training's running averages use, depthwise too."""
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 8)), jnp.float32)
+  mod = layers.ConvBN(8, 3, relu=False, feature_group_count=groups,
+                      epsilon=0.5, momentum=0.99)
+  v = mod.init(jax.random.key(0), x, False)
+  stats = {'bn': {'mean': jnp.asarray(rng.normal(size=8), jnp.float32),
+                  'var': jnp.asarray(rng.uniform(0.2, 1.0, 8), jnp.float32)}}
+  v = {'params': v['params'], 'batch_stats': stats}
+  folded = mod.apply(v, x, False)
+  with layers.unfolded_batch_norm():
+    _close(folded, mod.apply(v, x, False))
+  y = layers.Conv(8, 3, feature_group_count=groups).apply(
+      {'params': v['params']['conv']}, x)
+  bn = v['params']['bn']
+  _close(folded, (y - stats['bn']['mean']) / np.sqrt(stats['bn']['var'] + 0.5)
+         * bn['scale'] + bn['bias'])
+  _, new = mod.apply(v, x, True, mutable=['batch_stats'])
+  _close(new['batch_stats']['bn']['mean'],
+         0.99 * stats['bn']['mean'] + 0.01 * y.mean((0, 1, 2)))

@@ -1,10 +1,11 @@
 """Parity with torchvision without torch: stored golden logits.
 
 `benchmarks/torchvision_golden.py` (run by hand, with torch) filled every
-tensor of torchvision's `fcn_resnet50` and `deeplabv3_resnet50` (the latter
-with its aux head) from a seeded rule, ran the models in eval mode on a
-seeded 37x45 input and stored input, logits and the state dict's manifest
-in `tests/golden/`. Here the same rule regenerates the weights from the
+tensor of torchvision's `fcn_resnet50`, `deeplabv3_resnet50`,
+`deeplabv3_mobilenet_v3_large` (the deeplabv3 models with their aux heads)
+and `lraspp_mobilenet_v3_large` from a seeded rule, ran the models in eval
+mode on a seeded 37x45 input and stored input, logits and the state dict's
+manifest in `tests/golden/`. Here the same rule regenerates the weights from the
 manifest, `from_torchvision` maps them and seg_jax's model must give the
 stored logits: the check `tests/test_torchvision.py` makes with torch,
 run in every CI job.
@@ -50,17 +51,19 @@ def _logits(model, variables, x):
 
   torchvision returns the aux head's logits in eval mode too; seg_jax's
   model runs that head in training only, so it is applied here as
-  `fcn.with_aux_head` would, to the layer3 features of the same call.
+  `fcn.with_aux_head` would, to the features it reads in the same call
+  (ResNet's layer3, MobileNetV3's stride-8 'low').
   """
   out, state = model.apply(
       variables, x, train=False,
       capture_intermediates=lambda m, _: m.name == 'backbone')
   result = {'out': out}
   if 'aux' in variables['params']:
-    layer3 = state['intermediates']['backbone']['__call__'][0]['layer3']
+    feats = state['intermediates']['backbone']['__call__'][0]
     aux = fcn.FCNHead(model.num_classes).apply(
         {'params': variables['params']['aux'],
-         'batch_stats': variables['batch_stats']['aux']}, layer3, False)
+         'batch_stats': variables['batch_stats']['aux']},
+        feats['layer3'] if 'layer3' in feats else feats['low'], False)
     result['aux'] = layers.resize_bilinear(aux, *out.shape[1:3])
   return result
 
@@ -102,10 +105,13 @@ def _golden(name):
 
 @pytest.mark.parametrize('name,scan', [
     ('fcn_resnet50', False), ('deeplabv3_resnet50', False),
-    ('deeplabv3_resnet50', True)])
+    ('deeplabv3_resnet50', True), ('deeplabv3_mobilenet_v3_large', False),
+    ('lraspp_mobilenet_v3_large', False)])
 def test_logits_match_torchvision_golden(name, scan):
   """Both stage layouts, as tests/test_torchvision.py: one module per block
-  and, where `from_torchvision` stacks the blocks' tensors, scanned."""
+  and, where `from_torchvision` stacks the blocks' tensors, scanned (the
+  ResNet models); the MobileNetV3 models, depthwise kernels and BatchNorm
+  eps 1e-3 included."""
   x, expected, manifest, meta, state_dict = _golden(name)
   assert meta['name'] == name and meta['rule_version'] == golden.RULE_VERSION
   # The weights are those torch ran: otherwise a failure below would blame
@@ -116,8 +122,9 @@ def test_logits_match_torchvision_golden(name, scan):
                              atol=1e-9, err_msg='seeded weights changed')
 
   aux = meta['aux_loss']
-  model = models.create_model(name, meta['num_classes'], aux_head=aux,
-                              scan_blocks=scan)
+  model = models.create_model(name, meta['num_classes'],
+                              **({'aux_head': True} if aux else {}),
+                              **({'scan_blocks': True} if scan else {}))
   converted = models.from_torchvision(name, state_dict, scan_blocks=scan)
   # Every model variable comes from the state dict, with its shape.
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
@@ -135,6 +142,7 @@ def test_logits_match_torchvision_golden(name, scan):
   for k, v in expected.items():
     assert got[k].shape == v.shape
     # The bound tests/test_torchvision.py uses against live torch; this
-    # comparison measures 1.3e-6 (both models, out and aux), f32 on CPU.
+    # comparison measures 1.3e-6 (the ResNet models, out and aux), 5e-7
+    # (deeplabv3_mobilenet_v3_large, out and aux), 4e-7 (lraspp), f32 on CPU.
     error = _relative_error(np.asarray(got[k]), v)
     assert error < 1e-4, f'{name} {k}: relative error {error:.3g}'

@@ -3,7 +3,7 @@
 import functools
 import inspect
 
-from seg_jax.models import baseline, deeplab, fcn, segnet, unet
+from seg_jax.models import baseline, deeplab, fcn, lraspp, segnet, unet
 from seg_jax.models.convert import from_torchvision
 
 __all__ = ['MODELS', 'create_model', 'from_torchvision']
@@ -25,6 +25,8 @@ MODELS = {
                                  output_stride=16),
     'deeplabv3plus_resnet101': _p(deeplab.DeepLabV3, depth=101, plus=True,
                                   output_stride=16),
+    'deeplabv3_mobilenet_v3_large': deeplab.DeepLabV3MobileNetV3,
+    'lraspp_mobilenet_v3_large': lraspp.LRASPP,
     'segnet': segnet.SegNet,
     'pixel_classifier': baseline.PixelClassifier,
 }

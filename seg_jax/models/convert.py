@@ -2,13 +2,15 @@
 same logits.
 
 Supported: the segmentation models `fcn_resnet50/101`,
-`deeplabv3_resnet50/101` (with or without their aux heads), and the ImageNet
-backbones `resnet50/101` and `vgg16`, whose variables land under our
-models' 'backbone' (and, for VGG16, FCN's fc6/fc7).
+`deeplabv3_resnet50/101`, `deeplabv3_mobilenet_v3_large` (with or without
+their aux heads), `lraspp_mobilenet_v3_large`, and the ImageNet backbones
+`resnet50/101`, `mobilenet_v3_large` and `vgg16`, whose variables land
+under our models' 'backbone' (and, for VGG16, FCN's fc6/fc7).
 """
 
 import numpy as np
 
+from seg_jax.models import mobilenet_v3
 from seg_jax.models.resnet import STAGE_SIZES
 from seg_jax.models.vgg import VGG16_BLOCKS
 
@@ -84,6 +86,37 @@ def _deeplab_head():
   yield from _conv_bias(('classifier',), 'classifier.4')
 
 
+def _mobilenet_v3(prefix):
+  """torchvision's MobileNetV3-Large `features` (`prefix` + index), width
+  1: one `Conv2dNormActivation` (conv .0, BatchNorm .1) per layer, and
+  per block the sequence `.block.{j}` of those present."""
+  ours = ('backbone',)
+  yield from _conv_bn((*ours, 'stem'), f'{prefix}0.0', f'{prefix}0.1')
+  configs = mobilenet_v3.block_configs()
+  for i, c in enumerate(configs, 1):
+    layers = (['expand'] if c.expanded != c.input else []) + ['depthwise'] + (
+        ['se'] if c.squeeze_excite else []) + ['project']
+    for j, layer in enumerate(layers):
+      o, t = (*ours, f'block{i}', layer), f'{prefix}{i}.block.{j}'
+      if layer == 'se':
+        yield from _conv_bias((*o, 'fc1'), f'{t}.fc1')
+        yield from _conv_bias((*o, 'fc2'), f'{t}.fc2')
+      else:
+        yield from _conv_bn(o, f'{t}.0', f'{t}.1')
+  last = len(configs) + 1
+  yield from _conv_bn((*ours, 'last_conv'), f'{prefix}{last}.0',
+                      f'{prefix}{last}.1')
+
+
+def _lraspp_head():
+  c = ('classifier',)
+  yield from _conv_bn((*c, 'cbr'), 'classifier.cbr.0', 'classifier.cbr.1')
+  yield ('params', *c, 'scale', 'kernel'), 'classifier.scale.1.weight', _conv
+  for side in ('low', 'high'):
+    yield from _conv_bias((*c, f'{side}_classifier'),
+                          f'classifier.{side}_classifier')
+
+
 def _fc_as_conv(k, in_channels):
   def convert(w):  # Linear (O, I*k*k) -> conv (k, k, I, O)
     return _conv(w.reshape(w.shape[0], in_channels, k, k))
@@ -113,19 +146,28 @@ def _mapping(name, has_aux, scan_blocks):
     return list(_resnet(depth, '', scan_blocks)), ('fc.',)
   if name == 'vgg16':
     return list(_vgg16()), ('classifier.6.',)
+  if name == 'mobilenet_v3_large':  # its ImageNet classifier is not ours
+    return list(_mobilenet_v3('features.')), ('classifier.',)
+  backbone = (_mobilenet_v3('backbone.') if 'mobilenet' in name else
+              _resnet(depth, 'backbone.', scan_blocks))
   if name in ('fcn_resnet50', 'fcn_resnet101'):
     head = list(_fcn_head('head', 'classifier'))
-  elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101'):
+  elif name in ('deeplabv3_resnet50', 'deeplabv3_resnet101',
+                'deeplabv3_mobilenet_v3_large'):
     head = list(_deeplab_head())
+  elif name == 'lraspp_mobilenet_v3_large':
+    head = list(_lraspp_head())
   else:
     raise ValueError(f'from_torchvision: unsupported name {name!r}; use one '
                      f'of {SUPPORTED}.')
   aux = list(_fcn_head('aux', 'aux_classifier')) if has_aux else []
-  return list(_resnet(depth, 'backbone.', scan_blocks)) + head + aux, ()
+  return list(backbone) + head + aux, ()
 
 
 SUPPORTED = ('fcn_resnet50', 'fcn_resnet101', 'deeplabv3_resnet50',
-             'deeplabv3_resnet101', 'resnet50', 'resnet101', 'vgg16')
+             'deeplabv3_resnet101', 'deeplabv3_mobilenet_v3_large',
+             'lraspp_mobilenet_v3_large', 'resnet50', 'resnet101',
+             'mobilenet_v3_large', 'vgg16')
 
 
 def from_torchvision(name, state_dict, scan_blocks=False):
@@ -133,7 +175,8 @@ def from_torchvision(name, state_dict, scan_blocks=False):
 
   Args:
     name: one of `SUPPORTED` (the torchvision constructor's name).
-    state_dict: {key: tensor or numpy array}, as `model.state_dict()`.
+    state_dict: {key: tensor or numpy array}, as `model.state_dict()`
+      (MobileNetV3 models: width multiplier 1, as torchvision builds them).
     scan_blocks: the layout of the target model's ResNet stages: one module
       per block (`layer3_1`, ...; the default) or, for a model built with
       `scan_blocks=True`, each stage's blocks after the first stacked in

@@ -1,12 +1,13 @@
 """DeepLab v3 (Chen et al. 2017) and v3+ (Chen et al. 2018) on dilated ResNets,
-in torchvision's layout (`deeplabv3_resnet50/101`) for v3."""
+in torchvision's layout (`deeplabv3_resnet50/101`) for v3; torchvision's
+`deeplabv3_mobilenet_v3_large`."""
 
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from seg_jax.models import fcn, layers, resnet
+from seg_jax.models import fcn, layers, mobilenet_v3, resnet
 
 
 def aspp_rates(output_stride):
@@ -87,3 +88,37 @@ class DeepLabV3(nn.Module):
     x = jnp.concatenate([x, low], -1)
     x = layers.ConvBN(256, 3, dtype=self.dtype, name='decoder1')(x, train)
     return layers.ConvBN(256, 3, dtype=self.dtype, name='decoder2')(x, train)
+
+
+class DeepLabV3MobileNetV3(nn.Module):
+  """torchvision's `deeplabv3_mobilenet_v3_large`: the dilated
+  MobileNetV3-Large (output stride 16) + DeepLab v3's head on its last
+  960-channel features, bilinear upsampling to the input size.
+
+  The ASPP rates are torchvision's `DeepLabHead` default, 12/24/36, which
+  torchvision keeps at this output stride (not `aspp_rates(16)`).
+
+  Attributes:
+    num_classes: output classes.
+    aux_head: torchvision's auxiliary FCNHead on the stride-8 features
+      (block 4, 40 channels); training returns (logits, aux_logits).
+    width: MobileNetV3 width multiplier (torchvision's `width_mult`; 1.0 is
+      torchvision's model, smaller for quick experiments).
+  """
+  num_classes: int
+  aux_head: bool = False
+  width: float = 1.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h, w = x.shape[1:3]
+    feats = mobilenet_v3.MobileNetV3Large(self.width, dtype=self.dtype,
+                                          name='backbone')(x, train)
+    out = ASPP((12, 24, 36), dtype=self.dtype, name='aspp')(feats['high'],
+                                                            train)
+    out = layers.ConvBN(256, 3, dtype=self.dtype, name='head')(out, train)
+    out = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                  name='classifier')(out)
+    out = layers.resize_bilinear(out, h, w).astype(jnp.float32)
+    return fcn.with_aux_head(self, out, feats['low'], train)

@@ -220,6 +220,12 @@ class Conv(nn.Module):
     positions each tap meets the image at;
   - a 1x1 kernel is a matrix product over channels where
     `one_by_one_as_dot()`.
+
+  With `feature_group_count` g > 1 (g == input channels: depthwise, as
+  MobileNet's), the kernel is (k, k, C_in / g, features), as nn.Conv's; only
+  the skipping of padding-only taps applies to it (slicing the kernel's
+  spatial axes is exact for any grouping), the per-tap and 1x1 products are
+  for ungrouped kernels.
   """
   features: int
   kernel: int = 3
@@ -228,14 +234,19 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
   use_bias: bool = False
   padding: str = 'SAME'
+  feature_group_count: int = 1
 
   @nn.compact
   def __call__(self, x, scale=None):
     """`scale` (features,): multiplies the kernel's output channels first
     (a folded BatchNorm, see `ConvBN`)."""
+    groups = self.feature_group_count
+    if x.shape[-1] % groups or self.features % groups:
+      raise ValueError(f'Conv: {x.shape[-1]} input and {self.features} output '
+                       f'channels do not split into {groups} groups.')
     k = self.param('kernel', nn.initializers.lecun_normal(),
-                   (self.kernel, self.kernel, x.shape[-1], self.features),
-                   jnp.float32)
+                   (self.kernel, self.kernel, x.shape[-1] // groups,
+                    self.features), jnp.float32)
     if scale is not None:
       k = k * scale
     y = self._conv(x.astype(self.dtype), k.astype(self.dtype))
@@ -245,11 +256,14 @@ class Conv(nn.Module):
     return y
 
   def _conv(self, x, k):
+    grouped = self.feature_group_count > 1
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=(self.stride,) * 2,
+        rhs_dilation=(self.dilation,) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count)
     if self.padding == 'VALID':
-      return jax.lax.conv_general_dilated(
-          x, k, (self.stride,) * 2, 'VALID',
-          rhs_dilation=(self.dilation,) * 2,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      return conv(x, k, padding='VALID')
     if self.kernel > 1 and self.stride == 1 and self.kernel % 2:
       rows = _taps_in_image(self.kernel, self.dilation, x.shape[1])
       cols = _taps_in_image(self.kernel, self.dilation, x.shape[2])
@@ -257,17 +271,15 @@ class Conv(nn.Module):
       valid = (sum(_valid_taps(k.shape[0], self.dilation, x.shape[1])) *
                sum(_valid_taps(k.shape[1], self.dilation, x.shape[2])) /
                (k.shape[0] * k.shape[1] * x.shape[1] * x.shape[2]))
-      if (_SKIP_PADDING_TAPS[-1] and cpu_forms() and
+      if (_SKIP_PADDING_TAPS[-1] and cpu_forms() and not grouped and
           k.shape[0] * k.shape[1] > 1 and valid <= TAP_SUM_MAX_VALID):
         return _tap_sum(x, k, self.dilation)
-    if k.shape[:2] == (1, 1) and one_by_one_as_dot():
+    if k.shape[:2] == (1, 1) and one_by_one_as_dot() and not grouped:
       if self.stride > 1:
         x = x[:, ::self.stride, ::self.stride]
       return channel_dot(x, k[0, 0])
     pad = [(self.dilation * (n - 1) // 2,) * 2 for n in k.shape[:2]]
-    return jax.lax.conv_general_dilated(
-        x, k, (self.stride,) * 2, pad, rhs_dilation=(self.dilation,) * 2,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return conv(x, k, padding=pad)
 
 
 class ConvTranspose(nn.Module):
@@ -382,6 +394,12 @@ class ConvBN(nn.Module):
   activations less. Every inference path (the in-training evaluation,
   evaluate, predict, export, bench --mode=infer) runs through it. Training
   and initialisation run the BatchNorm itself.
+
+  `epsilon` and `momentum` are the BatchNorm's (flax's momentum: torch's
+  momentum m is 1 - m here); the defaults are torch's BatchNorm2d defaults,
+  MobileNetV3 uses 1e-3 and 0.99. `feature_group_count` groups the
+  convolution (`Conv`); grouped or not, output channel o is the kernel's
+  column [..., o], so the folded scale applies unchanged.
   """
   features: int
   kernel: int = 3
@@ -389,18 +407,23 @@ class ConvBN(nn.Module):
   dilation: int = 1
   relu: bool = True
   dtype: Any = jnp.float32
+  feature_group_count: int = 1
+  epsilon: float = BN_EPSILON
+  momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x, train):
     conv = Conv(self.features, self.kernel, self.stride, self.dilation,
-                self.dtype, name='conv')
+                self.dtype, feature_group_count=self.feature_group_count,
+                name='conv')
     if train or self.is_initializing() or not _FOLD_BATCH_NORM[-1]:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=BN_EPSILON, dtype=self.dtype, name='bn')(conv(x))
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
+                       epsilon=self.epsilon, dtype=self.dtype,
+                       name='bn')(conv(x))
     else:
       bn = self.variables['params']['bn']
       stats = self.variables['batch_stats']['bn']
-      scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + BN_EPSILON)
+      scale = bn['scale'] * jax.lax.rsqrt(stats['var'] + self.epsilon)
       x = conv(x, scale) + (bn['bias'] - stats['mean'] * scale).astype(
           self.dtype)
     return nn.relu(x) if self.relu else x
