@@ -283,3 +283,26 @@ def test_conv_bn_epsilon_and_momentum_folded_and_trained(groups):
   _, new = mod.apply(v, x, True, mutable=['batch_stats'])
   _close(new['batch_stats']['bn']['mean'],
          0.99 * stats['bn']['mean'] + 0.01 * y.mean((0, 1, 2)))
+
+
+@pytest.mark.parametrize('hw, kernel, stride, dilation', [
+    ((13, 11), 3, 1, 1), ((13, 11), 3, 2, 1), ((14, 9), 5, 2, 1),
+    ((12, 12), 3, 1, 2), ((9, 7), 5, 1, 1)])
+def test_depthwise_taps_equal_the_grouped_convolution(hw, kernel, stride,
+                                                      dilation):
+  """On CPU a depthwise convolution is a sum of strided views times each
+  tap's weights: the grouped convolution's values and gradients, on odd
+  sizes, strides and dilations; FLOPs are counted on the convolution."""
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(2, *hw, 8)),
+                  jnp.float32)
+  conv = layers.Conv(8, kernel, stride, dilation, feature_group_count=8)
+  v = conv.init(jax.random.key(0), x)
+  loss = lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x)))
+  got = (conv.apply(v, x), jax.grad(loss, (0, 1))(v, x))
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(
+      lambda v: conv.apply(v, x))(v))
+  with layers.all_taps():  # the plain grouped convolution
+    want = (conv.apply(v, x), jax.grad(loss, (0, 1))(v, x))
+    counted = flops.count_flops(lambda v: conv.apply(v, x), v)
+  _close(got, want, 2e-5)
+  assert counted == 2 * got[0].size * kernel * kernel

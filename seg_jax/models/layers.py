@@ -130,6 +130,33 @@ def _tap_sum(x, k, dilation):
   return out
 
 
+def _depthwise_taps(x, k, stride, dilation, pad):
+  """A depthwise convolution (k: (kh, kw, 1, C), one filter per channel) as
+  a sum over its taps of strided views of the padded input times each
+  tap's per-channel weights: elementwise work XLA fuses into one pass.
+
+  Measured on CPU (lraspp_mobilenet_v3_large, 512x512 inference): XLA's
+  grouped convolution took 650 of the forward pass's 760 ms. Outside
+  `all_taps()` only: the FLOP count (of convolutions and products) sees
+  the convolution.
+  """
+  n, h, w, c = x.shape
+  kh, kw = k.shape[:2]
+  xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+  ho = (xp.shape[1] - dilation * (kh - 1) - 1) // stride + 1
+  wo = (xp.shape[2] - dilation * (kw - 1) - 1) // stride + 1
+  out = None
+  for a in range(kh):
+    for b in range(kw):
+      view = jax.lax.slice(
+          xp, (0, a * dilation, b * dilation, 0),
+          (n, a * dilation + stride * (ho - 1) + 1,
+           b * dilation + stride * (wo - 1) + 1, c), (1, stride, stride, 1))
+      part = view * k[a, b, 0]
+      out = part if out is None else out + part
+  return out
+
+
 # A dilated convolution becomes a sum of per-tap products on CPU when at
 # most this share of its (output position, tap) pairs meets the image.
 # Measured on CPU, forward + backward, 2048 -> 256 channels: ASPP rate 12
@@ -279,6 +306,9 @@ class Conv(nn.Module):
         x = x[:, ::self.stride, ::self.stride]
       return channel_dot(x, k[0, 0])
     pad = [(self.dilation * (n - 1) // 2,) * 2 for n in k.shape[:2]]
+    if (grouped and k.shape[2] == 1 and k.shape[3] == x.shape[-1] and
+        cpu_forms() and _SKIP_PADDING_TAPS[-1]):
+      return _depthwise_taps(x, k, self.stride, self.dilation, pad)
     return conv(x, k, padding=pad)
 
 
