@@ -1,13 +1,19 @@
-"""Export a trained model as StableHLO, and load it without seg_jax.
+"""Export a trained model as StableHLO or ONNX, and load it without seg_jax.
 
     python -m seg_jax.export --config=configs/x.py --workdir=DIR --out=FILE
+    python -m seg_jax.export --format=onnx --workdir=DIR --out=FILE.onnx
 
 serialises, with `jax.export`, the whole path from uint8 images
-(b, H, W, 3) to int32 label maps (b, H, W): normalisation, the model with
+(b, H, W, C) to int32 label maps (b, H, W): normalisation, the model with
 the checkpoint's weights baked in, the configured inference (scales, flip,
 sliding window) and the argmax. The batch size b is symbolic; H and W are
-fixed (default: `data.eval_pad_size`, else the crop). FILE.json records the
-input size, class names and palette.
+fixed (default: `data.eval_pad_size`, else the crop), C is data.channels
+(3: RGB). FILE.json records the input size and channels, class names and
+palette.
+
+`--format=onnx` writes the same function as an ONNX model (opset 17, the
+`[onnx]` extra; see `seg_jax.to_onnx`, which converts seg_jax's jaxpr and
+gives `load_onnx(FILE)` on ONNX Runtime).
 
 `load(FILE)` returns a function numpy images -> numpy labels; it needs only
 jax, numpy and flatbuffers (jax.export's serialiser). Importing this module
@@ -34,7 +40,7 @@ def load(path):
   """The exported model at `path` as a function.
 
   Returns:
-    (predict, meta): `predict(images)` maps uint8 (b, H, W, 3) to int32
+    (predict, meta): `predict(images)` maps uint8 (b, H, W, C) to int32
     label maps (b, H, W) for any b; `meta` is FILE.json as a dict.
   """
   with open(path, 'rb') as f:
@@ -42,20 +48,41 @@ def load(path):
   with open(path + '.json') as f:
     meta = json.load(f)
   height, width = meta['input_size']
+  channels = meta.get('channels', 3)
 
   def predict(images):
     images = np.asarray(images, np.uint8)
-    if images.ndim != 4 or images.shape[1:] != (height, width, 3):
-      raise ValueError(f'{path} takes uint8 images (b, {height}, {width}, 3);'
-                       f' got {images.shape}: resize or pad them first.')
+    if images.ndim != 4 or images.shape[1:] != (height, width, channels):
+      raise ValueError(f'{path} takes uint8 images (b, {height}, {width}, '
+                       f'{channels}); got {images.shape}: resize or pad them '
+                       'first.')
     return np.asarray(exported.call(images))
 
   return predict, meta
 
 
+def make_export_fn(model, config, spec, variables, height, width):
+  """The exported function: uint8 (b, H, W, C) -> int32 (b, H, W), the
+  predict step's own function with `variables` baked in and every image
+  valid over the whole (H, W) canvas."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from seg_jax import inference  # pylint: disable=g-import-not-at-top
+  predict_step = inference.make_predict_fn(model, config, spec)
+
+  def predict(images):  # (b, H, W, C) uint8 -> (b, H, W) int32
+    sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
+                             (images.shape[0], 2))
+    return predict_step(variables, images, sizes)
+
+  return predict
+
+
+FORMATS = ('stablehlo', 'onnx')
+
+
 def export_model(config, workdir, out, *, checkpoint='latest', size=None,
-                 evaluator='', platforms=None):
-  """Writes the StableHLO of preprocessing + model + argmax to `out`.
+                 evaluator='', platforms=None, format='stablehlo'):  # pylint: disable=redefined-builtin
+  """Writes preprocessing + model + inference + argmax to `out`.
 
   Args:
     config: the config the checkpoint was trained with.
@@ -66,17 +93,23 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
     evaluator: inference settings, a key of `eval.evaluators` (default: the
       first of `eval.in_training`).
     platforms: platforms to lower for, e.g. ('cpu', 'cuda') (default: this
-      machine's).
+      machine's); StableHLO only.
+    format: 'stablehlo' (jax.export) or 'onnx' (`seg_jax.to_onnx`).
 
   Returns:
     The meta dict written to FILE.json.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from seg_jax import data, inference, sharding  # pylint: disable=g-import-not-at-top
+  from seg_jax import data, errors, inference, sharding  # pylint: disable=g-import-not-at-top
   from seg_jax.checkpoint import restore_for_inference  # pylint: disable=g-import-not-at-top
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   height, width = transforms.pair(
       size or config.data.eval_pad_size or config.data.crop_size, '--size')
+  if format not in FORMATS:
+    raise errors.ConfigError(f'--format={format}: use one of {FORMATS}.')
+  if format == 'onnx' and platforms:
+    raise errors.ConfigError('--platforms is for --format=stablehlo; an ONNX '
+                             'model runs wherever ONNX Runtime does.')
   name = evaluator or inference.default_name(config)
   spec = inference.spec_from_config(config, name)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
@@ -84,24 +117,29 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
                                                  checkpoint)
   variables = jax.device_get(variables)  # baked into the program
   # The predict step's own function, traced into the exported program.
-  predict_step = inference.make_predict_fn(model, config, spec)
-
-  def predict(images):  # (b, H, W, 3) uint8 -> (b, H, W) int32
-    sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
-                             (images.shape[0], 2))
-    return predict_step(variables, images, sizes)
-
-  batch, = jax.export.symbolic_shape('b')
-  exported = jax.export.export(jax.jit(predict), platforms=platforms)(
-      jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8))
+  predict = make_export_fn(model, config, spec, variables, height, width)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, 'wb') as f:
-    f.write(exported.serialize())
+  if format == 'onnx':
+    from seg_jax import to_onnx  # pylint: disable=g-import-not-at-top
+    to_onnx.save(to_onnx.convert(
+        predict, (height, width, config.data.channels),
+        f'model {config.model.name}, evaluator {name}'), out)
+    written = {'format': 'onnx', 'opset': to_onnx.OPSET,
+               'output_dtype': 'int32'}
+  else:
+    batch, = jax.export.symbolic_shape('b')
+    exported = jax.export.export(jax.jit(predict), platforms=platforms)(
+        jax.ShapeDtypeStruct((batch, height, width, config.data.channels),
+                             jnp.uint8))
+    with open(out, 'wb') as f:
+      f.write(exported.serialize())
+    written = {'format': 'stablehlo', 'platforms': list(exported.platforms)}
   class_names, palette = data.class_info(config)
-  meta = {'input_size': [height, width], 'step': int(step),
+  meta = {'input_size': [height, width], 'channels': config.data.channels,
+          'step': int(step),
           'model': config.model.name, 'inference': name,
           'class_names': list(class_names), 'palette': palette.tolist(),
-          'platforms': list(exported.platforms)}
+          **written}
   with open(out + '.json', 'w') as f:
     json.dump(meta, f, indent=1)
   return meta
@@ -120,7 +158,12 @@ def _define_flags():
   flags.DEFINE_list('size', [], 'Input height,width (default: '
                     'data.eval_pad_size, else data.crop_size).')
   flags.DEFINE_list('platforms', [], "Lower for these platforms, e.g. "
-                    "cpu,cuda,tpu (default: this machine's).")
+                    "cpu,cuda,tpu (default: this machine's; StableHLO "
+                    'only).')
+  flags.DEFINE_enum('format', 'stablehlo', list(FORMATS),
+                    'stablehlo: jax.export, loaded with export.load; onnx: '
+                    'an ONNX model (opset 17) for ONNX Runtime, loaded with '
+                    'to_onnx.load_onnx (needs the [onnx] extra).')
   flags.mark_flags_as_required(['out'])
   return flags.FLAGS
 
@@ -144,9 +187,12 @@ def main(argv):
   meta = export_model(f.config, f.workdir, f.out, checkpoint=f.checkpoint,
                       size=_size_flag(f.size),
                       evaluator=cli.inference_names(f.config, one=True)[0],
-                      platforms=tuple(f.platforms) or None)
+                      platforms=tuple(f.platforms) or None,
+                      format=f.format)
+  target = (f'opset={meta["opset"]}' if f.format == 'onnx' else
+            f'platforms={",".join(meta["platforms"])}')
   print(f'Exported: step={meta["step"]} input={meta["input_size"]} '
-        f'platforms={",".join(meta["platforms"])} -> {f.out} '
+        f'format={f.format} {target} -> {f.out} '
         f'({os.path.getsize(f.out) / 2**20:.1f} MiB)', flush=True)
 
 

@@ -29,7 +29,8 @@ LAYERS = (
     ('validate',),
     ('train',),
     ('cli', 'main', 'evaluate', 'predict', 'export', 'summary', 'bench',
-     'data.check', 'data.to_folder', 'data.bench', 'data.samples'),
+     'data.check', 'data.to_folder', 'data.bench', 'data.samples',
+     'to_onnx'),
 )
 PACKAGE = os.path.join(REPO, 'seg_jax')
 
