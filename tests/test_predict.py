@@ -270,3 +270,33 @@ def test_evaluation_with_crf_counts_the_refined_predictions(run,
     keep = ex['label'] != 255
     np.add.at(confusion, (ex['label'][keep], pred[keep]), 1)
   np.testing.assert_array_equal(result.confusion, confusion)
+
+
+def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):
+  """The real-time video model end to end on a 360x480 clip: the overlay
+  video has the input's frames, rate and size (the frame rate itself is
+  measured by benchmarks/video_fps.py, docs/evaluate.md)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from seg_jax import models  # pylint: disable=g-import-not-at-top
+  from configs import lraspp_mobilenet_v3_large_voc  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'video_fps', os.path.join(REPO, 'benchmarks', 'video_fps.py'))
+  video_fps = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(video_fps)
+  video = str(tmp_path / 'in.mp4')
+  video_fps.write_video(video, 9, 360, 480, rate=15)
+  config = lraspp_mobilenet_v3_large_voc.get_config()
+  config.model.kwargs = {'width': 0.25}
+  model = models.create_model('lraspp_mobilenet_v3_large', 21, width=0.25)
+  variables = jax.jit(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+  predictor = predict.Predictor(config, model, variables,
+                                inference.spec_from_config(config, 'whole'), 4)
+  outputs = predict.Outputs(str(tmp_path / 'out'), np.zeros((21, 3),
+                                                            np.uint8), [], 0.5)
+  assert predict.predict_video(video, 'clip', predictor, outputs) == 9
+  frames_in, rate_in = _decode(video)
+  frames_out, rate_out = _decode(str(tmp_path / 'out' / 'clip_overlay.mp4'))
+  assert len(frames_out) == len(frames_in) == 9
+  assert rate_out == rate_in == 15
+  assert frames_out[0].shape == frames_in[0].shape == (360, 480, 3)
