@@ -35,31 +35,35 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def _register_for_caller(names):
+  """Makes flags `names` key flags of the CLI module that called the
+  function calling this, so that its --help lists them."""
+  module = sys._getframe(2).f_globals.get('__name__')  # pylint: disable=protected-access
+  module = sys.argv[0] if module == '__main__' else module
+  for name in names:
+    flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
+
+
 def define_run_flags(config_help, workdir_help):
   """--config (a configs/*.py, overridable; default: the run folder's
   stored config.json), --workdir and the multi-process flags
   (`define_distributed_flags`): the flags of the CLIs that work on a
   training run's folder. They are key flags of the calling CLI, so its
   --help lists them."""
-  module = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
-  module = sys.argv[0] if module == '__main__' else module
   config_flags.DEFINE_config_file(
       'config', None, f'{config_help} Default: the config.json that '
       f'training wrote into --workdir. {CONFIG_KEYS_HELP}', lock_config=True)
   flags.DEFINE_string('workdir', None, workdir_help)
   define_distributed_flags()
   flags.mark_flags_as_required(['workdir'])
-  for name in ('config', 'workdir', 'distributed', 'coordinator_address',
-               'num_processes', 'process_id'):
-    flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
+  _register_for_caller(('config', 'workdir', 'distributed',
+                        'coordinator_address', 'num_processes', 'process_id'))
 
 
 def define_inference_flags(crf=True):
   """--checkpoint, --evaluator (with --evaluators as its alias), --tta and
   (with `crf`) --crf: the inference flags evaluate, predict and export
   share; `inference_names` reads them. Key flags of the calling CLI."""
-  module = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
-  module = sys.argv[0] if module == '__main__' else module
   flags.DEFINE_string('checkpoint', 'latest', "'latest', 'best' (the "
                       'highest validation mIoU kept) or a step number.')
   flags.DEFINE_list('evaluator', [], 'Inference settings: keys of '
@@ -74,8 +78,7 @@ def define_inference_flags(crf=True):
     flags.DEFINE_bool('crf', False, 'Refine every prediction with the dense '
                       'CRF (settings: config.crf).')
     names.append('crf')
-  for name in names:
-    flags.FLAGS.register_flag_by_module(module, flags.FLAGS[name])
+  _register_for_caller(names)
 
 
 def inference_names(config, one=False):
