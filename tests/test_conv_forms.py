@@ -287,7 +287,8 @@ def test_conv_bn_epsilon_and_momentum_folded_and_trained(groups):
 
 @pytest.mark.parametrize('hw, kernel, stride, dilation', [
     ((13, 11), 3, 1, 1), ((13, 11), 3, 2, 1), ((14, 9), 5, 2, 1),
-    ((12, 12), 3, 1, 2), ((9, 7), 5, 1, 1)])
+    ((12, 12), 3, 1, 2), ((9, 7), 5, 1, 1), ((10, 8), 3, 2, 1),
+    ((4, 5), 3, 1, 4)])
 def test_depthwise_taps_equal_the_grouped_convolution(hw, kernel, stride,
                                                       dilation):
   """On CPU a depthwise convolution is a sum of strided views times each
@@ -306,3 +307,32 @@ def test_depthwise_taps_equal_the_grouped_convolution(hw, kernel, stride,
     counted = flops.count_flops(lambda v: conv.apply(v, x), v)
   _close(got, want, 2e-5)
   assert counted == 2 * got[0].size * kernel * kernel
+
+
+@pytest.mark.parametrize('hw, kernel, stride, dilation, pad', [
+    ((7, 6), 3, 2, 3, ((3, 3), (3, 3))), ((3, 4), 3, 1, 5, ((5, 5), (5, 5))),
+    ((9, 8), 3, 2, 1, ((0, 1), (2, 0))), ((8, 9), 5, 2, 1, ((2, 2), (1, 2))),
+    ((6, 6), 5, 1, 2, ((4, 4), (4, 4))), ((5, 7), 2, 1, 1, ((0, 1), (1, 0)))])
+def test_depthwise_tap_forms_with_padding_only_taps(hw, kernel, stride,
+                                                    dilation, pad):
+  """Both forms of `_depthwise_taps` (3x3 and smaller: per-tap padded
+  views; larger: views of one padded copy) against the grouped
+  convolution, values and gradients, with taps that meet only padding,
+  uneven padding and strides that skip the last rows."""
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 6)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+
+  def plain(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (stride, stride), pad, rhs_dilation=(dilation, dilation),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=6)
+
+  def ours(x, k):
+    return layers._depthwise_taps(x, k, stride, dilation, pad)  # pylint: disable=protected-access
+
+  loss = lambda f, x, k: jnp.sum(jnp.sin(f(x, k)))
+  want = (plain(x, k), jax.grad(loss, (1, 2))(plain, x, k))
+  got = (ours(x, k), jax.grad(loss, (1, 2))(ours, x, k))
+  assert got[0].shape == want[0].shape
+  _close(got, want, 2e-5)
