@@ -2,6 +2,7 @@
 products, torch's convention, scans counted per iteration) and the CLI's
 report."""
 
+import re
 import subprocess
 import sys
 
@@ -142,3 +143,33 @@ def test_infer_mode_counts_the_forward_pass(tiny_config):
   np.testing.assert_allclose(r['flops'], 8 * per_image, rtol=1e-9)
   np.testing.assert_allclose(r['images_per_sec'], 8 / r['step_s'])
   assert r['runs_s'] == [r['step_s']] and r['compile_s'] > 0
+
+
+def test_profile_ops_lists_the_step_operations_and_their_kinds():
+  """benchmarks/profile_ops.py on the tiny config (8 devices): the wall
+  time, the top operations (each a named operation of the compiled step,
+  with its output shape) and per-kind times that add up to the total of
+  operations."""
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/profile_ops.py',
+       '--config=configs/unet_shapes_tiny.py', '--steps=2', '--top=5'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  head = re.fullmatch(r'configs/unet_shapes_tiny.py train: ([\d.]+) ms a step '
+                      r'\(wall\), ([\d.]+) ms of operations, [\d.]+ ms of '
+                      r'runtime events', lines[0])
+  assert head, lines[0]
+  assert float(head.group(1)) > 0
+  top = lines[1:lines.index('by kind:')]
+  assert len(top) == 5
+  for line in top:
+    ms, unit, name, shape = line.split()[:4]
+    assert float(ms) >= 0 and unit == 'ms' and re.fullmatch(r'[\w.-]+', name)
+    assert re.match(r'\(?[a-z]+\d*\[', shape), line
+  kinds = [l.split(maxsplit=2) for l in lines[lines.index('by kind:') + 1:]]
+  assert {k[2] for k in kinds} <= {
+      'YNNPACK products/convolutions', "XLA's convolutions",
+      'transposes/copies', 'reductions', 'other elementwise'}
+  np.testing.assert_allclose(sum(float(k[0]) for k in kinds),
+                             float(head.group(2)), atol=0.05 * len(kinds))
