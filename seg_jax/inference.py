@@ -4,7 +4,9 @@ The whole (padded) image in one pass, overlapping sliding windows whose
 logits are averaged, and test-time augmentation over scales and horizontal
 flips, merged at the original resolution. Batches carry each example's
 original 'size', so images of different sizes padded into one static batch
-shape are resized, flipped and tiled within their own extent. The settings
+shape are resized, flipped and tiled within their own extent, and the
+model sees each canvas beyond its image filled with the image's mirror
+image (`mirror_beyond`), not the padding. The settings
 are named in `config.eval.evaluators`; `spec_from_config` is the one reader
 of them, for evaluation, prediction and export alike.
 """
@@ -172,6 +174,31 @@ def resize_within(x, sizes, new_sizes, shape, antialias):
   return jnp.where(inside, values / jnp.where(inside, weight, 1.0), 0.0)
 
 
+def mirror_beyond(x, sizes):
+  """Fills each example's canvas beyond its valid (h, w) with the region's
+  mirror image (numpy's 'reflect', repeated where the canvas is more than
+  twice the region), so the model sees image content, never a padded band.
+
+  Measured (U-Net on CamVid, 360x480 val frames on a 368x480 canvas,
+  evaluated at scales 0.5-0.75): with the canvas's band of mean pixels
+  the val mIoU swung between 43.2 and 48.0 with the band's height at each
+  scale; mirrored, it stays within 47.1-47.7, as on the frames alone
+  (47.3-47.9; docs/results.md).
+  """
+  h, w = x.shape[1:3]
+
+  def index(n, size):
+    r = jnp.arange(n)
+    period = jnp.maximum(2 * (size - 1), 1)
+    m = r % period
+    return jnp.where(m < size, m, period - m)
+
+  def one(xi, size):
+    return xi[index(h, size[0])][:, index(w, size[1])]
+
+  return jax.vmap(one)(x, sizes)
+
+
 def flip_within(x, sizes):
   """Mirrors each example's valid columns [0, w_i) in place; padding stays."""
   w = x.shape[2]
@@ -278,6 +305,7 @@ def infer_logits(apply_fn, x, sizes, spec):
       xs = resize_within(x, sizes, sizes_s, shape, antialias=True)
     for flip in (False, True) if spec.flip else (False,):
       xf = flip_within(xs, sizes_s) if flip else xs
+      xf = mirror_beyond(xf, sizes_s)
       if spec.mode == 'slide':
         out = slide_logits(apply_fn, xf, sizes_s, spec.window, spec.stride)
       else:

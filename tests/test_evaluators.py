@@ -79,13 +79,64 @@ def test_slide_windows_and_averaging_match_numpy():
                                atol=1e-6, err_msg=f'example {i}')
 
 
+def _mirror_np(a, sizes):
+  """Each example's canvas beyond its valid region filled by numpy's
+  'reflect' padding of the region."""
+  out = a.copy()
+  for i, (h, w) in enumerate(sizes):
+    rows = np.pad(np.arange(h), (0, a.shape[1] - h), mode='reflect')
+    cols = np.pad(np.arange(w), (0, a.shape[2] - w), mode='reflect')
+    out[i] = a[i][rows][:, cols]
+  return out
+
+
+@pytest.mark.parametrize('sizes', [[[5, 7], [1, 3], [2, 1]],
+                                   [[4, 2], [5, 7], [3, 3]]])
+def test_mirror_beyond_is_numpy_reflect_padding_of_each_region(sizes):
+  """Rows and columns beyond (h, w) mirror the region about its last row
+  and column, repeated where the canvas is more than twice the region (a
+  one-pixel region repeats its pixel); the region is unchanged."""
+  x = np.asarray(_images(3, 5, 7, seed=6))
+  got = np.asarray(inference.mirror_beyond(jnp.asarray(x),
+                                           jnp.asarray(sizes, jnp.int32)))
+  np.testing.assert_array_equal(got, _mirror_np(x, sizes))
+  for i, (h, w) in enumerate(sizes):
+    np.testing.assert_array_equal(got[i, :h, :w], x[i, :h, :w])
+  if sizes[1] == [1, 3]:  # by hand: columns 0 1 2 1 0 1 2 of row 0
+    np.testing.assert_array_equal(
+        got[1], np.broadcast_to(x[1, 0, [0, 1, 2, 1, 0, 1, 2]], (5, 7, 3)))
+
+
+def test_predictions_do_not_depend_on_the_canvas_around_an_image():
+  """A model that reflect-pads its own 3x3 filter gives the same logits for
+  an image alone and for the image padded into a larger canvas with any
+  padding values (whole and flip inference): beyond the image the model
+  sees the image's mirror, not the padding."""
+  kernel = jnp.asarray(np.random.default_rng(7).normal(size=(3, 3, 3, 2)),
+                       jnp.float32)
+
+  def apply_fn(x):
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  image = np.asarray(_images(1, 13, 9, seed=8))
+  canvas = np.full((1, 20, 16, 3), 50.0, np.float32)
+  canvas[:, :13, :9] = image
+  for spec in (InferenceSpec(), InferenceSpec(flip=True)):
+    alone = _infer(apply_fn, jnp.asarray(image), [[13, 9]], spec)
+    padded = _infer(apply_fn, jnp.asarray(canvas), [[13, 9]], spec)
+    np.testing.assert_allclose(padded[:, :13, :9], alone, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_flip_tta_averages_the_flipped_pass(tiny_model):
   apply_fn = _apply_fn(tiny_model)
   x, sizes = _images(2, 32, 32, seed=2), [[32, 32], [27, 19]]
   got = _infer(apply_fn, x, sizes, InferenceSpec(flip=True))
-  plain = np.asarray(apply_fn(x))
-  flipped = _flip_np(np.asarray(apply_fn(jnp.asarray(
-      _flip_np(np.asarray(x), sizes)))), sizes)
+  plain = np.asarray(apply_fn(jnp.asarray(_mirror_np(np.asarray(x), sizes))))
+  flipped = _flip_np(np.asarray(apply_fn(jnp.asarray(_mirror_np(
+      _flip_np(np.asarray(x), sizes), sizes)))), sizes)
   for i, (h, w) in enumerate(sizes):
     np.testing.assert_allclose(got[i, :h, :w],
                                (plain[i, :h, :w] + flipped[i, :h, :w]) / 2,
