@@ -12,7 +12,9 @@ comes from) and the time per kind: library products and convolutions
 reductions, other elementwise work. On CPU the times are summed over the
 thunk executor's threads, so their total can exceed the wall time when
 operations run side by side; events of the runtime on those threads
-(waits between devices) are summed apart. Not part of the installed package: a
+(waits between devices) are summed apart. Times are summed over devices
+too: profile on one device (the default on a CPU machine) to read them
+as a step's. Not part of the installed package: a
 measuring tool.
 """
 
@@ -108,7 +110,7 @@ def main():
         f'{per_step(sum(ops.values())):.1f} ms of operations, '
         f'{per_step(runtime):.1f} ms of runtime events')
   for name, ns in ops.most_common(args.top):
-    line = lines.get(name, '')
+    line = lines[name]
     shape = re.search(r'= (\([^)]*\)|\S+) ', line)
     shape = shape.group(1).replace(' ', '') if shape else ''
     layer = re.search(r'op_name="([^"]*)"', line)
@@ -116,7 +118,7 @@ def main():
           f'{layer.group(1)[-80:] if layer else ""}')
   kinds = collections.Counter()
   for name, ns in ops.items():
-    kinds[_kind(name, lines.get(name, ''))] += ns
+    kinds[_kind(name, lines[name])] += ns
   print('by kind:')
   for kind, ns in kinds.most_common():
     print(f'{per_step(ns):8.1f} ms  {kind}')
