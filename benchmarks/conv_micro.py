@@ -20,12 +20,11 @@ Not part of the installed package: a measuring tool.
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import median_seconds  # benchmarks/common.py
 
 from seg_jax.models import layers
 
@@ -62,13 +61,7 @@ def flops(b, h, w, ci, co, k, s, d):
 
 
 def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _xla_conv(s, d, k):
@@ -138,16 +131,6 @@ def torch_passes(x, w, s, d, k):
   return {'fwd': fwd, 'dgrad': dgrad, 'wgrad': wgrad}
 
 
-def _time_torch(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--torch', action='store_true')
@@ -171,7 +154,7 @@ def main():
            for p, f, a in passes(_xla_conv(s, d, k), x, w)}
     seg = {p: _time(f, a, args.repeats)
            for p, f, a in passes(_layers_conv(co, k, s, d), x, w)}
-    tor = ({p: _time_torch(f, args.repeats)
+    tor = ({p: median_seconds(f, args.repeats)
             for p, f in torch_passes(x, w, s, d, k).items()}
            if args.torch else {})
     for p in ('fwd', 'dgrad', 'wgrad'):

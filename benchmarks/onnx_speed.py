@@ -15,28 +15,16 @@ the installed package: a measuring tool.
 
 import argparse
 import os
-import runpy
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
+from common import get_config, median_seconds  # benchmarks/common.py
 
 CONFIGS = ('configs/unet_camvid.py', 'configs/fcn_resnet50_voc.py',
            'configs/deeplabv3_resnet50_voc.py',
            'configs/deeplabv3_mobilenet_v3_large_voc.py',
            'configs/lraspp_mobilenet_v3_large_voc.py')
-
-
-def _median(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -54,7 +42,7 @@ def main():
   image = np.random.default_rng(0).integers(0, 256, (1, h, w, 3), np.uint8)
   sizes = np.array([[h, w]], np.int32)
   for path in args.configs.split(','):
-    config = runpy.run_path(path)['get_config']()
+    config = get_config(path)
     config.data.name, config.data.val_split = 'shapes', ''
     config.model.num_classes = 5
     config.model.init_from = ''
@@ -75,8 +63,8 @@ def main():
       step = inference.make_predict_step(
           model, config, inference.spec_from_config(config, 'whole'))
       ours = lambda: np.asarray(step(variables, image, sizes))
-      t_ort = _median(lambda: ort(image), args.repeats)
-      t_jax = _median(ours, args.repeats)
+      t_ort = median_seconds(lambda: ort(image), args.repeats)
+      t_jax = median_seconds(ours, args.repeats)
       agree = float(np.mean(ort(image) == ours()))
     print(f'{config.model.name} {h}x{w}: ONNX Runtime {1e3 * t_ort:.0f} ms, '
           f'seg_jax {1e3 * t_jax:.0f} ms per image (labels agree on '

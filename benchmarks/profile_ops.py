@@ -21,11 +21,11 @@ measuring tool.
 import argparse
 import collections
 import glob
-import os
 import re
-import runpy
 import sys
 import tempfile
+
+from common import get_config  # benchmarks/common.py
 
 
 def _kind(name, hlo_line):
@@ -65,15 +65,12 @@ def main():
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--top', type=int, default=30)
   args = parser.parse_args()
-  # configs/*.py import the configs package from the repository root.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(sys.argv[:1])
   import jax  # pylint: disable=g-import-not-at-top
   from seg_jax import bench, sharding  # pylint: disable=g-import-not-at-top
 
-  config = bench.configure(runpy.run_path(args.config)['get_config'](),
+  config = bench.configure(get_config(args.config),
                            args.batch, args.crop.split(',') if args.crop
                            else ())
   step, step_args = bench.build(config, sharding.create_mesh(), args.mode)

@@ -15,11 +15,11 @@ input's. Not part of the installed package: a measuring tool.
 
 import argparse
 import os
-import runpy
 import sys
 import time
 
 import numpy as np
+from common import get_config  # benchmarks/common.py
 
 
 def write_video(path, frames, height, width, rate=30):
@@ -59,7 +59,7 @@ def main():
                        train)
   del crf
   h, w = (int(v) for v in args.size.split(','))
-  config = runpy.run_path(args.config)['get_config']()
+  config = get_config(args.config)
   config.data.name, config.data.val_split = 'shapes', ''
   config.model.num_classes = 5
   config.model.init_from = ''
