@@ -19,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-from common import get_config  # benchmarks/common.py
 
 
 def write_video(path, frames, height, width, rate=30):
@@ -59,6 +58,8 @@ def main():
                        train)
   del crf
   h, w = (int(v) for v in args.size.split(','))
+  # benchmarks/common.py; imported here so tests can load write_video alone.
+  from common import get_config  # pylint: disable=g-import-not-at-top
   config = get_config(args.config)
   config.data.name, config.data.val_split = 'shapes', ''
   config.model.num_classes = 5
