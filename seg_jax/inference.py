@@ -329,8 +329,9 @@ def make_predict_fn(model, config, spec, with_logits=False):
 
   def predict(variables, images, sizes):
     x = normalize(images, config.data.mean, config.data.std)
-    logits = infer_logits(lambda v: model.apply(variables, v, train=False),
-                          x, sizes, spec)
+    with layers.direct_convolutions():
+      logits = infer_logits(lambda v: model.apply(variables, v, train=False),
+                            x, sizes, spec)
     predicted = jnp.argmax(logits, -1).astype(jnp.int32)
     return (predicted, logits) if with_logits else predicted
 

@@ -336,3 +336,99 @@ def test_depthwise_tap_forms_with_padding_only_taps(hw, kernel, stride,
   got = (ours(x, k), jax.grad(loss, (1, 2))(ours, x, k))
   assert got[0].shape == want[0].shape
   _close(got, want, 2e-5)
+
+
+def _direct(x, k, dilation):
+  return jax.lax.conv_general_dilated(
+      x, k, (1, 1), [(dilation, dilation)] * 2,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('hw, dilation', [
+    ((8, 8), 1),  # whole tiles
+    ((13, 11), 1),  # odd sizes: the last tiles half outside
+    ((1, 1), 1),  # one pixel: every tap but the centre meets padding
+    ((13, 11), 3),  # dilated: interleaved tiles, partial last chunks
+    ((16, 16), 4),  # OS 8's layer4 at a 128x128 crop
+    ((5, 9), 2),
+    ((7, 7), 5),  # most of the kernel meets padding
+])
+def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
+  """Winograd's F(2x2, 3x3): the direct convolution's values, input and
+  kernel gradients (float32 tolerance), for odd sizes, dilations that
+  leave partial tiles and single pixels."""
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, dilation)))
+  _close((layers.winograd_conv(x, k, dilation),
+          jax.grad(loss(layers.winograd_conv), (0, 1))(x, k)),
+         (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)))
+
+
+def test_conv_runs_winograd_in_training_and_direct_in_inference():
+  """`layers.Conv` takes the Winograd form for a 64-channel 3x3 on CPU: the
+  same values and gradients as nn.Conv; the inference steps (inside
+  `direct_convolutions()`) and the FLOP count (`all_taps()`) see the
+  convolution."""
+  x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 10, 12, 64)),
+                  jnp.float32)
+  ours = layers.Conv(64, 3, dilation=2)
+  ref = nn.Conv(64, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=2,
+                use_bias=False)
+  v = ours.init(jax.random.key(0), x)
+  loss = lambda m, v: jnp.sum(jnp.sin(m.apply(v, x)))
+  _close((ours.apply(v, x), jax.grad(loss, 1)(ours, v)),
+         (ref.apply(v, x), jax.grad(loss, 1)(ref, v)))
+  ops = lambda: str(jax.make_jaxpr(lambda v: ours.apply(v, x))(v))
+  assert 'dot_general' in ops() and 'conv_general_dilated' not in ops()
+  with layers.direct_convolutions():
+    assert 'conv_general_dilated' in ops() and 'dot_general' not in ops()
+  with layers.all_taps():
+    assert 'conv_general_dilated' in ops()
+    assert flops.count_flops(lambda v: ours.apply(v, x), v) == (
+        2 * 2 * 10 * 12 * 64 * 64 * 9)
+
+
+@pytest.mark.parametrize('shape, features, dilation, dtype, expected', [
+    ((4, 32, 32, 64), 64, 1, jnp.float32, True),  # ResNet layer1, 128 crop
+    ((4, 16, 16, 512), 512, 4, jnp.float32, True),  # layer4, dilated
+    ((4, 16, 16, 2048), 512, 1, jnp.float32, True),  # FCN's head
+    ((4, 64, 64, 2048), 256, 12, jnp.float32, False),  # ASPP: 8x in/out
+    ((8, 176, 240, 16), 16, 1, jnp.float32, False),  # U-Net's first stage
+    ((8, 88, 120, 32), 32, 1, jnp.float32, False),
+    ((4, 32, 32, 64), 64, 1, jnp.bfloat16, False),
+    ((4, 16, 16, 256), 256, 12, jnp.float32, False),  # tiles mostly padding
+    ((4, 65, 65, 256), 256, 2, jnp.float32, True),  # 68x68 of tiles: 9%
+])
+def test_winograd_applies_where_measured_faster(shape, features, dilation,
+                                                dtype, expected):
+  assert layers.winograd_applies(shape, features, dilation,
+                                 dtype) is expected
+  with layers.direct_convolutions():
+    assert not layers.winograd_applies(shape, features, dilation, dtype)
+
+
+def test_inference_steps_trace_no_winograd(monkeypatch, tiny_config):
+  """The predict step (predict, export, bench --mode=infer) and the
+  evaluation step run XLA's convolutions; the train step the Winograd
+  form."""
+  from seg_jax import inference, models  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = layers.winograd_conv
+  monkeypatch.setattr(layers, 'winograd_conv',
+                      lambda *a: calls.append(1) or real(*a))
+  model = models.create_model('fcn_resnet50', 3, width=16)  # layer3: 64
+  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  v = model.init(jax.random.key(0), x, train=False)
+  calls.clear()
+  predict = inference.make_predict_fn(model, tiny_config,
+                                      inference.InferenceSpec())
+  jax.make_jaxpr(predict)(v, jnp.zeros((1, 32, 32, 3), jnp.uint8),
+                          jnp.array([[32, 32]]))
+  assert not calls
+  jax.make_jaxpr(lambda v: model.apply(
+      v, x, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(1)}))(v)
+  assert calls

@@ -192,6 +192,182 @@ def _channel_dot_bwd(res, g):
 channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
 
 
+# Winograd's minimal filtering F(2 x 2, 3 x 3) (Lavin & Gray, 2016): each
+# 2 x 2 tile of outputs from a 4 x 4 tile of inputs through 16 independent
+# channel products instead of 36, with the input transform B^T, the kernel
+# transform G and the output transform A^T (interpolation points 0, +-1 and
+# infinity; every coefficient 0, +-1 or +-1/2). The code takes any
+# F(m x m, 3 x 3) table: F(4 x 4, 3 x 3) (36 products per 4 x 4 tile) was
+# measured no faster in the ResNet train steps (fcn_resnet50, batch 4,
+# 256x256: 3.31-3.38 s a step against F(2 x 2)'s 3.25-3.43 s), slower on
+# small maps and 10x less accurate in float32.
+_WINOGRAD_M = 2
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(mat, parts, place=None):
+  """sum_i mat[:, i] * parts[i] in one elementwise pass, the rows of `mat`
+  stacked on a new leading axis; with `place` (axis, size), row r is put
+  at index r of a new axis at `axis` instead."""
+  mat = np.asarray(mat, np.float64)
+  out = None
+  for i, part in enumerate(parts):
+    col = mat[:, i]
+    if not col.any():
+      continue
+    if place is None:
+      term = jnp.asarray(col, part.dtype).reshape(
+          (-1,) + (1,) * part.ndim) * part[None]
+    else:
+      shape = [1] * (part.ndim + 1)
+      shape[place[0]] = col.size
+      term = jnp.expand_dims(part, place[0]) * jnp.asarray(
+          col, part.dtype).reshape(shape)
+    out = term if out is None else out + term
+  return out
+
+
+def _overlap_add(parts, m, axis):
+  """sum_i parts[i] put at index i % m of a new axis at `axis`."""
+  onehot = np.zeros((m, len(parts)))
+  onehot[np.arange(len(parts)) % m, np.arange(len(parts))] = 1
+  return _combine(onehot, parts, place=(axis, m))
+
+
+def _winograd_tiles(x_shape, d):
+  """(n, h, w, tiles down, tiles across) of a dilation-d convolution."""
+  n, h, w, _ = x_shape
+  m = _WINOGRAD_M
+  return n, h, w, -(-h // (m * d)), -(-w // (m * d))
+
+
+def _winograd_forward(x, k, d):
+  m, alpha = _WINOGRAD_M, _WINOGRAD_M + 2
+  n, h, w, th, tw = _winograd_tiles(x.shape, d)
+  c, f = k.shape[2:]
+  # With dilation d, a tile's outputs are every d-th row of m d rows (d
+  # interleaved tiles), and its input row i is chunk t m + i of the input
+  # padded by d, a chunk being d rows: group t + i // m, place i % m of
+  # the input reshaped to (groups of m chunks, m d rows). Likewise across.
+  xp = jnp.pad(x, ((0, 0), (d, (th + 1) * m * d - h - d),
+                   (d, (tw + 1) * m * d - w - d), (0, 0)))
+  xr = xp.reshape(n, th + 1, m * d, tw + 1, m * d, c)
+  rows = _combine(_WINOGRAD_BT, [
+      xr[:, i // m:i // m + th, i % m * d:(i % m + 1) * d]
+      for i in range(alpha)])
+  v = _combine(_WINOGRAD_BT, [
+      rows[..., j // m:j // m + tw, j % m * d:(j % m + 1) * d, :]
+      for j in range(alpha)])
+  v = v.reshape(alpha * alpha, -1, c)  # (across b, down a), tile, c
+  u = _combine(_WINOGRAD_G, [k[i] for i in range(3)])
+  u = _combine(_WINOGRAD_G, [u[:, j] for j in range(3)])
+  u = u.reshape(alpha * alpha, c, f)
+  prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
+  prod = prod.reshape(alpha, alpha, n, th, d, tw, d, f)
+  y = _combine(_WINOGRAD_AT, [prod[:, a] for a in range(alpha)],
+               place=(3, m))
+  y = _combine(_WINOGRAD_AT, [y[b] for b in range(alpha)], place=(5, m))
+  y = y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
+  return y, v, u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv(x, k, dilation):
+  """3x3 stride-1 'same' convolution (x NHWC, k HWIO) of this dilation by
+  Winograd's F(2 x 2, 3 x 3): the direct convolution's function in exact
+  arithmetic, in float32 within about 1e-6 of the output's scale. The
+  gradients are the transposed transforms around the backward pass's two
+  products (a custom VJP: autodiff of the forward pass was slower)."""
+  return _winograd_forward(x, k, dilation)[0]
+
+
+def _winograd_fwd(x, k, dilation):
+  y, v, u = _winograd_forward(x, k, dilation)
+  return y, (v, u, x.shape)
+
+
+def _winograd_bwd(d, res, dy):
+  v, u, x_shape = res
+  m, alpha = _WINOGRAD_M, _WINOGRAD_M + 2
+  n, h, w, th, tw = _winograd_tiles(x_shape, d)
+  c, f = u.shape[1:]
+  a_mat, b_mat, g_t = (np.asarray(t, np.float64).T for t in (
+      _WINOGRAD_AT, _WINOGRAD_BT, _WINOGRAD_G))
+  dy = jnp.pad(dy, ((0, 0), (0, th * m * d - h), (0, tw * m * d - w), (0, 0)))
+  dy = dy.reshape(n, th, m, d, tw, m, d, f)
+  dprod = _combine(a_mat, [dy[:, :, j] for j in range(m)])
+  dprod = _combine(a_mat, [dprod[..., j, :, :] for j in range(m)])
+  dprod = dprod.reshape(alpha * alpha, -1, f)
+  dv = jax.lax.dot_general(dprod, u, (((2,), (2,)), ((0,), (0,))))
+  du = jax.lax.dot_general(v, dprod, (((1,), (1,)), ((0,), (0,))))
+  du = du.reshape(alpha, alpha, c, f)
+  dk = _combine(g_t, [du[b] for b in range(alpha)])  # (kw, a, c, f)
+  dk = _combine(g_t, [dk[:, a] for a in range(alpha)])  # (kh, kw, c, f)
+  # The input: B's transpose, each tile's chunks added back in place.
+  dv = dv.reshape(alpha, alpha, n, th, d, tw, d, c)
+  across = _combine(b_mat, [dv[b] for b in range(alpha)])
+  across = _overlap_add(
+      [jnp.pad(across[j], ((0, 0),) * 4 + ((j // m, 1 - j // m),) +
+               ((0, 0),) * 2) for j in range(alpha)], m, axis=5)
+  down = _combine(b_mat, [across[a] for a in range(alpha)])
+  dx = _overlap_add(
+      [jnp.pad(down[i], ((0, 0), (i // m, 1 - i // m)) + ((0, 0),) * 5)
+       for i in range(alpha)], m, axis=2)
+  dx = dx.reshape(n, (th + 1) * m * d, (tw + 1) * m * d, c)
+  return dx[:, d:d + h, d:d + w], dk.astype(u.dtype)
+
+
+winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+_DIRECT_CONVOLUTIONS = [False]
+
+
+@contextlib.contextmanager
+def direct_convolutions():
+  """Within this context, `Conv` leaves its 3x3 convolutions to XLA (no
+  Winograd): what the inference steps trace. They are compiled with XLA's
+  own convolution kernels (`compiler_options`), whose forward pass the
+  Winograd form did not clearly beat (with it wherever it applies in
+  training: fcn_resnet50 at 512x512 0.76 -> 0.70 s, deeplabv3_resnet50
+  0.93 -> 0.90 s, within this machine's noise; slower for DeepLab's ASPP
+  and on maps its tiles do not divide)."""
+  _DIRECT_CONVOLUTIONS.append(True)
+  try:
+    yield
+  finally:
+    _DIRECT_CONVOLUTIONS.pop()
+
+
+# Winograd applies to a 3x3 convolution with at least this many input and
+# output channels. Measured on CPU, train steps: fcn_resnet50, batch 4,
+# 128x128, 1.04-1.09 -> 0.75-0.76 s; 256x256 4.56 -> 3.25-3.43 s;
+# deeplabv3_resnet50 0.94 -> 0.84 s and 4.10 -> 3.63 s. The U-Net's 16-
+# and 32-channel convolutions at 88x120-176x240 ran 3-5x slower as
+# Winograd (the transforms' memory traffic outweighs the products saved),
+# its 64-256-channel ones no faster (the step 0.69 s either way).
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd_applies(x_shape, features, dilation, dtype):
+  """Whether a 3x3 stride-1 'same' convolution of this float input (NHWC)
+  runs as `winograd_conv` on CPU: float32, at least
+  `WINOGRAD_MIN_CHANNELS` channels in and out, at most 4x as many in as
+  out (DeepLab's ASPP, 2048 -> 256 channels, spends more on the input's
+  transform than it saves), the tiles' padding at most 30% of the map
+  (large dilations), outside `direct_convolutions()` and `all_taps()`."""
+  n, h, w, th, tw = _winograd_tiles(x_shape, dilation)
+  del n
+  c = x_shape[-1]
+  area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
+  return (cpu_forms() and dtype == jnp.float32 and _SKIP_PADDING_TAPS[-1] and
+          not _DIRECT_CONVOLUTIONS[-1] and
+          min(c, features) >= WINOGRAD_MIN_CHANNELS and c <= 4 * features and
+          area <= 1.3 * h * w)
+
+
 def cpu_forms():
   """Whether the CPU formulations below are used: on the CPU backend only,
   where they were measured (benchmarks/conv_micro.py, BENCHMARKS.md)."""
@@ -305,6 +481,9 @@ class Conv(nn.Module):
       if self.stride > 1:
         x = x[:, ::self.stride, ::self.stride]
       return channel_dot(x, k[0, 0])
+    if (k.shape[:2] == (3, 3) and self.stride == 1 and not grouped and
+        winograd_applies(x.shape, self.features, self.dilation, x.dtype)):
+      return winograd_conv(x, k, self.dilation)
     pad = [(self.dilation * (n - 1) // 2,) * 2 for n in k.shape[:2]]
     if (grouped and k.shape[2] == 1 and k.shape[3] == x.shape[-1] and
         cpu_forms() and _SKIP_PADDING_TAPS[-1]):
