@@ -6,6 +6,7 @@ import pytest
 
 from seg_jax import optim, sharding, state, steps
 from seg_jax.data import pipeline
+from seg_jax.models import layers
 from seg_jax import data
 
 
@@ -31,8 +32,16 @@ def test_mesh_uses_all_eight_devices(tiny_config):
   assert mesh.shape == {'data': 8}
 
 
-def test_sharded_step_matches_single_device(tiny_config):
+@pytest.mark.parametrize('width', [4, 64])
+def test_sharded_step_matches_single_device(tiny_config, width, monkeypatch):
+  """Width 64: the 3x3 convolutions run as Winograd's F(2x2, 3x3), whose
+  products merge the batch (split over the devices) with the tiles."""
   tiny_config.train.learning_rate = 0.05  # a visible update
+  tiny_config.model.kwargs.width = width
+  calls = []
+  real = layers.winograd_conv
+  monkeypatch.setattr(layers, 'winograd_conv',
+                      lambda *a: calls.append(1) or real(*a))
   one, loss1, _ = _one_step(tiny_config, jax.devices()[:1])
   eight, loss8, mesh8 = _one_step(tiny_config, jax.devices())
   assert mesh8.shape == {'data': 8}
@@ -45,6 +54,7 @@ def test_sharded_step_matches_single_device(tiny_config):
   for (path, a), b in zip(leaves1, leaves8):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
+  assert bool(calls) == (width == 64)
 
 
 def test_batch_is_split_over_data_axis(tiny_config):
