@@ -153,14 +153,17 @@ def test_unet_keeps_flax_parameter_names_values_and_outputs(upsample,
          (ref.apply(v, x), jax.grad(loss, 1)(ref, v['params'])))
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_channel_dot_equals_dot_values_gradients_and_flops(dtype):
+@pytest.mark.parametrize('dtype, channels', [(jnp.float32, (8, 6)),
+                                             (jnp.bfloat16, (8, 6)),
+                                             (jnp.float32, (6, 8))])
+def test_channel_dot_equals_dot_values_gradients_and_flops(dtype, channels):
   """The 1x1 convolution's product: the same values, gradients (one
-  product contracting batch and space for the kernel's) and FLOPs as
-  `jnp.dot`."""
+  product contracting batch and space for the kernel's, either operand
+  read transposed) and FLOPs as `jnp.dot`."""
   rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(2, 5, 3, 8)), dtype)
-  k = jnp.asarray(rng.normal(size=(8, 6)), dtype)
+  c, d = channels
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, c)), dtype)
+  k = jnp.asarray(rng.normal(size=(c, d)), dtype)
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k).astype(jnp.float32)))
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   _close((layers.channel_dot(x, k).astype(jnp.float32),

@@ -173,7 +173,12 @@ def channel_dot(x, k):
 
   Measured on CPU (benchmarks/conv_micro.py shapes): autodiff of
   `jnp.dot` computes that gradient at 46-160 GFLOP/s, this at 160-400.
-  Values and gradients are the same products.
+  Values and gradients are the same products. The CPU product reads its
+  left operand transposed, a copy XLA fuses with the operand's producer
+  (BatchNorm, ReLU) and writes slowly: the operand with fewer channels
+  goes left, the product's (C, D) result is transposed instead (measured:
+  deeplabv3_resnet50 train step, batch 4, 256x256, 3.58 -> 3.00-3.14 s;
+  fcn_resnet50 at 128x128 0.76-0.77 -> 0.71-0.75 s).
   """
   return jnp.dot(x, k)
 
@@ -185,7 +190,10 @@ def _channel_dot_fwd(x, k):
 def _channel_dot_bwd(res, g):
   x, k = res
   axes = tuple(range(x.ndim - 1))
-  dk = jax.lax.dot_general(x, g, ((axes, axes), ((), ())))
+  if x.shape[-1] > g.shape[-1]:  # the smaller operand read transposed
+    dk = jax.lax.dot_general(g, x, ((axes, axes), ((), ()))).T
+  else:
+    dk = jax.lax.dot_general(x, g, ((axes, axes), ((), ())))
   return jnp.dot(g, k.T).astype(x.dtype), dk.astype(k.dtype)
 
 
