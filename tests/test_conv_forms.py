@@ -413,25 +413,43 @@ def test_winograd_applies_where_measured_faster(shape, features, dilation,
     assert not layers.winograd_applies(shape, features, dilation, dtype)
 
 
+class _Net(nn.Module):
+  """Two 3x3 ConvBNs and a classifier: the second (64 channels in and out)
+  is a Winograd convolution in training, the first (3 in) is not."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = layers.ConvBN(64, 3)(x, train)
+    x = layers.ConvBN(64, 3, dilation=2)(x, train)
+    return layers.Conv(3, 1)(x)
+
+
 def test_inference_steps_trace_no_winograd(monkeypatch, tiny_config):
   """The predict step (predict, export, bench --mode=infer) and the
   evaluation step run XLA's convolutions; the train step the Winograd
   form."""
-  from seg_jax import inference, models  # pylint: disable=g-import-not-at-top
+  from seg_jax import inference, steps  # pylint: disable=g-import-not-at-top
+  from seg_jax import sharding  # pylint: disable=g-import-not-at-top
   calls = []
   real = layers.winograd_conv
   monkeypatch.setattr(layers, 'winograd_conv',
                       lambda *a: calls.append(1) or real(*a))
-  model = models.create_model('fcn_resnet50', 3, width=16)  # layer3: 64
-  x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  model = _Net()
+  x = jnp.zeros((1, 16, 16, 3), jnp.float32)
   v = model.init(jax.random.key(0), x, train=False)
   calls.clear()
+  images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
+  sizes = jnp.array([[16, 16]])
   predict = inference.make_predict_fn(model, tiny_config,
                                       inference.InferenceSpec())
-  jax.make_jaxpr(predict)(v, jnp.zeros((1, 32, 32, 3), jnp.uint8),
-                          jnp.array([[32, 32]]))
+  jax.make_jaxpr(predict)(v, images, sizes)
+  evaluate = steps.make_eval_step(model, tiny_config,
+                                  sharding.create_mesh((1,), ('data',),
+                                                       jax.devices()[:1]),
+                                  inference.InferenceSpec())
+  evaluate.trace(v, {'image': images, 'size': sizes,
+                     'label': jnp.zeros((1, 16, 16), jnp.uint8)})
   assert not calls
   jax.make_jaxpr(lambda v: model.apply(
-      v, x, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.key(1)}))(v)
-  assert calls
+      v, x, train=True, mutable=['batch_stats']))(v)
+  assert len(calls) == 1

@@ -366,8 +366,7 @@ def winograd_applies(x_shape, features, dilation, dtype):
   out (DeepLab's ASPP, 2048 -> 256 channels, spends more on the input's
   transform than it saves), the tiles' padding at most 30% of the map
   (large dilations), outside `direct_convolutions()` and `all_taps()`."""
-  n, h, w, th, tw = _winograd_tiles(x_shape, dilation)
-  del n
+  _, h, w, th, tw = _winograd_tiles(x_shape, dilation)
   c = x_shape[-1]
   area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
   return (cpu_forms() and dtype == jnp.float32 and _SKIP_PADDING_TAPS[-1] and
