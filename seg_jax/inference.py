@@ -293,7 +293,16 @@ def infer_logits(apply_fn, x, sizes, spec):
   Returns:
     (N, H, W, C) float32: the passes' logits (or, with average='probs', the
     log of their mean softmax) at the input resolution.
+
+  Every inference path (the evaluation step, the predict step of
+  `predict`, `export` and `bench --mode=infer`) runs the model through
+  here, with XLA's direct convolutions (`layers.direct_convolutions`).
   """
+  with layers.direct_convolutions():
+    return _infer_logits(apply_fn, x, sizes, spec)
+
+
+def _infer_logits(apply_fn, x, sizes, spec):
   canvas = x.shape[1:3]
   total, passes = 0.0, 0
   for scale in spec.scales:
@@ -329,9 +338,8 @@ def make_predict_fn(model, config, spec, with_logits=False):
 
   def predict(variables, images, sizes):
     x = normalize(images, config.data.mean, config.data.std)
-    with layers.direct_convolutions():
-      logits = infer_logits(lambda v: model.apply(variables, v, train=False),
-                            x, sizes, spec)
+    logits = infer_logits(lambda v: model.apply(variables, v, train=False),
+                          x, sizes, spec)
     predicted = jnp.argmax(logits, -1).astype(jnp.int32)
     return (predicted, logits) if with_logits else predicted
 

@@ -136,10 +136,9 @@ def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):
   def eval_step(variables, batch):
     images = inference.normalize(batch['image'], config.data.mean,
                                  config.data.std)
-    with layers.direct_convolutions():
-      logits = inference.infer_logits(
-          lambda x: model.apply(variables, x, train=False), images,
-          batch['size'], spec)
+    logits = inference.infer_logits(
+        lambda x: model.apply(variables, x, train=False), images,
+        batch['size'], spec)
     labels = batch['label'].astype(jnp.int32)
     loss = losses.cross_entropy(logits, labels, ignore_label=ignore)
     metrics = seg_metrics.eval_metrics(loss, logits, labels, ignore)

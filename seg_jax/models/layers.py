@@ -79,19 +79,25 @@ def one_by_one_as_dot():
   return jax.default_backend() == 'cpu'
 
 
+@contextlib.contextmanager
+def _flag_set(flag, value):
+  """Within this context, flag[-1] is `value` (a flag is a stack, so
+  contexts nest)."""
+  flag.append(value)
+  try:
+    yield
+  finally:
+    flag.pop()
+
+
 _SKIP_PADDING_TAPS = [True]
 
 
-@contextlib.contextmanager
 def all_taps():
   """Within this context, `Conv` computes every kernel tap, those that only
   ever meet zero padding included: what model FLOPs (torch's convention)
   count."""
-  _SKIP_PADDING_TAPS.append(False)
-  try:
-    yield
-  finally:
-    _SKIP_PADDING_TAPS.pop()
+  return _flag_set(_SKIP_PADDING_TAPS, False)
 
 
 def _taps_in_image(kernel, dilation, size):
@@ -333,7 +339,6 @@ winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)
 _DIRECT_CONVOLUTIONS = [False]
 
 
-@contextlib.contextmanager
 def direct_convolutions():
   """Within this context, `Conv` leaves its 3x3 convolutions to XLA (no
   Winograd): what the inference steps trace. They are compiled with XLA's
@@ -342,11 +347,7 @@ def direct_convolutions():
   training: fcn_resnet50 at 512x512 0.76 -> 0.70 s, deeplabv3_resnet50
   0.93 -> 0.90 s, within this machine's noise; slower for DeepLab's ASPP
   and on maps its tiles do not divide)."""
-  _DIRECT_CONVOLUTIONS.append(True)
-  try:
-    yield
-  finally:
-    _DIRECT_CONVOLUTIONS.pop()
+  return _flag_set(_DIRECT_CONVOLUTIONS, True)
 
 
 # Winograd applies to a 3x3 convolution with at least this many input and
@@ -589,15 +590,10 @@ BN_EPSILON = 1e-5
 _FOLD_BATCH_NORM = [True]
 
 
-@contextlib.contextmanager
 def unfolded_batch_norm():
   """Within this context, `ConvBN` runs its BatchNorm in inference too (the
   reference its folding is compared with)."""
-  _FOLD_BATCH_NORM.append(False)
-  try:
-    yield
-  finally:
-    _FOLD_BATCH_NORM.pop()
+  return _flag_set(_FOLD_BATCH_NORM, False)
 
 
 class ConvBN(nn.Module):
