@@ -221,24 +221,19 @@ _WINOGRAD_G = ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
-def _combine(mat, parts, place=None):
-  """sum_i mat[:, i] * parts[i] in one elementwise pass, the rows of `mat`
-  stacked on a new leading axis; with `place` (axis, size), row r is put
-  at index r of a new axis at `axis` instead."""
+def _combine(mat, parts, axis=0):
+  """sum_i mat[:, i] * parts[i] in one elementwise pass, row r of `mat`
+  at index r of a new axis at `axis` of the parts."""
   mat = np.asarray(mat, np.float64)
   out = None
   for i, part in enumerate(parts):
     col = mat[:, i]
     if not col.any():
       continue
-    if place is None:
-      term = jnp.asarray(col, part.dtype).reshape(
-          (-1,) + (1,) * part.ndim) * part[None]
-    else:
-      shape = [1] * (part.ndim + 1)
-      shape[place[0]] = col.size
-      term = jnp.expand_dims(part, place[0]) * jnp.asarray(
-          col, part.dtype).reshape(shape)
+    shape = [1] * (part.ndim + 1)
+    shape[axis] = col.size
+    term = jnp.expand_dims(part, axis) * jnp.asarray(
+        col, part.dtype).reshape(shape)
     out = term if out is None else out + term
   return out
 
@@ -247,7 +242,7 @@ def _overlap_add(parts, m, axis):
   """sum_i parts[i] put at index i % m of a new axis at `axis`."""
   onehot = np.zeros((m, len(parts)))
   onehot[np.arange(len(parts)) % m, np.arange(len(parts))] = 1
-  return _combine(onehot, parts, place=(axis, m))
+  return _combine(onehot, parts, axis)
 
 
 def _winograd_tiles(x_shape, d):
@@ -280,9 +275,8 @@ def _winograd_forward(x, k, d):
   u = u.reshape(alpha * alpha, c, f)
   prod = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))
   prod = prod.reshape(alpha, alpha, n, th, d, tw, d, f)
-  y = _combine(_WINOGRAD_AT, [prod[:, a] for a in range(alpha)],
-               place=(3, m))
-  y = _combine(_WINOGRAD_AT, [y[b] for b in range(alpha)], place=(5, m))
+  y = _combine(_WINOGRAD_AT, [prod[:, a] for a in range(alpha)], axis=3)
+  y = _combine(_WINOGRAD_AT, [y[b] for b in range(alpha)], axis=5)
   y = y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
   return y, v, u
 
