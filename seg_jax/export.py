@@ -64,15 +64,22 @@ def load(path):
 def make_export_fn(model, config, spec, variables, height, width):
   """The exported function: uint8 (b, H, W, C) -> int32 (b, H, W), the
   predict step's own function with `variables` baked in and every image
-  valid over the whole (H, W) canvas."""
+  valid over the whole (H, W) canvas.
+
+  Its 3x3 convolutions are traced as convolutions
+  (`layers.direct_convolutions`), not as this CPU's Winograd products: the
+  program runs on another runtime (ONNX Runtime, the platforms given),
+  whose convolution kernels are its own."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from seg_jax import inference  # pylint: disable=g-import-not-at-top
+  from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
   predict_step = inference.make_predict_fn(model, config, spec)
 
   def predict(images):  # (b, H, W, C) uint8 -> (b, H, W) int32
     sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
                              (images.shape[0], 2))
-    return predict_step(variables, images, sizes)
+    with layers.direct_convolutions():
+      return predict_step(variables, images, sizes)
 
   return predict
 

@@ -296,13 +296,8 @@ def infer_logits(apply_fn, x, sizes, spec):
 
   Every inference path (the evaluation step, the predict step of
   `predict`, `export` and `bench --mode=infer`) runs the model through
-  here, with XLA's direct convolutions (`layers.direct_convolutions`).
+  here.
   """
-  with layers.direct_convolutions():
-    return _infer_logits(apply_fn, x, sizes, spec)
-
-
-def _infer_logits(apply_fn, x, sizes, spec):
   canvas = x.shape[1:3]
   total, passes = 0.0, 0
   for scale in spec.scales:

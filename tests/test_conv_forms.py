@@ -370,9 +370,9 @@ def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
          (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)))
 
 
-def test_conv_runs_winograd_in_training_and_direct_in_inference():
+def test_conv_runs_winograd_except_for_export_and_flops():
   """`layers.Conv` takes the Winograd form for a 64-channel 3x3 on CPU: the
-  same values and gradients as nn.Conv; the inference steps (inside
+  same values and gradients as nn.Conv; the exported programs (inside
   `direct_convolutions()`) and the FLOP count (`all_taps()`) see the
   convolution."""
   x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 10, 12, 64)),
@@ -424,11 +424,12 @@ class _Net(nn.Module):
     return layers.Conv(3, 1)(x)
 
 
-def test_inference_steps_trace_no_winograd(monkeypatch, tiny_config):
-  """The predict step (predict, export, bench --mode=infer) and the
-  evaluation step run XLA's convolutions; the train step the Winograd
-  form."""
-  from seg_jax import inference, steps  # pylint: disable=g-import-not-at-top
+def test_inference_steps_trace_winograd_and_the_export_does_not(
+    monkeypatch, tiny_config):
+  """The predict step (predict, bench --mode=infer) and the evaluation step
+  run the Winograd form where the train step does (its one 64-channel
+  convolution); the exported function (StableHLO, ONNX) the convolution."""
+  from seg_jax import export, inference, steps  # pylint: disable=g-import-not-at-top
   from seg_jax import sharding  # pylint: disable=g-import-not-at-top
   calls = []
   real = layers.winograd_conv
@@ -437,19 +438,33 @@ def test_inference_steps_trace_no_winograd(monkeypatch, tiny_config):
   model = _Net()
   x = jnp.zeros((1, 16, 16, 3), jnp.float32)
   v = model.init(jax.random.key(0), x, train=False)
-  calls.clear()
-  images = jnp.zeros((1, 16, 16, 3), jnp.uint8)
-  sizes = jnp.array([[16, 16]])
-  predict = inference.make_predict_fn(model, tiny_config,
-                                      inference.InferenceSpec())
-  jax.make_jaxpr(predict)(v, images, sizes)
+  images = jnp.asarray(np.random.default_rng(3).integers(
+      0, 256, (2, 16, 16, 3)), jnp.uint8)
+  sizes = jnp.array([[16, 16]] * 2)
+  spec = inference.InferenceSpec()
+
+  def traced(fn, *args):
+    calls.clear()
+    jax.make_jaxpr(fn)(*args)
+    return len(calls)
+
+  assert traced(lambda v: model.apply(
+      v, x, train=True, mutable=['batch_stats']), v) == 1
+  predict = inference.make_predict_fn(model, tiny_config, spec,
+                                      with_logits=True)
+  assert traced(predict, v, images, sizes) == 1
   evaluate = steps.make_eval_step(model, tiny_config,
                                   sharding.create_mesh((1,), ('data',),
                                                        jax.devices()[:1]),
-                                  inference.InferenceSpec())
-  evaluate.trace(v, {'image': images, 'size': sizes,
+                                  spec)
+  calls.clear()
+  evaluate.trace(v, {'image': images[:1], 'size': sizes[:1],
                      'label': jnp.zeros((1, 16, 16), jnp.uint8)})
-  assert not calls
-  jax.make_jaxpr(lambda v: model.apply(
-      v, x, train=True, mutable=['batch_stats']))(v)
   assert len(calls) == 1
+  exported = export.make_export_fn(model, tiny_config, spec, v, 16, 16)
+  assert traced(exported, images) == 0
+  # Both forms, one function: the same logits to float32 tolerance.
+  want = predict(v, images, sizes)[1]
+  with layers.direct_convolutions():
+    direct = predict(v, images, sizes)[1]
+  np.testing.assert_allclose(want, direct, rtol=1e-5, atol=1e-5)
