@@ -32,7 +32,7 @@ class ASPP(nn.Module):
       branches.append(layers.ConvBN(self.features, 3, dilation=rate,
                                     dtype=self.dtype,
                                     name=f'conv{i + 1}')(x, train))
-    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = layers.spatial_mean(x)
     pooled = layers.ConvBN(self.features, 1, dtype=self.dtype,
                            name='pool')(pooled, train)
     branches.append(layers.resize_bilinear(pooled, h, w))

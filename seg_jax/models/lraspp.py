@@ -23,7 +23,7 @@ class LRASPPHead(nn.Module):
   def __call__(self, low, high, train):
     x = layers.ConvBN(self.inter_channels, 1, dtype=self.dtype, name='cbr')(
         high, train)
-    s = jnp.mean(high, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
+    s = layers.spatial_mean(high)  # (N, 1, 1, C)
     s = layers.Conv(self.inter_channels, 1, dtype=self.dtype, name='scale')(s)
     x = layers.resize_bilinear(x * jax.nn.sigmoid(s), *low.shape[1:3])
     return (layers.Conv(self.num_classes, 1, dtype=self.dtype, use_bias=True,

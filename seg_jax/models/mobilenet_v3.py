@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seg_jax.models.layers import Conv, ConvBN
+from seg_jax.models.layers import Conv, ConvBN, spatial_mean
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99  # torch's momentum 0.01
@@ -100,7 +100,7 @@ class SqueezeExcite(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
+    s = spatial_mean(x)  # (N, 1, 1, C)
     s = nn.relu(Conv(self.squeeze, 1, dtype=self.dtype, use_bias=True,
                      name='fc1')(s))
     s = Conv(x.shape[-1], 1, dtype=self.dtype, use_bias=True, name='fc2')(s)
