@@ -296,8 +296,14 @@ def infer_logits(apply_fn, x, sizes, spec):
 
   Every inference path (the evaluation step, the predict step of
   `predict`, `export` and `bench --mode=infer`) runs the model through
-  here.
+  here, in `layers.inference_forms()` (the forms for its compiler
+  options).
   """
+  with layers.inference_forms():
+    return _infer_logits(apply_fn, x, sizes, spec)
+
+
+def _infer_logits(apply_fn, x, sizes, spec):
   canvas = x.shape[1:3]
   total, passes = 0.0, 0
   for scale in spec.scales:

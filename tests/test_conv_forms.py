@@ -344,28 +344,36 @@ def test_depthwise_tap_forms_with_padding_only_taps(hw, kernel, stride,
 @pytest.mark.parametrize('shape', [(2, 5, 7, 3), (1, 64, 64, 16),
                                    (3, 1, 1, 8)])
 def test_spatial_mean_equals_jnp_mean_values_gradients_and_compiled(shape):
-  """The spatial mean as a product with ones: jnp.mean's values and
-  gradient, float32 and bfloat16, also compiled with the inference steps'
-  compiler options; its jaxpr has the product, the gradient none."""
+  """In the inference forms the spatial mean is a product with ones:
+  jnp.mean's values and gradient, float32 and bfloat16, also compiled with
+  the inference steps' compiler options. Outside them (train steps) and in
+  the FLOP count it is jnp.mean."""
   rng = np.random.default_rng(14)
   x = jnp.asarray(rng.normal(size=shape) + 3.0, jnp.float32)
   weights = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
   loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)) * weights)
   ref = lambda x: jnp.mean(x, axis=(1, 2), keepdims=True)
   want = (ref(x), jax.grad(loss(ref))(x))
-  _close((layers.spatial_mean(x), jax.grad(loss(layers.spatial_mean))(x)),
-         want)
-  inference = jax.jit(layers.spatial_mean,
-                      compiler_options=layers.compiler_options())
-  _close(inference(x), want[0])
-  assert layers.spatial_mean(x).shape == (shape[0], 1, 1, shape[-1])
-  xb = x.astype(jnp.bfloat16)
-  got = layers.spatial_mean(xb)
-  assert got.dtype == jnp.bfloat16
-  _close(got.astype(jnp.float32), ref(xb.astype(jnp.float32)), 1e-2)
-  assert 'dot_general' in str(jax.make_jaxpr(layers.spatial_mean)(x))
-  grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss(layers.spatial_mean)))(x))
-  assert grad_jaxpr.count('dot_general') == 1  # the forward's only
+  # A new function each time: traces are cached by function, not context.
+  ours = lambda: lambda x: layers.spatial_mean(x)
+  assert 'dot_general' not in str(jax.make_jaxpr(ours())(x))
+  with layers.inference_forms():
+    assert 'dot_general' in str(jax.make_jaxpr(ours())(x))
+    _close((ours()(x), jax.grad(loss(ours()))(x)), want)
+    inference = jax.jit(ours(), compiler_options=layers.compiler_options())
+    _close(inference(x), want[0])
+    assert ours()(x).shape == (shape[0], 1, 1, shape[-1])
+    xb = x.astype(jnp.bfloat16)
+    assert ours()(xb).dtype == jnp.bfloat16
+    _close(ours()(xb).astype(jnp.float32), ref(xb.astype(jnp.float32)), 1e-2)
+    with layers.all_taps():  # model FLOPs: jnp.mean's
+      assert flops.count_flops(ours(), x) == flops.count_flops(ref, x)
+  # Every inference path traces its model in these forms.
+  from seg_jax import inference  # pylint: disable=g-import-not-at-top
+  sizes = jnp.array([shape[1:3]] * shape[0])
+  assert 'dot_general' in str(jax.make_jaxpr(
+      lambda x: inference.infer_logits(ours(), x, sizes,
+                                       inference.InferenceSpec()))(x))
 
 
 def _direct(x, k, dilation):

@@ -70,19 +70,16 @@ def resize_bilinear(x, height, width):
 def spatial_mean(x):
   """The mean of x (N, H, W, C) over its spatial axes, (N, 1, 1, C).
 
-  On CPU, a product with ones (per example, ones (1, H W) times x (H W,
-  C)), its gradient the broadcast `jnp.mean`'s is: compiled with XLA's own
-  kernels (the inference steps, `compiler_options`), a mean over a large
-  map is a slow reduce-window pass (measured: 64x64 map of 2048 channels,
-  DeepLab's image pooling at 512x512, 23-31 ms; as the product 0.6 ms, as
-  YNNPACK's reduction in the train steps)."""
-  if not cpu_forms():
+  Within `inference_forms()` on CPU, a product with ones (per example,
+  ones (1, H W) times x (H W, C)): compiled with XLA's own kernels (the
+  inference steps, `compiler_options`), a mean over a large map is a slow
+  reduce-window pass (measured alone: 64x64 map of 2048 channels,
+  DeepLab's image pooling at 512x512, 23-31 ms; as the product 0.6 ms;
+  lraspp_mobilenet_v3_large's predict step 35.2-37.5 -> 34.0-35.2 ms).
+  The train steps keep `jnp.mean` (YNNPACK's reduction there; the product
+  made lraspp's train step 2-4% slower)."""
+  if not (cpu_forms() and _INFERENCE_FORMS[-1] and _SKIP_PADDING_TAPS[-1]):
     return jnp.mean(x, axis=(1, 2), keepdims=True)
-  return _mean_as_product(x)
-
-
-@jax.custom_vjp
-def _mean_as_product(x):
   n, h, w, c = x.shape
   total = jax.lax.dot_general(
       jnp.ones((n, 1, h * w), x.dtype), x.reshape(n, h * w, c),
@@ -90,17 +87,14 @@ def _mean_as_product(x):
   return (total / (h * w)).astype(x.dtype).reshape(n, 1, 1, c)
 
 
-def _mean_as_product_fwd(x):
-  return _mean_as_product(x), jnp.zeros((0,) + x.shape, x.dtype)
+_INFERENCE_FORMS = [False]
 
 
-def _mean_as_product_bwd(res, g):
-  shape = res.shape[1:]
-  return (jnp.broadcast_to(g / (shape[1] * shape[2]), shape).astype(
-      res.dtype),)
-
-
-_mean_as_product.defvjp(_mean_as_product_fwd, _mean_as_product_bwd)
+def inference_forms():
+  """Within this context, the forms for a step compiled with
+  `compiler_options()` (XLA's own kernels): what `inference.infer_logits`
+  traces. Spatial means become products (`spatial_mean`)."""
+  return _flag_set(_INFERENCE_FORMS, True)
 
 
 def one_by_one_as_dot():
