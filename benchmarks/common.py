@@ -1,5 +1,7 @@
-"""What the measuring scripts in benchmarks/ share: loading a config file
-and the timing rule."""
+"""What the measuring scripts in benchmarks/ share: loading a config file,
+the timing rule, and the host allocator's settings of seg_jax's CLIs
+(`seg_jax.host_memory`, applied on import: each script imports this
+before its first JAX computation)."""
 
 import os
 import runpy
@@ -10,6 +12,10 @@ import time
 # configs/*.py import the `configs` package from the repository root, which
 # is not on the path of a script run as `python benchmarks/<script>.py`.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from seg_jax import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+host_memory.configure()
 
 
 def get_config(path):

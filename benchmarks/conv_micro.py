@@ -21,10 +21,10 @@ Not part of the installed package: a measuring tool.
 import argparse
 import os
 
+from common import median_seconds  # benchmarks/common.py (first: host memory)
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import median_seconds  # benchmarks/common.py
 
 from seg_jax.models import layers
 

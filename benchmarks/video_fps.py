@@ -51,6 +51,9 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--workdir', default='/tmp/video_fps')
   args = parser.parse_args()
+  # benchmarks/common.py (first: host memory); imported here so tests can
+  # load write_video alone.
+  from common import get_config  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(sys.argv[:1])
   import jax  # pylint: disable=g-import-not-at-top
@@ -58,8 +61,6 @@ def main():
                        train)
   del crf
   h, w = (int(v) for v in args.size.split(','))
-  # benchmarks/common.py; imported here so tests can load write_video alone.
-  from common import get_config  # pylint: disable=g-import-not-at-top
   config = get_config(args.config)
   config.data.name, config.data.val_split = 'shapes', ''
   config.model.num_classes = 5

@@ -11,7 +11,10 @@ warms up, then times `--repeats` runs of `--steps` steps on a
 device-resident synthetic batch, synchronising with the device at the end
 of each run. Reports images/s (median run), step time, peak device memory,
 FLOPs per step and MFU against a matmul peak measured in the same process
-and precision.
+and precision, and the process's page faults per timed step (on a CPU,
+where a step faults its buffers in again, the host allocator returns
+memory between steps: see `seg_jax.host_memory`; every CLI, this one
+included, keeps it).
 
 FLOPs are model FLOPs counted from the step's jaxpr (`seg_jax.flops`:
 convolutions and matrix products, torch's convention, kernel taps that only
@@ -39,6 +42,13 @@ import statistics
 import sys
 import time
 
+# First, before JAX is imported: the host allocator's settings.
+from seg_jax import host_memory  # pylint: disable=g-bad-import-order
+
+if __name__ == '__main__':
+  host_memory.configure()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,8 +231,13 @@ def peak_memory_gib(compiled):
   return total / 2**30, 'xla estimate'
 
 
+def _minor_faults():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_compiled(compiled, args, mode, steps, repeats, warmup):
-  """Median seconds per step over `repeats` runs of `steps` steps."""
+  """(median seconds per step over `repeats` runs of `steps` steps, each
+  run's seconds per step, the process's page faults per timed step)."""
   if mode == 'train':
     train_state, batch, rng = args
 
@@ -240,11 +255,13 @@ def time_compiled(compiled, args, mode, steps, repeats, warmup):
 
   run(warmup)
   times = []
+  faults = _minor_faults()
   for _ in range(repeats):
     t0 = time.perf_counter()
     run(steps)
     times.append((time.perf_counter() - t0) / steps)
-  return statistics.median(times), times
+  faults = (_minor_faults() - faults) / (repeats * steps)
+  return statistics.median(times), times, faults
 
 
 def time_loop(config, mesh, source_iter, steps, warmup):
@@ -405,7 +422,8 @@ def torch_twin(config):
 
 def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
   """{'eager': img/s, 'compile': img/s, 'flops': FLOPs per step, 'peak_gib',
-  'compile_s'} of the torchvision twin, or {'skipped': reason}."""
+  'compile_s', 'eager_faults': page faults per eager step} of the
+  torchvision twin, or {'skipped': reason}."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -446,17 +464,20 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
       step()
     sync()
     times = []
+    faults = _minor_faults()
     for _ in range(repeats):
       t0 = time.perf_counter()
       for _ in range(steps):
         step()
       sync()
       times.append((time.perf_counter() - t0) / steps)
+    measure.faults = (_minor_faults() - faults) / (repeats * steps)
     return n / statistics.median(times)
 
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
   result['eager'] = measure(make_step(model))
+  result['eager_faults'] = measure.faults
   if device == 'cuda':
     result['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
   if compile_too:
@@ -484,13 +505,15 @@ def benchmark(config, mode='train', steps=10, repeats=3, warmup=2):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  seconds, runs = time_compiled(compiled, args, mode, steps, repeats, warmup)
+  seconds, runs, faults = time_compiled(compiled, args, mode, steps, repeats,
+                                        warmup)
   peak, peak_source = peak_memory_gib(compiled)
   flops = step_flops(config, mesh, mode)
   dtype = jnp.bfloat16 if config.train.precision == 'bfloat16' else jnp.float32
   matmul = matmul_peak(dtype) * len(jax.devices())
   n = config.train.global_batch_size
   return {'images_per_sec': n / seconds, 'step_s': seconds, 'runs_s': runs,
+          'page_faults_per_step': faults,
           'trace_s': t1 - t0, 'compile_s': t2 - t1, 'peak_gib': peak,
           'peak_source': peak_source, 'flops': flops,
           'matmul_peak': matmul, 'mfu': flops / seconds / matmul}
@@ -532,19 +555,23 @@ def main(argv):
         f'{r["compile_s"]:.1f} s')
   print(f'seg_jax: {r["images_per_sec"]:.2f} img/s, {r["step_s"] * 1e3:.1f} '
         f'ms/step (runs: {", ".join(f"{t * 1e3:.1f}" for t in r["runs_s"])}'
-        f' ms), peak {r["peak_gib"]:.2f} GiB ({r["peak_source"]})')
+        f' ms), peak {r["peak_gib"]:.2f} GiB ({r["peak_source"]}), '
+        f'{r["page_faults_per_step"]:.0f} page faults/step (host memory: '
+        f'{host_memory.MODE})')
   print(f'FLOPs/step {r["flops"] / 1e12:.3f} T; matmul peak '
         f'{r["matmul_peak"] / 1e12:.2f} TFLOP/s; MFU {r["mfu"]:.1%}',
         flush=True)
   fields = {'images_per_sec': r['images_per_sec'], 'mfu': r['mfu'],
-            'peak_gib': r['peak_gib']}
+            'peak_gib': r['peak_gib'],
+            'page_faults_per_step': r['page_faults_per_step']}
   if FLAGS.vs_torch:
     t = torch_bench(config, FLAGS.mode, FLAGS.steps, FLAGS.repeats,
                     FLAGS.warmup, FLAGS.torch_compile)
     if 'skipped' in t:
       print(f'torch: skipped: {t["skipped"]}')
     else:
-      line = f'torch eager: {t["eager"]:.2f} img/s'
+      line = (f'torch eager: {t["eager"]:.2f} img/s, '
+              f'{t["eager_faults"]:.0f} page faults/step')
       if 'peak_gib' in t:
         line += f', peak {t["peak_gib"]:.2f} GiB'
       if 'flops' in t:

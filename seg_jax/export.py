@@ -23,8 +23,12 @@ imports neither flax nor the training code, and defines no flags.
 training) is read; overrides (--config.a.b=value) still apply.
 """
 
-from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+# First: the host allocator's settings (before JAX is imported:
+# seg_jax.host_memory), and Ctrl-C is clean from here on.
+from seg_jax import host_memory, interrupt
 
+if __name__ == '__main__':
+  host_memory.configure()
 if __name__ in ('__main__', '__mp_main__'):
   interrupt.install('nothing was written')
 

@@ -11,8 +11,12 @@ distributed runtime first (`cli.init_distributed`); only process 0 writes
 logs, summaries and the final line. One process needs nothing.
 """
 
-from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+# First: the host allocator's settings (before JAX is imported:
+# seg_jax.host_memory), and Ctrl-C is clean from here on.
+from seg_jax import host_memory, interrupt
 
+if __name__ == '__main__':
+  host_memory.configure()
 if __name__ in ('__main__', '__mp_main__'):
   interrupt.install('training had not started, nothing needed saving')
 

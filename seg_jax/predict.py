@@ -20,8 +20,12 @@ by training) is read, with the class names and palette of the data it was
 trained on; overrides (--config.a.b=value) still apply.
 """
 
-from seg_jax import interrupt  # first: Ctrl-C is clean from here on
+# First: the host allocator's settings (before JAX is imported:
+# seg_jax.host_memory), and Ctrl-C is clean from here on.
+from seg_jax import host_memory, interrupt
 
+if __name__ == '__main__':
+  host_memory.configure()
 if __name__ in ('__main__', '__mp_main__'):
   interrupt.install('outputs written so far are kept')
 

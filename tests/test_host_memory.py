@@ -1,0 +1,204 @@
+"""host_memory: freed host memory stays in the process and the CLIs start
+with transparent huge pages, so a compiled step does not fault its
+buffers' pages in again every call."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from seg_jax import host_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+glibc = pytest.mark.skipif(
+    host_memory.glibc_version() is None,
+    reason="mallopt and the tunables are glibc's (Linux); elsewhere nothing "
+    'is set')
+huge_pages = pytest.mark.skipif(
+    (host_memory.glibc_version() or (0, 0)) < (2, 35) or
+    host_memory._thp_mode() != 'madvise',  # pylint: disable=protected-access
+    reason='glibc >= 2.35 and a kernel that gives transparent huge pages on '
+    'request (madvise) are needed')
+
+# A program whose output (64 MiB) and temporaries are far above glibc's
+# default mmap threshold: 16,384 pages of 4 KiB each call.
+_PROGRAM = r'''
+import json, resource, sys
+from seg_jax import host_memory
+applied = host_memory.keep_freed_memory()
+import jax, jax.numpy as jnp
+x = jnp.ones((4096, 4096), jnp.float32)
+f = jax.jit(lambda x: (jnp.sin(x) + 1.0)[::-1] * jnp.cos(x))
+for _ in range(10):  # the heap settles
+  f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  f(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+print(json.dumps({'applied': applied, 'faults': faults}))
+'''
+
+
+def _run(code, **env):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **env)
+  env.pop('GLIBC_TUNABLES', None)
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout.strip().splitlines()
+
+
+@glibc
+def test_a_step_reuses_its_freed_buffers_without_page_faults():
+  kept = json.loads(_run(_PROGRAM)[-1])
+  default = json.loads(_run(_PROGRAM, **{host_memory.ENV: 'default'})[-1])
+  assert kept['applied'] is True and default['applied'] is False
+  # 16,384 pages of output alone, faulted in every call by default; kept,
+  # once the heap has settled, none in most calls (measured 0 in 4 of 5
+  # runs; the heap's layout depends on the threads' timing, and a call may
+  # still need fresh pages).
+  assert default['faults'] >= 16384, default
+  assert kept['faults'] <= default['faults'] / 3, (kept, default)
+
+
+@huge_pages
+def test_configure_starts_the_process_again_once_with_huge_pages():
+  """configure() re-executes the same command (same PID) with glibc's
+  huge-page tunable, once; XLA's buffers are then on huge pages."""
+  code = r'''
+import os
+print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)
+from seg_jax import host_memory
+host_memory.configure()
+import jax, jax.numpy as jnp
+y = jax.jit(lambda x: x * 2.0)(jnp.ones((4096, 4096))).block_until_ready()
+huge = [l for l in open('/proc/self/smaps_rollup') if 'AnonHugePages' in l]
+print('configured', os.getpid(), os.environ.get('GLIBC_TUNABLES'),
+      int(huge[0].split()[1]))
+'''
+  lines = _run(code)
+  assert [l.split()[0] for l in lines] == ['start', 'start', 'configured']
+  pids = {l.split()[1] for l in lines}
+  assert len(pids) == 1
+  assert lines[0].split()[2] == 'None'
+  assert lines[1].split()[2] == host_memory.HUGE_PAGES
+  assert lines[2].split()[2] == host_memory.HUGE_PAGES
+  assert int(lines[2].split()[3]) >= 2048  # kB: at least one 2 MiB page
+  # Disabled: no second start, no tunable.
+  lines = _run(code, **{host_memory.ENV: 'default'})
+  assert [l.split()[:1] + l.split()[2:3] for l in lines] == [
+      ['start', 'None'], ['configured', 'None']]
+
+
+def test_huge_pages_argv_only_where_it_changes_something():
+  argv = ['/usr/bin/python3', '-m', 'seg_jax.main', '--workdir=w']
+  plan = host_memory.huge_pages_argv({'A': '1'}, argv, '/venv/bin/python',
+                                     (2, 36), 'madvise')
+  assert plan == (['/venv/bin/python', '-m', 'seg_jax.main', '--workdir=w'],
+                  {'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'})
+  # Other tunables are kept.
+  _, env = host_memory.huge_pages_argv(
+      {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'}, argv, 'py',
+      (2, 36), 'madvise')
+  assert env['GLIBC_TUNABLES'] == ('glibc.malloc.tcache_count=0:'
+                                   'glibc.malloc.hugetlb=1')
+  for environ, version, mode in [
+      ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}, (2, 36), 'madvise'),
+      ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, (2, 36), 'madvise'),
+      ({host_memory.ENV: 'default'}, (2, 36), 'madvise'),
+      ({}, (2, 34), 'madvise'),  # the tunable is glibc 2.35's
+      ({}, None, 'madvise'),  # not glibc
+      ({}, (2, 36), 'always'),  # huge pages anyway
+      ({}, (2, 36), 'never'),
+      ({}, (2, 36), '')]:
+    assert host_memory.huge_pages_argv(environ, argv, 'py', version,
+                                       mode) is None, (environ, version, mode)
+  assert host_memory.huge_pages_argv({}, [], 'py', (2, 36), 'madvise') is None
+
+
+def test_thp_mode_reads_the_kernels_choice(tmp_path):
+  path = tmp_path / 'enabled'
+  path.write_text('always [madvise] never\n')
+  assert host_memory._thp_mode(str(path)) == 'madvise'  # pylint: disable=protected-access
+  path.write_text('[always] madvise never\n')
+  assert host_memory._thp_mode(str(path)) == 'always'  # pylint: disable=protected-access
+  assert host_memory._thp_mode(str(tmp_path / 'missing')) == ''  # pylint: disable=protected-access
+
+
+def test_keep_freed_memory_sets_glibcs_largest_values(monkeypatch):
+  calls = []
+
+  def fake(accept):
+    def mallopt(param, value):
+      calls.append((param, value))
+      return int(accept(param, value))
+    return types.SimpleNamespace(mallopt=mallopt)
+
+  monkeypatch.setattr(host_memory, '_libc', lambda: fake(lambda p, v: True))
+  assert host_memory.keep_freed_memory({}) is True
+  # M_MMAP_THRESHOLD, M_ARENA_MAX, M_TRIM_THRESHOLD (malloc.h).
+  assert calls == [(-3, 2**31 - 1), (-8, 1), (-1, 2**31 - 1)]
+  # An older glibc refuses a threshold above half a heap: 32 MiB then.
+  calls.clear()
+  monkeypatch.setattr(host_memory, '_libc', lambda: fake(
+      lambda p, v: p != -3 or v <= 32 << 20))
+  assert host_memory.keep_freed_memory({}) is True
+  assert calls == [(-3, 2**31 - 1), (-3, 32 << 20), (-8, 1),
+                   (-1, 2**31 - 1)]
+  calls.clear()
+  for value in ('default', 'DEFAULT', '0', 'off'):
+    assert host_memory.keep_freed_memory({host_memory.ENV: value}) is False
+  assert not calls
+  monkeypatch.setattr(host_memory, '_libc', lambda: None)  # not glibc
+  assert host_memory.keep_freed_memory({}) is False
+
+
+@pytest.mark.parametrize('cli', ['main', 'evaluate', 'predict', 'export',
+                                 'bench'])
+def test_every_cli_configures_the_host_memory_before_importing_jax(cli):
+  with open(os.path.join(REPO, 'seg_jax', f'{cli}.py')) as f:
+    tree = ast.parse(f.read())
+  configure = jax_import = None
+  for node in tree.body:
+    if isinstance(node, ast.If) and configure is None:
+      calls = [ast.unparse(n) for n in ast.walk(node)
+               if isinstance(n, ast.Call)]
+      if 'host_memory.configure()' in calls:
+        assert ast.unparse(node.test) == "__name__ == '__main__'"
+        configure = node.lineno
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+             else [node.module] if isinstance(node, ast.ImportFrom) else [])
+    if jax_import is None and any(n and n.split('.')[0] in ('jax', 'flax')
+                                  for n in names):
+      jax_import = node.lineno
+  assert configure is not None and jax_import is not None
+  assert configure < jax_import
+
+
+def test_configure_keeps_freed_memory_only_where_no_huge_pages_are_given(
+    monkeypatch):
+  calls = []
+  monkeypatch.setattr(host_memory, '_libc', lambda: types.SimpleNamespace(
+      mallopt=lambda p, v: calls.append((p, v)) or 1))
+  monkeypatch.setattr(host_memory, 'glibc_version', lambda: (2, 36))
+  monkeypatch.delenv(host_memory.ENV, raising=False)
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.setattr(host_memory, '_thp_mode', lambda: 'never')
+  assert host_memory.configure() == 'kept' == host_memory.MODE
+  assert len(calls) == 3
+  calls.clear()
+  monkeypatch.setattr(host_memory, '_thp_mode', lambda: 'always')
+  assert host_memory.configure() == 'huge pages (always)'
+  monkeypatch.setattr(host_memory, '_thp_mode', lambda: 'madvise')
+  monkeypatch.setenv('GLIBC_TUNABLES', host_memory.HUGE_PAGES)
+  assert host_memory.configure() == 'huge pages'  # started again already
+  monkeypatch.setenv(host_memory.ENV, 'default')
+  assert host_memory.configure() == 'default'
+  assert not calls
+  monkeypatch.setattr(host_memory, 'MODE', 'default')
