@@ -11,10 +11,10 @@ warms up, then times `--repeats` runs of `--steps` steps on a
 device-resident synthetic batch, synchronising with the device at the end
 of each run. Reports images/s (median run), step time, peak device memory,
 FLOPs per step and MFU against a matmul peak measured in the same process
-and precision, and the process's page faults per timed step (on a CPU,
-where a step faults its buffers in again, the host allocator returns
-memory between steps: see `seg_jax.host_memory`; every CLI, this one
-included, keeps it).
+and precision, and the process's page faults per timed step with the host
+memory setting it runs with (on a CPU, many faults a step mean the step's
+buffers were mapped afresh: see `seg_jax.host_memory`, which every CLI,
+this one included, configures first).
 
 FLOPs are model FLOPs counted from the step's jaxpr (`seg_jax.flops`:
 convolutions and matrix products, torch's convention, kernel taps that only

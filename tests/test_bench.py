@@ -2,6 +2,7 @@
 products, torch's convention, scans counted per iteration) and the CLI's
 report."""
 
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,20 @@ def test_bench_cli_reports_the_step_and_the_input_loop():
                              8 / values['step_s'], rtol=1e-4)
   assert 0 < values['mfu'] < 1 and values['peak_gib'] > 0
   assert values['compile_s'] > 0 and values['real_images_per_sec'] > 0
+  # The page faults of the timed steps, and the host memory setting the
+  # CLI started with (seg_jax.host_memory: huge pages on this kind of
+  # machine, kept memory where the kernel gives none).
+  step_line = next(l for l in lines if l.startswith('seg_jax: '))
+  mode = re.search(r', (\d+) page faults/step \(host memory: (.*)\)$',
+                   step_line)
+  assert mode and int(mode.group(1)) == round(values['page_faults_per_step'])
+  from seg_jax import host_memory  # pylint: disable=g-import-not-at-top
+  version, thp = host_memory.glibc_version(), host_memory._thp_mode()  # pylint: disable=protected-access
+  expected = ('default' if version is None or os.environ.get(host_memory.ENV)
+              else 'huge pages (always)' if thp == 'always'
+              else 'huge pages' if version >= (2, 35) and thp == 'madvise'
+              else 'kept')
+  assert mode.group(2) == expected, step_line
   np.testing.assert_allclose(
       values['real_vs_synthetic'],
       values['real_images_per_sec'] / values['synthetic_loop_images_per_sec'],
