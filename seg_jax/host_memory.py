@@ -56,7 +56,7 @@ MODE = 'default'
 
 # The largest value mallopt takes (an int): blocks above 2 GiB are mapped.
 _LARGEST = 2**31 - 1
-# glibc before 2.35 refuses an mmap threshold above half a heap (32 MiB).
+# Older glibc versions refuse an mmap threshold above half a heap (32 MiB).
 _HALF_HEAP = 32 << 20
 
 
