@@ -460,6 +460,7 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
     return train_step if mode == 'train' else infer_step
 
   def measure(step):
+    """(images/s of the median run, page faults per timed step)."""
     for _ in range(warmup):
       step()
     sync()
@@ -471,13 +472,12 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
         step()
       sync()
       times.append((time.perf_counter() - t0) / steps)
-    measure.faults = (_minor_faults() - faults) / (repeats * steps)
-    return n / statistics.median(times)
+    return (n / statistics.median(times),
+            (_minor_faults() - faults) / (repeats * steps))
 
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  result['eager'] = measure(make_step(model))
-  result['eager_faults'] = measure.faults
+  result['eager'], result['eager_faults'] = measure(make_step(model))
   if device == 'cuda':
     result['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
   if compile_too:
@@ -487,7 +487,7 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
     step()
     sync()
     result['compile_s'] = time.perf_counter() - t0
-    result['compile'] = measure(step)
+    result['compile'] = measure(step)[0]
   return result
 
 

@@ -152,13 +152,20 @@ def configure():
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
   global MODE
-  if _disabled(os.environ) or version is None:
+  MODE = _mode(os.environ, version, mode)
+  if MODE == 'kept' and not keep_freed_memory():
     MODE = 'default'
-  elif HUGE_PAGES in os.environ.get('GLIBC_TUNABLES', '') and (
-      mode == 'madvise'):
-    MODE = 'huge pages'
-  elif mode == 'always':
-    MODE = 'huge pages (always)'
-  else:
-    MODE = 'kept' if keep_freed_memory() else 'default'
   return MODE
+
+
+def _mode(environ, version, thp_mode):
+  """What `configure()` leaves a process with, once started with
+  `environ` (after its start again with huge pages, if any)."""
+  if _disabled(environ) or version is None:
+    return 'default'
+  if thp_mode == 'madvise' and HUGE_PAGES in environ.get('GLIBC_TUNABLES',
+                                                         ''):
+    return 'huge pages'
+  if thp_mode == 'always':
+    return 'huge pages (always)'
+  return 'kept'

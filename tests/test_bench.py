@@ -127,10 +127,10 @@ def test_bench_cli_reports_the_step_and_the_input_loop():
   assert mode and int(mode.group(1)) == round(values['page_faults_per_step'])
   from seg_jax import host_memory  # pylint: disable=g-import-not-at-top
   version, thp = host_memory.glibc_version(), host_memory._thp_mode()  # pylint: disable=protected-access
-  expected = ('default' if version is None or os.environ.get(host_memory.ENV)
-              else 'huge pages (always)' if thp == 'always'
-              else 'huge pages' if version >= (2, 35) and thp == 'madvise'
-              else 'kept')
+  plan = host_memory.huge_pages_argv(os.environ, ['python'], 'python',
+                                     version, thp)
+  started = plan[1] if plan else os.environ
+  expected = host_memory._mode(started, version, thp)  # pylint: disable=protected-access
   assert mode.group(2) == expected, step_line
   np.testing.assert_allclose(
       values['real_vs_synthetic'],
