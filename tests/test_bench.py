@@ -188,3 +188,32 @@ def test_profile_ops_lists_the_step_operations_and_their_kinds():
       'transposes/copies', 'reductions', 'other elementwise'}
   np.testing.assert_allclose(sum(float(k[0]) for k in kinds),
                              float(head.group(2)), atol=0.05 * len(kinds))
+
+
+def test_aspp_forms_checks_every_form_against_the_convolution():
+  """benchmarks/aspp_forms.py on an odd-sized map with odd channel counts:
+  every form's output equals XLA's convolution (the script exits non-zero
+  otherwise), one row per form with the four branches and their sum, and
+  the bound of the exact products."""
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/aspp_forms.py', '--size=37',
+       '--channels=5', '--features=3', '--repeats=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == ('ASPP branches, batch 1, 37x37, 5 -> 3 channels; ms, '
+                      'median of 1')
+  assert lines[1].split() == ['form', '1x1', 'rate', '12', 'rate', '24',
+                              'rate', '36', 'sum']
+  rows = {line.split()[0]: [float(v) for v in line.split()[1:6]]
+          for line in lines[2:]}
+  assert list(rows) == ['seg_jax', 'xla', 'per-tap', 'winograd', 'rows',
+                        'output', 'bound']
+  for values in rows.values():
+    assert abs(sum(values[:4]) - values[4]) <= 0.25
+  assert re.search(r'\(exact products at \d+ GFLOP/s\)$', lines[-1])
+  too_small = subprocess.run(
+      [sys.executable, 'benchmarks/aspp_forms.py', '--size=36'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert too_small.returncode == 2
+  assert '--size must be more than 36' in too_small.stderr
