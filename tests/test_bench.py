@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from seg_jax import flops
 
@@ -217,3 +218,19 @@ def test_aspp_forms_checks_every_form_against_the_convolution():
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert too_small.returncode == 2
   assert '--size must be more than 36' in too_small.stderr
+
+
+@pytest.mark.torch
+def test_aspp_forms_times_torch_beside_the_forms():
+  """With --torch, torch's conv2d row follows the bound, the same four
+  branches and their sum (torch installed; skipped without it)."""
+  pytest.importorskip('torch')
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/aspp_forms.py', '--size=37',
+       '--channels=5', '--features=3', '--repeats=1', '--torch'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  last = out.stdout.strip().splitlines()[-1].split()
+  assert last[0] == 'torch' and len(last) == 6
+  values = [float(v) for v in last[1:]]
+  assert abs(sum(values[:4]) - values[4]) <= 0.25
