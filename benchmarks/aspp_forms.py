@@ -10,10 +10,13 @@ a 1x1 and 3x3s at rates 12, 24 and 36), each jitted alone with the
 inference steps' compiler options (`layers.compiler_options`), in these
 forms:
 
-- `seg_jax`: `layers.Conv` as the predict step runs it (its CPU rule);
+- `seg_jax`: `layers.Conv` as the predict step runs it (its CPU rule in
+  `layers.inference_forms()`: each tap a 1x1 convolution of its input
+  window, read in place);
 - `xla`: XLA's convolution (`lax.conv_general_dilated`);
 - `per-tap`: a product per kernel tap over only the positions it meets the
-  image at (`layers._tap_sum`; each tap's input window is copied);
+  image at, each tap's input window sliced (copied) first (`layers._tap_sum`
+  without `cropped`; the train steps' form where most taps meet padding);
 - `winograd`: `layers.winograd_conv`;
 - `rows`: per kernel row, one product over the input rows it meets
   (a contiguous window) with the row's three taps side by side, the
@@ -52,8 +55,9 @@ def _xla(x, k, d):
 
 
 def _seg_jax(x, k, d):
-  return layers.Conv(k.shape[-1], k.shape[0], dilation=d).apply(
-      {'params': {'kernel': k}}, x)
+  with layers.inference_forms():  # as inference.infer_logits traces
+    return layers.Conv(k.shape[-1], k.shape[0], dilation=d).apply(
+        {'params': {'kernel': k}}, x)
 
 
 def _shift(y, offset, axis):

@@ -503,3 +503,55 @@ def test_inference_steps_trace_winograd_and_the_export_does_not(
   with layers.direct_convolutions():
     direct = predict(v, images, sizes)[1]
   np.testing.assert_allclose(want, direct, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('hw, dilation', [
+    ((13, 11), 2),
+    ((7, 9), 3),
+    ((5, 5), 4),  # every tap meets the image at one row/column only
+    ((1, 9), 2),  # one row: the kernel's other rows meet only padding
+    ((64, 64), 36),  # ASPP's rate 36 on a 512x512 image's map
+])
+def test_cropped_tap_sum_equals_the_convolution(hw, dilation):
+  """In the inference forms, a float32 dilated convolution Winograd does not
+  take (40 -> 8 channels) is a sum of 1x1 convolutions of cropped windows
+  (negative padding, read in place by XLA's kernels): nn.Conv's values and
+  gradients, also compiled with the inference steps' compiler options.
+  Outside the inference forms, for export (`direct_convolutions()`) and in
+  bfloat16 it is not; the FLOP count sees the convolution."""
+  rng = np.random.default_rng(21)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 40)), jnp.float32)
+  ours = layers.Conv(8, 3, dilation=dilation)
+  ref = nn.Conv(8, (3, 3), padding=((dilation, dilation),) * 2,
+                kernel_dilation=dilation, use_bias=False)
+  v = ours.init(jax.random.key(0), x)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  want = (ref.apply(v, x), jax.grad(loss(ref), (0, 1))(v, x))
+  rows = layers._taps_in_image(3, dilation, hw[0])  # pylint: disable=protected-access
+  cols = layers._taps_in_image(3, dilation, hw[1])  # pylint: disable=protected-access
+  taps = len(rows) * len(cols)
+
+  def convs(dtype=jnp.float32):
+    """The (kernel shape, padding) of each convolution traced."""
+    conv = layers.Conv(8, 3, dilation=dilation, dtype=dtype)
+    jaxpr = jax.make_jaxpr(lambda v, x: conv.apply(v, x))(v, x)
+    return [(e.invars[1].aval.shape[:2], e.params['padding'])
+            for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+
+  with layers.inference_forms():
+    got = convs()
+    assert len(got) == taps and all(s == (1, 1) for s, _ in got)
+    assert any(lo < 0 or hi < 0 for _, pad in got for lo, hi in pad)
+    assert all(lo <= 0 and hi <= 0 for _, pad in got for lo, hi in pad)
+    _close((ours.apply(v, x), jax.grad(loss(ours), (0, 1))(v, x)), want)
+    compiled = jax.jit(lambda v, x: ours.apply(v, x),
+                       compiler_options=layers.compiler_options())
+    _close(compiled(v, x), want[0])
+    assert all(s != (1, 1) for s, _ in convs(jnp.bfloat16))
+    with layers.direct_convolutions():  # no negative padding exported
+      assert all(s == (len(rows), len(cols)) for s, _ in convs())
+    with layers.all_taps():
+      assert [s for s, _ in convs()] == [(3, 3)]
+      assert flops.count_flops(lambda v: ours.apply(v, x), v) == (
+          2 * 2 * hw[0] * hw[1] * 40 * 8 * 9)
+  assert all(s != (1, 1) for s, _ in convs())  # train steps: not cropped
