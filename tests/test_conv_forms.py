@@ -202,6 +202,8 @@ def test_batch_norm_folded_into_the_convolution_for_inference():
         lambda v: model.apply(v, x, train=False))(v))
   assert jaxpr.count('rsqrt') < plain_jaxpr.count('rsqrt') or (
       len(jaxpr) < len(plain_jaxpr))
+  with layers.direct_convolutions():  # exports: the scale in the kernel
+    _close(model.apply(v, x, train=False), plain)
   train = lambda: model.apply(v, x, train=True, mutable=['batch_stats'],
                               rngs={'dropout': jax.random.key(1)})[0]
   trained = train()  # folding on: training still normalises by the batch
@@ -555,3 +557,31 @@ def test_cropped_tap_sum_equals_the_convolution(hw, dilation):
       assert flops.count_flops(lambda v: ours.apply(v, x), v) == (
           2 * 2 * hw[0] * hw[1] * 40 * 8 * 9)
   assert all(s != (1, 1) for s, _ in convs())  # train steps: not cropped
+
+
+def test_folded_scale_multiplies_the_output_on_cpu_and_the_kernel_in_exports():
+  """On CPU a folded BatchNorm's scale multiplies the convolution's output
+  (no scaled copy of the kernel at every step); in exported programs
+  (`direct_convolutions()`) the kernel. The same values either way."""
+  bn = layers.ConvBN(4, 1)
+  x = jnp.asarray(np.random.default_rng(22).normal(size=(2, 5, 3, 8)),
+                  jnp.float32)
+  v = bn.init(jax.random.key(0), x, train=False)
+  v = {'params': v['params'], 'batch_stats': jax.tree.map(
+      lambda a: a + 0.5, v['batch_stats'])}
+
+  def products():
+    """The shapes of the multiplications by a (4,)-vector traced."""
+    jaxpr = jax.make_jaxpr(lambda v: bn.apply(v, x, train=False))(v)
+    return {e.outvars[0].aval.shape for e in jaxpr.eqns
+            if e.primitive.name == 'mul' and
+            e.outvars[0].aval.shape[-1:] == (4,) and
+            len(e.outvars[0].aval.shape) > 1}
+
+  assert products() == {(2, 5, 3, 4)}
+  on_output = bn.apply(v, x, train=False)
+  with layers.direct_convolutions():
+    assert products() == {(1, 1, 8, 4)}
+    _close(bn.apply(v, x, train=False), on_output)
+  with layers.unfolded_batch_norm():
+    _close(bn.apply(v, x, train=False), on_output)
