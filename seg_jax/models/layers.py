@@ -157,12 +157,12 @@ def _tap_sum(x, k, dilation, cropped=False):
   Each tap's input window is a slice of x (copied before its product), or
   with `cropped` a 1x1 convolution of the whole x with negative padding,
   which XLA's own CPU convolution kernels read in place: measured on this
-  CPU, DeepLab's ASPP branches at 512x512 (batch 1, 2048 -> 256 channels
-  on the 64x64 map) 103 -> 78 ms at rate 12 (as XLA's 3x3 convolution
-  before), 79 -> 55 at 24 and 52 -> 38 at 36 (per-tap slices before),
-  within 5% of their products at the matrix product rate; torch's
-  convolutions take 72, 54 and 38. On YNNPACK (the train steps' kernels)
-  the cropped form was no faster."""
+  CPU (benchmarks/aspp_forms.py, medians), DeepLab's ASPP branches at
+  512x512 (batch 1, 2048 -> 256 channels on the 64x64 map) 106 -> 76 ms
+  at rate 12 (XLA's 3x3 convolution before), 75 -> 54 at 24 and 49 -> 38
+  at 36 (sliced taps before), within 8% of their products at the matrix
+  product rate; torch's convolutions take 68, 50 and 35. On YNNPACK (the
+  train steps' kernels) the cropped form was slower than the slices."""
   _, h, w, _ = x.shape
   kh, kw = k.shape[:2]
   out = None
