@@ -5,7 +5,7 @@ overlay, encode), on this machine.
         [--frames=150] [--size=360,480] [--batch=8] [--workdir=/tmp/video_fps]
 
 Writes a checkpoint of the config's model (initial weights: the frame rate
-does not depend on them) and a synthetic H.264 video of moving shapes at
+does not depend on them; a new one at each run, under --workdir/run) and a synthetic H.264 video of moving shapes at
 --size, then runs predict's video path on it in this process, as
 `python -m seg_jax.predict --workdir=DIR --out=OUT VIDEO` does: the first
 batch (compilation included) and the frames/s of the rest are printed,
@@ -15,6 +15,7 @@ input's. Not part of the installed package: a measuring tool.
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -69,10 +70,10 @@ def main():
   config.compilation_cache_dir = ''
   os.makedirs(args.workdir, exist_ok=True)
   ckpt = os.path.join(args.workdir, 'run')
-  if not os.path.isdir(os.path.join(ckpt, 'checkpoints')):
-    trainer = train.Trainer(config, ckpt)
-    trainer.checkpointer.save_final(1, trainer.state, iter(trainer.train_ds))
-    trainer.checkpointer.close()
+  shutil.rmtree(ckpt, ignore_errors=True)  # another config's run: a new one
+  trainer = train.Trainer(config, ckpt)
+  trainer.checkpointer.save_final(1, trainer.state, iter(trainer.train_ds))
+  trainer.checkpointer.close()
   video = os.path.join(args.workdir, 'in.mp4')
   write_video(video, args.frames, h, w)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
