@@ -658,9 +658,10 @@ class ConvBN(nn.Module):
   activations, and no pass over the kernel at every step (the scaled
   kernel of a product or of XLA's convolution is written out first;
   predict step A/B, 4 pairs: deeplabv3_resnet50 682/705/690/707 ->
-  686/655/673/702 ms, fcn_resnet50 566/582/591/583 -> 566/561/595/578). Every inference path (the in-training evaluation,
-  evaluate, predict, export, bench --mode=infer) runs through it. Training
-  and initialisation run the BatchNorm itself.
+  686/655/673/702 ms, fcn_resnet50 566/582/591/583 -> 566/561/595/578).
+  Every inference path (the in-training evaluation, evaluate, predict,
+  export, bench --mode=infer) runs through it. Training and
+  initialisation run the BatchNorm itself.
 
   `epsilon` and `momentum` are the BatchNorm's (flax's momentum: torch's
   momentum m is 1 - m here); the defaults are torch's BatchNorm2d defaults,
