@@ -26,8 +26,8 @@ forms:
   shifted and summed (no input copied; computes all padding).
 
 Prints milliseconds per branch (median of --repeats) and the sum, the
-product rate of a (4096, 2048) x (2048, 256) matrix product measured in
-the same process, the time the branches' exact products (padding-only
+rate of the 1x1 branch's matrix product ((4096, 2048) x (2048, 256) at the
+defaults) measured in the same process, the time the branches' exact products (padding-only
 positions skipped) would take at that rate, and with --torch torch's
 `conv2d` (channels-last, no_grad, as many threads as XLA's cores). Every
 form's output is checked against `xla`'s.

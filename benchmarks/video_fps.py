@@ -5,12 +5,12 @@ overlay, encode), on this machine.
         [--frames=150] [--size=360,480] [--batch=8] [--workdir=/tmp/video_fps]
 
 Writes a checkpoint of the config's model (initial weights: the frame rate
-does not depend on them; a new one at each run, under --workdir/run) and a synthetic H.264 video of moving shapes at
---size, then runs predict's video path on it in this process, as
-`python -m seg_jax.predict --workdir=DIR --out=OUT VIDEO` does: the first
-batch (compilation included) and the frames/s of the rest are printed,
-and the output video's frame count, rate and size are checked against the
-input's. Not part of the installed package: a measuring tool.
+does not depend on them; a new one at each run, under --workdir/run) and a
+synthetic H.264 video of moving shapes at --size, then runs predict's
+video path on it in this process, as `python -m seg_jax.predict
+--workdir=DIR --out=OUT VIDEO` does: the first batch (compilation
+included) and the frames/s of the rest are printed, and the output
+video's frame count, rate and size are checked against the input's. Not part of the installed package: a measuring tool.
 """
 
 import argparse
