@@ -177,7 +177,10 @@ class Checkpointer:
     # The interval is decided above; orbax's own policy would also save the
     # first step it sees, so it is overridden. orbax finishes the previous
     # save before it starts this one: that one's files are final.
-    if self._beats(metrics):
+    # A tie goes to the later step, as orbax's BestN keeps it (and `_best`
+    # reads it back).
+    if metrics is not None and (self._best is None or
+                                metrics['miou'] >= self._best[1]):
       self._best = (step, float(metrics['miou']))
     saved = self._manager.save(step, force=True, metrics=metrics,
                                args=self._save_args(state, data_iter))
@@ -450,7 +453,8 @@ def _miou(metrics):
 
 
 def _best(manager):
-  """(step, mIoU) of the kept checkpoint with the highest stored mIoU."""
+  """(step, mIoU) of the kept checkpoint with the highest stored mIoU, the
+  latest of equals."""
   scored = [(m['miou'], s) for s in manager.all_steps()
             if (m := manager.metrics(s)) and 'miou' in m]
   if not scored:
@@ -531,9 +535,9 @@ def _check_shapes(stored, wanted, where, exact=False):
       raise errors.ConfigError(
           f'Checkpoint {where} stores {path} with shape {stored[path]} but '
           f'the config\'s model has {shape}: was it trained with another '
-          'model.num_classes or model.kwargs? Use the config the run was '
-          'trained with (or model.init_from to start a new run from its '
-          'weights).')
+          'model.num_classes, model.kwargs or data.channels? Use the config '
+          'the run was trained with (or model.init_from to start a new run '
+          'from its weights).')
   extra = sorted(set(stored) - set(wanted))
   if exact and extra:
     raise errors.ConfigError(

@@ -41,31 +41,74 @@ from absl import flags, logging
 from PIL import Image
 
 from seg_jax import cli, errors
-from seg_jax.data.files import IMAGE_EXTENSIONS
+from seg_jax.data import files
 
 FLAGS = flags.FLAGS
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
                     '.mpeg', '.wmv')
+# What an input named <name> gives under --out.
+OUTPUT_SUFFIXES = ('.png', '_overlay.jpg', '_keep.png', '_overlay.mp4',
+                   '_keep.mp4')
 
 
 def find_inputs(paths):
   """[(path, output name)] for files as given and every image or video in
-  the given folders (sorted; names keep the path under the folder)."""
+  the given folders (sorted; names keep the path under the folder; linked
+  folders followed and hidden ones left out, as the folder dataset reads
+  them)."""
   found = []
   for path in paths:
     if not os.path.isdir(path):
       found.append((path, os.path.splitext(os.path.basename(path))[0]))
       continue
     top = os.path.basename(os.path.normpath(path))
-    for root, dirs, names in os.walk(path):
-      dirs.sort()
-      for name in sorted(names):
-        if name.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+    for root, _, names in files.walk(path):
+      for name in names:
+        if name.lower().endswith(files.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
           full = os.path.join(root, name)
           rel = os.path.splitext(os.path.relpath(full, path))[0]
           found.append((full, os.path.join(top, rel)))
   return _unique_names(found)
+
+
+def check_out(out, inputs, found):
+  """Raises `ConfigError` unless `out` is a folder (or a new path) that
+  neither lies inside an input folder (the outputs would be mixed with
+  the inputs, and read as inputs by the next run) nor would overwrite any
+  input file."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.ConfigError(f'--out={out} is a file; give a folder (it is '
+                             'created if missing).')
+  real_out = os.path.realpath(out)
+  for path in inputs:
+    real = os.path.realpath(path)
+    if os.path.isdir(path) and (real_out == real or real_out.startswith(
+        real + os.sep)):
+      raise errors.ConfigError(
+          f'--out={out} is inside the input folder {path}: the outputs '
+          'would be written among the images (and read as inputs by the '
+          'next run); give an --out outside it.')
+  sources = {os.path.realpath(path): path for path, _ in found}
+  for _, name in found:
+    for suffix in OUTPUT_SUFFIXES:
+      target = os.path.realpath(os.path.join(out, name + suffix))
+      if target in sources:
+        raise errors.ConfigError(
+            f'--out={out} would overwrite the input {sources[target]} with '
+            f'an output; give another --out.')
+
+
+def check_flags(batch_size, size_multiple, alpha):
+  """Raises `ConfigError` naming the first out-of-range flag."""
+  if batch_size < 1:
+    raise errors.ConfigError(f'--batch_size={batch_size}; use 1 or more.')
+  if size_multiple < 1:
+    raise errors.ConfigError(f'--size_multiple={size_multiple}; use 1 or '
+                             'more (8 by default).')
+  if not 0 <= alpha <= 1:
+    raise errors.ConfigError(f'--alpha={alpha}; use a weight from 0 (the '
+                             'image only) to 1 (the class colours only).')
 
 
 def _unique_names(found):
@@ -290,9 +333,10 @@ def _bar(total, unit, desc):
               mininterval=2.0)
 
 
-def run(inputs, predictor, outputs):
-  """Predicts every input; returns (images done, frames done, failures)."""
-  found = find_inputs(inputs)
+def run(inputs, predictor, outputs, found=None):
+  """Predicts every input (`found`: `find_inputs(inputs)` when already
+  listed); returns (images done, frames done, failures)."""
+  found = find_inputs(inputs) if found is None else found
   videos = [f for f in found if f[0].lower().endswith(VIDEO_EXTENSIONS)]
   images = [f for f in found if f not in videos]
   failures = []
@@ -349,6 +393,9 @@ def main(argv):
   if FLAGS.distributed:
     raise errors.ConfigError('predict runs in one process; drop '
                              '--distributed.')
+  check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
+  found = find_inputs(inputs)
+  check_out(FLAGS.out, inputs, found)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
@@ -367,7 +414,7 @@ def main(argv):
                         if FLAGS.crf else None, FLAGS.size_multiple)
   os.makedirs(FLAGS.out, exist_ok=True)
   done, frames, failures = run(
-      inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha))
+      inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha), found)
   for path, reason in failures:
     print(f'Failed: {reason if path in reason else f"{path}: {reason}"}',
           file=sys.stderr)

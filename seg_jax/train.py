@@ -38,9 +38,6 @@ class Trainer:
                              if config.data.val_split else (None, None))
     self.config = config = data.resolved_config(config, train_source,
                                                 val_source, val_sizes)
-    if jax.process_index() == 0:
-      logging.info('Config written to %s',
-                   run_folder.write_config(workdir, config))
     self.class_names = list(train_source.class_names)
     self.palette = train_source.palette
     self.skips = pipeline.SkipCounter()  # bad records skipped by this host
@@ -98,6 +95,11 @@ class Trainer:
     train_iter = iter(self.train_ds)
     self.state, train_iter = self.checkpointer.restore_or_keep(
         self.state, train_iter)
+    # Written once the checkpoint took this config: a setting it refused
+    # does not end up in the run folder's config.json.
+    if jax.process_index() == 0:
+      logging.info('Config written to %s',
+                   run_folder.write_config(self.workdir, self.config))
     start = int(self.state.step)
     if start:
       best = self.checkpointer.best()

@@ -25,7 +25,7 @@ CONFIG_FILE = 'config.json'
 # Keys whose values a checkpoint's arrays depend on: a config that differs
 # in one of them cannot restore it.
 MODEL_KEYS = ('model.name', 'model.num_classes', 'model.kwargs',
-              'train.ema_decay')
+              'data.channels', 'train.ema_decay')
 # ... and what a resumed data stream and optimizer state depend on too.
 RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
                             'train.optimizer')
@@ -120,6 +120,8 @@ def _leaves(key, value):
 def _comparable(key, value):
   if key == 'train.ema_decay':  # the state has an average or not
     return value is not None and value > 0
+  if key == 'data.channels' and value is None:  # runs from before the key
+    value = 3
   return json.dumps(_plain(value), sort_keys=True)
 
 

@@ -113,7 +113,8 @@ def test_grey_mask_saved_as_rgb_is_read_and_colour_masks_are_refused(
 def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
     tmp_path, caplog):
   """Images in subfolders are all used, each with the mask at the same
-  relative path (a name repeated in two subfolders is two examples), and
+  relative path (a name repeated in two subfolders is two examples; a
+  linked subfolder is read, a link back up is not followed again), and
   opening a split logs its count, size range and classes."""
   ud.write_folder(tmp_path, n=9, nested=3)
   ud.write_folder(tmp_path / 'other', n=1)
@@ -121,6 +122,11 @@ def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
     os.makedirs(tmp_path / sub / 'train' / 'g3')
     os.replace(tmp_path / 'other' / sub / 'train' / 'img_000.png',
                tmp_path / sub / 'train' / 'g3' / 'img_000.png')
+    # g1 held elsewhere and linked in, as a dataset assembled from links.
+    os.replace(tmp_path / sub / 'train' / 'g1', tmp_path / f'{sub}_g1')
+    os.symlink(tmp_path / f'{sub}_g1', tmp_path / sub / 'train' / 'g1')
+    os.symlink(tmp_path / sub / 'train', tmp_path / sub / 'train' / 'g0' /
+               'up')
   with caplog.at_level(logging.INFO):
     src, sizes = data.open_split(ud.folder_config(tmp_path), 'train')
   assert len(src) == 10 and sizes == [ud.SIZE] * 10
@@ -322,6 +328,15 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
   _one_line_error(*_cli('evaluate', run, '--config.model.kwargs.width=4')[::2],
                   2, r'model.kwargs.width=4 contradicts the run in .*run, whose '
                   r'checkpoints were trained with model.kwargs.width=2 ')
+  # data.channels shapes the stem's kernel: refused before the restore,
+  # and the run folder's config.json keeps what the checkpoints hold.
+  _one_line_error(*_cli('main', run, '--config.data.channels=1',
+                        '--config.data.mean=(0.5,)',
+                        '--config.data.std=(0.2,)')[::2],
+                  2, r'data.channels=1 contradicts the run in .*run, whose '
+                  r'checkpoints were trained with data.channels=3 ')
+  stored = json.load(open(tmp_path / 'run' / 'config.json'))
+  assert stored['data']['channels'] == 3 and len(stored['data']['mean']) == 3
   _one_line_error(*_cli('evaluate', run, '--config.data.nope=1')[::2], 2,
                   r'--config.data.nope: .*run/config.json has no such key')
   _one_line_error(*_cli('predict', run, f'--out={tmp_path}/p2',
@@ -339,6 +354,9 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
                  r'had been trained'),
     ('ignore', 2, r'data.ignore_label=1 must be in 3..255'),
     ('collision', 2, r'img_001.jpg and .*img_001.png have the same name'),
+    ('batch', 2, r'folder/train: 10 example\(s\), fewer than one training '
+                 r'batch \(train.global_batch_size=16\); give '
+                 r'--config.train.global_batch_size=10 or less'),
 ])
 def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
   ud.write_folder(tmp_path, n=10, mask_suffix='_mask' if fault == 'suffix'
@@ -356,6 +374,8 @@ def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
                    np.full(ud.SIZE, 3, np.uint8))
   elif fault == 'ignore':
     extra = ['--config.data.ignore_label=1']
+  elif fault == 'batch':
+    extra = ['--config.train.global_batch_size=16']
   elif fault == 'collision':
     Image.open(tmp_path / 'images' / 'train' / 'img_001.png').save(
         tmp_path / 'images' / 'train' / 'img_001.jpg')
@@ -469,11 +489,11 @@ def test_check_lists_every_faulty_file_and_exits_1(tmp_path):
 
 
 def test_check_prints_the_class_table_of_a_clean_dataset(tmp_path):
-  ud.write_folder(tmp_path, n=6)
+  ud.write_folder(tmp_path, n=8)
   ud.write_folder(tmp_path, n=2, split='val')
   rc, stdout, _ = _cli('data.check', *ud.cli_args(tmp_path))
   assert rc == 0, stdout
-  masks = np.stack([ud.example(i)[1] for i in range(6)])
+  masks = np.stack([ud.example(i)[1] for i in range(8)])
   counts = np.bincount(masks.ravel(), minlength=3)
   total = counts.sum()
   for k in range(3):
@@ -484,16 +504,23 @@ def test_check_prints_the_class_table_of_a_clean_dataset(tmp_path):
   assert 'No problems found.' in stdout
   report = check.check_split(ud.folder_config(tmp_path), 'val')
   assert report.errors == [] and report.examples == 2
+  # Training needs one full batch of the split.
+  report = check.check_split(
+      ud.folder_config(tmp_path, **{'train.global_batch_size': 16}), 'train')
+  assert report.errors == [
+      'folder/train: 8 example(s), fewer than one training batch '
+      '(train.global_batch_size=16); give --config.train.global_batch_size=8 '
+      'or less (a multiple of the device count) or add images.']
 
 
 def test_check_reads_a_run_folders_config(tmp_path):
   """--workdir alone: the stored config.json is the one checked."""
-  ud.write_folder(tmp_path / 'data', n=4)
+  ud.write_folder(tmp_path / 'data', n=8)
   ud.write_folder(tmp_path / 'data', n=2, split='val')
   from seg_jax import workdir  # pylint: disable=g-import-not-at-top
   workdir.write_config(tmp_path / 'run', ud.folder_config(tmp_path / 'data'))
   out = io.StringIO()
   assert check.check(workdir.read_config(tmp_path / 'run'), out=out) == 0
-  assert 'train: folder/train, 4 examples' in out.getvalue()
+  assert 'train: folder/train, 8 examples' in out.getvalue()
   rc, stdout, _ = _cli('data.check', f'--workdir={tmp_path}/run')
   assert rc == 0 and 'val: folder/val, 2 examples' in stdout, stdout

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import checkpoint, crf, evaluators, inference, predict, sharding
+from seg_jax import (checkpoint, crf, errors, evaluators, inference, predict,
+                     sharding)
 from seg_jax.data import shapes
 
 from conftest import REPO
@@ -188,6 +189,59 @@ def test_parse_keep_and_output_names(tmp_path):
                                str(tmp_path / 'x.png')])
   assert [n for _, n in found] == [os.path.join('f', 'x'),
                                    os.path.join('f', 'sub', 'x'), 'x', 'x_2']
+
+
+def test_inputs_follow_linked_folders_once(tmp_path):
+  (tmp_path / 'f' / 'sub').mkdir(parents=True)
+  (tmp_path / 'elsewhere').mkdir()
+  for p in ('f/a.png', 'f/sub/b.png', 'elsewhere/c.jpg'):
+    (tmp_path / p).write_bytes(b'')
+  (tmp_path / 'f' / 'linked').symlink_to(tmp_path / 'elsewhere')
+  (tmp_path / 'f' / 'sub' / 'loop').symlink_to(tmp_path / 'f')  # a cycle
+  (tmp_path / 'f' / '.hidden').mkdir()
+  (tmp_path / 'f' / '.hidden' / 'd.png').write_bytes(b'')
+  found = predict.find_inputs([str(tmp_path / 'f')])
+  assert [n for _, n in found] == [os.path.join('f', *p) for p in (
+      ('a',), ('linked', 'c'), ('sub', 'b'))]
+
+
+def test_outputs_never_land_on_or_among_the_inputs(tmp_path):
+  (tmp_path / 'shots' / 'sub').mkdir(parents=True)
+  for p in ('shots/cat.png', 'shots/sub/dog.jpg', 'one.jpg'):
+    (tmp_path / p).write_bytes(b'')
+  shots = str(tmp_path / 'shots')
+
+  def check(out, *inputs):
+    inputs = [str(tmp_path / i) for i in inputs]
+    predict.check_out(str(tmp_path / out), inputs,
+                      predict.find_inputs(inputs))
+
+  # OUT/<folder name> is the input folder itself: cat.png -> cat.png.
+  with pytest.raises(errors.ConfigError,
+                     match=f'would overwrite the input {shots}/cat.png'):
+    check('.', 'shots')
+  for out in ('shots', 'shots/sub', 'shots/preds'):
+    with pytest.raises(errors.ConfigError,
+                       match=f'inside the input folder {shots}'):
+      check(out, 'shots')
+  (tmp_path / 'one.png').write_bytes(b'')  # the label map of one.jpg
+  with pytest.raises(errors.ConfigError, match='would overwrite the input'):
+    check('.', 'one.jpg', 'one.png')
+  with pytest.raises(errors.ConfigError, match='is a file; give a folder'):
+    check('one.jpg', 'shots')
+  check('preds', 'shots', 'one.jpg')  # beside the inputs: fine
+  check('.', 'shots/sub')  # OUT/sub/dog.png is not an input
+
+
+def test_predict_flags_out_of_range_are_named():
+  predict.check_flags(1, 1, 0.0)
+  for args, flag in (((0, 8, .5), '--batch_size=0'),
+                     ((-3, 8, .5), '--batch_size=-3'),
+                     ((8, 0, .5), '--size_multiple=0'),
+                     ((8, 8, 2.0), '--alpha=2.0'),
+                     ((8, 8, -.1), '--alpha=-0.1')):
+    with pytest.raises(errors.ConfigError, match=flag):
+      predict.check_flags(*args)
 
 
 # --- Dense CRF --------------------------------------------------------------

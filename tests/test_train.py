@@ -299,6 +299,22 @@ def _run_with_mious(config, workdir, mious):
   return trainer
 
 
+def test_a_tied_best_is_the_later_step_in_training_and_in_restore(
+    tiny_config, tmp_path):
+  """Equal mIoU at two saved steps: training, a new reader and
+  `restore(step='best')` all name the later one (the one orbax keeps)."""
+  c = tiny_config
+  c.train.num_steps, c.eval.every_steps = 6, 2
+  c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 1
+  trainer = _run_with_mious(c, tmp_path, [0.5, 0.9, 0.9])
+  assert trainer.checkpointer.best() == (6, pytest.approx(0.9))
+  ckpt = str(tmp_path / 'checkpoints')
+  kept = checkpoint.Checkpointer(ckpt, 3, 1)
+  assert kept.best() == (6, pytest.approx(0.9)) and kept.all_steps() == [6]
+  kept.close()
+  assert checkpoint.restore(ckpt, 'best')[1] == 6
+
+
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
                                                              tmp_path):
   """The best (an early step, evaluated between saves) and the newest

@@ -33,7 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from seg_jax import cli, data, errors, labels
-from seg_jax.data import files, transforms
+from seg_jax.data import files, pipeline, transforms
 
 FLAGS = flags.FLAGS
 
@@ -133,6 +133,10 @@ def check_split(config, split, threads=4):
     _check_files(source, report, pad, num, ignore, threads)
   else:
     _check_records(source, report, num, ignore)
+  if split == 'train':
+    short = pipeline.too_few_for_a_batch(report.name, report.examples,
+                                         config.train.global_batch_size)
+    report.errors += [short] if short else []
   return report
 
 

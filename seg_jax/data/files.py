@@ -26,6 +26,21 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 INVALID = -1
 
 
+def walk(folder):
+  """`os.walk(folder)` in sorted order, hidden folders left out, following
+  symbolic links to folders (a dataset assembled from links is read
+  whole), each real folder once (a link back up does not loop)."""
+  seen = set()
+  for root, dirs, names in os.walk(folder, followlinks=True):
+    real = os.path.realpath(root)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
+    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    yield root, dirs, sorted(names)
+
+
 # A dataset file that cannot be used as it is; the message names it.
 BadSampleError = errors.BadSampleError
 

@@ -189,6 +189,16 @@ class TrainIterator:
     self.position, self._it = int(state['position']), None
 
 
+def too_few_for_a_batch(name, examples, global_batch):
+  """The error when a training split cannot fill one batch, else None."""
+  if examples >= global_batch:
+    return None
+  return (f'{name}: {examples} example(s), fewer than one training batch '
+          f'(train.global_batch_size={global_batch}); give '
+          f'--config.train.global_batch_size={examples} or less (a multiple '
+          'of the device count) or add images.')
+
+
 def create_train_dataset(source, transform, *, seed, batch_size,
                          worker_count=0, num_threads=2, prefetch=8,
                          process_index=None, process_count=None,
@@ -222,9 +232,10 @@ def create_train_dataset(source, transform, *, seed, batch_size,
   """
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  if len(source) < count * batch_size:
-    raise ValueError(f'{source!r} has {len(source)} examples, fewer than one '
-                     f'global batch ({count} x {batch_size}).')
+  short = too_few_for_a_batch(getattr(source, 'name', repr(source)),
+                              len(source), count * batch_size)
+  if short:
+    raise errors.ConfigError(short)
   counter = skip_counter or SkipCounter()
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   ds = ds.random_map(transform, seed=seed + 1)

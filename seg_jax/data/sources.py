@@ -266,9 +266,8 @@ def _files_by_key(folder):
   """{relative path without extension: [files]} of the images under
   `folder`, every subfolder included (hidden files left out)."""
   found = {}
-  for root, dirs, names in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    for name in sorted(names):
+  for root, _, names in files.walk(folder):
+    for name in names:
       if name.startswith('.') or not name.lower().endswith(
           files.IMAGE_EXTENSIONS):
         continue

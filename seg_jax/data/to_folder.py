@@ -64,7 +64,7 @@ def record_stems(source):
 
 def _held_files(folder):
   """Files under `folder` (none when it does not exist)."""
-  return [os.path.join(d, f) for d, _, names in os.walk(folder)
+  return [os.path.join(d, f) for d, _, names in files.walk(folder)
           for f in names]
 
 
