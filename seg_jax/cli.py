@@ -118,19 +118,28 @@ def stored_config_argv(argv):
   return argv
 
 
-def check_run_config(config, workdir, keys=run_folder.MODEL_KEYS):
+def check_run_config(config, workdir, keys=run_folder.INFERENCE_KEYS):
   """Refuses a config that contradicts the run in `workdir` (its stored
   config.json) in one of `keys`, when the run has checkpoints; names the
-  difference."""
+  difference. Without 'train.ema_decay' in `keys` (inference), a run that
+  kept a weight average may be read without it (its raw weights), but one
+  that kept none cannot be asked for one."""
   if not (os.path.isfile(run_folder.config_path(workdir)) and
           run_folder.has_checkpoints(workdir)):
     return
-  diffs = run_folder.differences(run_folder.read_config(workdir), config,
-                                 keys)
+  stored = run_folder.read_config(workdir)
+  diffs = run_folder.differences(stored, config, keys)
+  ema = stored.get('train', {}).get('ema_decay') or 0
+  if ('train.ema_decay' not in keys and not ema > 0 and
+      config.train.get('ema_decay', 0) > 0):
+    raise errors.ConfigError(
+        f'train.ema_decay={config.train.ema_decay} asks for the weight '
+        f'average, but the run in {workdir} kept none (trained with '
+        f'train.ema_decay={ema}): drop that setting.')
   if diffs:
     key, stored, given = diffs[0]
-    more = (f' (and {", ".join(k for k, _, _ in diffs[1:])})'
-            if len(diffs) > 1 else '')
+    more = (f' (it differs in {", ".join(k for k, _, _ in diffs[1:])} '
+            'too)' if len(diffs) > 1 else '')
     raise errors.ConfigError(
         f'{key}={given!r} contradicts the run in {workdir}, whose '
         f'checkpoints were trained with {key}={stored!r}{more} (its '
@@ -219,18 +228,42 @@ def enable_compilation_cache(directory):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def make_folder(path, flag='--out'):
+  """Creates the folder `path` (and its parents); a `ConfigError` naming
+  `flag` when it is a file or cannot be created."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={path} is a file; give a folder.')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f'{flag}={path}: cannot create the folder '
+                             f'({e.strerror}).') from None
+  return path
+
+
 def require_config():
   """FLAGS.config; a one-line error when neither --config nor the run
   folder's config.json gives one."""
   if flags.FLAGS.config is None:
+    workdir = flags.FLAGS.workdir
+    parent = os.path.dirname(os.path.normpath(workdir or '.'))
+    if workdir and not os.path.isdir(workdir):
+      raise errors.ConfigError(
+          f'--workdir={workdir} does not exist; give the folder of a '
+          f'training run (it holds {run_folder.CONFIG_FILE}), or '
+          '--config=configs/<file>.py.')
+    if os.path.isfile(run_folder.config_path(parent)):
+      raise errors.ConfigError(
+          f'--workdir={workdir} is inside the training run {parent}; give '
+          f'--workdir={parent}.')
     raise errors.ConfigError(
-        f'--config is needed: {flags.FLAGS.workdir} holds no '
+        f'--config is needed: {workdir} holds no '
         f'{run_folder.CONFIG_FILE} (training writes one there); give '
         '--config=configs/<file>.py.')
   return flags.FLAGS.config
 
 
-def start(argv, keys=run_folder.MODEL_KEYS):
+def start(argv, keys=run_folder.INFERENCE_KEYS):
   """Common start of a run-folder CLI: no stray arguments, a config (given
   or stored in the run folder) that agrees with the run's checkpoints in
   `keys`, quiet library logs, the compilation cache
@@ -250,7 +283,11 @@ def _parse_flags(argv):
   """absl's flag parsing, where a bad flag, an unknown `--config.` key or a
   config file that fails to load is one line and exit status 2."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    # A config file is loaded when first read: its errors are flag errors.
+    if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()
+    return rest
   except Exception as e:  # pylint: disable=broad-except
     sys.stderr.write(f'error: {_flag_error(argv, e)}\n')
     sys.exit(2)
@@ -263,6 +300,10 @@ def _flag_error(argv, error):
   keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
           if a.startswith('--config.')]
   loader = run_folder.loader_argument('')
+  if (path and not path.startswith(loader) and
+      not os.path.isfile(path.split(':', 1)[0])):
+    return (f'--config={path}: no such file; give a config file '
+            '(configs/<file>.py) or --workdir of a training run alone.')
   if path and path.startswith(loader):  # a run folder's stored config
     path = path[len(loader):]
     path = path if path.endswith('.json') else run_folder.config_path(path)

@@ -167,7 +167,7 @@ def _define_flags():
 def main(argv):
   cli.start(argv)
   from seg_jax import validate
-  validate.check_config(FLAGS.config)
+  validate.check_config(FLAGS.config, training=False)
   logging.info('JAX %d devices (%s)', jax.device_count(),
                jax.default_backend())
   evaluate(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,

@@ -89,6 +89,8 @@ def make_export_fn(model, config, spec, variables, height, width):
 
 
 FORMATS = ('stablehlo', 'onnx')
+# What jax.export lowers for.
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 def export_model(config, workdir, out, *, checkpoint='latest', size=None,
@@ -121,6 +123,16 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
   if format == 'onnx' and platforms:
     raise errors.ConfigError('--platforms is for --format=stablehlo; an ONNX '
                              'model runs wherever ONNX Runtime does.')
+  unknown = [p for p in platforms or () if p not in PLATFORMS]
+  if unknown:
+    raise errors.ConfigError(
+        f'--platforms={",".join(platforms)}: {unknown[0]!r} is none of '
+        f'{", ".join(PLATFORMS)}.')
+  if os.path.isdir(out):
+    raise errors.ConfigError(f'--out={out} is a folder; give a file name '
+                             '(FILE and FILE.json are written).')
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.make_folder(os.path.dirname(os.path.abspath(out)), '--out')
   name = evaluator or inference.default_name(config)
   spec = inference.spec_from_config(config, name)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])
@@ -129,7 +141,6 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
   variables = jax.device_get(variables)  # baked into the program
   # The predict step's own function, traced into the exported program.
   predict = make_export_fn(model, config, spec, variables, height, width)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   if format == 'onnx':
     from seg_jax import to_onnx  # pylint: disable=g-import-not-at-top
     to_onnx.save(to_onnx.convert(

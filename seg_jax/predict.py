@@ -396,6 +396,7 @@ def main(argv):
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
   found = find_inputs(inputs)
   check_out(FLAGS.out, inputs, found)
+  cli.make_folder(FLAGS.out)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
@@ -412,7 +413,6 @@ def main(argv):
   predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
                         crf.Refiner(crf.CRFParams.from_config(config))
                         if FLAGS.crf else None, FLAGS.size_multiple)
-  os.makedirs(FLAGS.out, exist_ok=True)
   done, frames, failures = run(
       inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha), found)
   for path, reason in failures:

@@ -128,15 +128,21 @@ def to_global(batch, mesh):
 
 
 def check_config(config):
-  """The mesh section and the batch sizes it splits (see
-  `seg_jax.validate`)."""
-  errors.config_int(config, 'train.global_batch_size')
+  """The mesh section and the evaluation batch it splits (see
+  `seg_jax.validate`; the training batch: `check_train_batch`)."""
   errors.config_int(config, 'eval.global_batch_size')
   errors.config_int(config, 'mesh.fsdp_min_size', 0)
   mesh = create_mesh(config.mesh.shape, config.mesh.axes)
-  check_batch_size(config.train.global_batch_size, mesh)
   check_batch_size(config.eval.global_batch_size, mesh,
                    'eval.global_batch_size')
+
+
+def check_train_batch(config):
+  """train.global_batch_size splits over the mesh (training only: an
+  evaluation of the run on another device count does not use it)."""
+  errors.config_int(config, 'train.global_batch_size')
+  check_batch_size(config.train.global_batch_size,
+                   create_mesh(config.mesh.shape, config.mesh.axes))
 
 
 def check_batch_size(global_batch_size, mesh, key='train.global_batch_size'):

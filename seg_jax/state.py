@@ -1,6 +1,7 @@
 """The train state: what it holds, the model it is of, and how it is built
 from a config (initialisation, pretrained weights)."""
 
+import os
 from typing import Any
 
 import flax
@@ -66,6 +67,17 @@ def check_config(config):
     raise errors.ConfigError(f'train.ema_decay={config.train.ema_decay!r}: '
                              'give a value in [0, 1).')
   create_model(config)  # model.name, model.kwargs, train.precision
+  path = config.model.init_from
+  if path:
+    from seg_jax.models import convert  # pylint: disable=g-import-not-at-top
+    if not os.path.isfile(path):
+      raise errors.ConfigError(f'model.init_from={path!r}: no such file; give '
+                               'a .pth or .safetensors weights file.')
+    if config.model.init_format not in convert.SUPPORTED:
+      raise errors.ConfigError(
+          f'model.init_format={config.model.init_format!r}: use the '
+          f'torchvision name of the weights, one of '
+          f'{", ".join(convert.SUPPORTED)}.')
 
 
 def create_model(config):
@@ -139,15 +151,23 @@ def pretrained_init_fn(config):
   from seg_jax.models import convert, weights  # pylint: disable=g-import-not-at-top
 
   def init_fn(variables):
-    tensors = weights.load_weights(path)
-    pretrained = convert.from_torchvision(
-        fmt, tensors, scan_blocks=config.model.kwargs.get('scan_blocks', False))
-    # An RGB stem for another data.channels: adapted as timm does.
-    pretrained = weights.adapt_stem(pretrained, variables,
-                                    config.data.channels,
-                                    f'model.init_from={path}')
-    variables, n, skipped = convert.load_pretrained(
-        variables, pretrained, f'model.init_from={path}')
+    try:
+      tensors = weights.load_weights(path)
+      pretrained = convert.from_torchvision(
+          fmt, tensors,
+          scan_blocks=config.model.kwargs.get('scan_blocks', False))
+      # An RGB stem for another data.channels: adapted as timm does.
+      pretrained = weights.adapt_stem(pretrained, variables,
+                                      config.data.channels,
+                                      f'model.init_from={path}')
+      variables, n, skipped = convert.load_pretrained(
+          variables, pretrained, f'model.init_from={path}')
+    except (ValueError, OSError) as e:  # the file's, named in the message
+      message = str(e)
+      if 'model.init_from' not in message:
+        message = (f'model.init_from={path} (model.init_format={fmt}): '
+                   f'{message}')
+      raise errors.ConfigError(message) from None
     logging.info('Loaded %d tensors from %s (%s); kept fresh: %s', n, path,
                  fmt, skipped or 'none')
     return variables

@@ -95,12 +95,18 @@ class Trainer:
     train_iter = iter(self.train_ds)
     self.state, train_iter = self.checkpointer.restore_or_keep(
         self.state, train_iter)
+    start = int(self.state.step)
+    past = start > self.config.train.num_steps
+    if past:
+      logging.warning('The run in %s is at step %d, past train.num_steps=%d: '
+                      'nothing to train (its config.json is kept); give a '
+                      'larger train.num_steps to train on.', self.workdir,
+                      start, self.config.train.num_steps)
     # Written once the checkpoint took this config: a setting it refused
     # does not end up in the run folder's config.json.
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not past:
       logging.info('Config written to %s',
                    run_folder.write_config(self.workdir, self.config))
-    start = int(self.state.step)
     if start:
       best = self.checkpointer.best()
       logging.info('Resumed from step %d in %s; best mIoU so far: %s',

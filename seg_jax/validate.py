@@ -44,11 +44,15 @@ def check_workdir(workdir):
                              'to.') from None
 
 
-def check_config(config, workdir=None):
+def check_config(config, workdir=None, training=True):
   """Raises `errors.ConfigError` for the first problem with `config` (and,
-  if given, `workdir`): before any data is read or anything is compiled."""
+  if given, `workdir`): before any data is read or anything is compiled.
+  Without `training` (an evaluation), the training loop's keys are not
+  checked."""
   try:
-    _check_loop(config)
+    if training:
+      _check_loop(config)
+      sharding.check_train_batch(config)  # first, as the other batch sizes
     for check in CHECKS:
       check(config)
   except errors.ConfigError:

@@ -22,10 +22,12 @@ import ml_collections
 
 CONFIG_FILE = 'config.json'
 
-# Keys whose values a checkpoint's arrays depend on: a config that differs
-# in one of them cannot restore it.
-MODEL_KEYS = ('model.name', 'model.num_classes', 'model.kwargs',
-              'data.channels', 'train.ema_decay')
+# Keys whose values a checkpoint's model variables depend on: a config
+# that differs in one of them cannot run its model.
+INFERENCE_KEYS = ('model.name', 'model.num_classes', 'model.kwargs',
+                  'data.channels')
+# ... and its whole train state (with a weight average or not).
+MODEL_KEYS = INFERENCE_KEYS + ('train.ema_decay',)
 # ... and what a resumed data stream and optimizer state depend on too.
 RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
                             'train.optimizer')

@@ -59,6 +59,11 @@ def test_binary_export_needs_a_label_map(tmp_path):
                      r'read as ignore .* Set data.label_map=\{255: 1\} '):
     data.create_source(c, 'train')
 
+  c.model.num_classes = 3  # background and ignored pixels: accepted
+  np.testing.assert_array_equal(
+      data.create_source(c, 'train')[1]['label'],
+      np.asarray(Image.open(tmp_path / 'masks' / 'train' / '001.png')))
+  c.model.num_classes = 2
   src = data.create_source(_config(tmp_path), 'train')  # {255: 1}
   raw = np.asarray(Image.open(tmp_path / 'masks' / 'train' / '001.png'))
   np.testing.assert_array_equal(src[1]['label'], raw // 255)

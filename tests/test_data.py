@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from seg_jax import data, steps
+from seg_jax import data, errors, steps
 from seg_jax.data import pipeline, shapes, transforms
 
 
@@ -365,3 +365,15 @@ def test_train_crop_equals_rescaling_the_whole_image_then_cropping():
     assert np.all(out['label'][h:] == 255) and np.all(out['label'][:, w:] == 255)
     diff = np.abs(out['image'][:h, :w].astype(int) - ref)
     assert diff.max() <= 1  # PIL rounds fixed-point sums per window
+
+
+def test_shapes_splits_and_sizes_are_config_errors(tiny_config):
+  with pytest.raises(errors.ConfigError, match=r"shapes: no split 'test'; "
+                     r"the built-in dataset has 'train' and 'val'"):
+    data.create_source(tiny_config, 'test')
+  tiny_config.data.shapes.num_val = 0
+  with pytest.raises(errors.ConfigError, match=r"^data.shapes.num_val=0: "
+                     r"split 'val' needs 1 example or more"):
+    data.create_source(tiny_config, 'val')
+  assert len(data.create_source(tiny_config, 'train')) == (
+      tiny_config.data.shapes.num_train)

@@ -261,6 +261,15 @@ def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
                   r"data.val_split is '' .* give --split=")
 
 
+def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
+  ud.write_folder(tmp_path, n=8)
+  with pytest.raises(errors.MissingFileError,
+                     match=r'^folder/val: folder .*images/val does not exist\. '
+                     r"To train without validation: "
+                     r"--config.data.val_split=''\.$"):
+    data.open_split(ud.folder_config(tmp_path), 'val')
+
+
 def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):
   """Unset, data.eval_pad_size fits the largest validation image (rounded
   up to 32) and is stored; set too small, `main` refuses in one line that
@@ -272,6 +281,8 @@ def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):
   val_src, sizes = data.open_split(config, 'val')
   resolved = data.resolved_config(config, train_src, val_src, sizes)
   assert resolved.data.eval_pad_size == (64, 32)
+  relative = ud.folder_config(os.path.relpath(tmp_path))  # stored absolute
+  assert data.resolved_config(relative, train_src).data.root == str(tmp_path)
   assert resolved.data.class_names == ('class_0', 'class_1', 'class_2')
   assert np.array_equal(resolved.data.palette, ud.PALETTE)
   rc, _, stderr = _cli('main', *ud.cli_args(tmp_path),
@@ -354,6 +365,8 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
                  r'had been trained'),
     ('ignore', 2, r'data.ignore_label=1 must be in 3..255'),
     ('collision', 2, r'img_001.jpg and .*img_001.png have the same name'),
+    ('jpeg', 2, r'folder/train: .*masks/train/img_004.jpg is a JPEG mask: '
+                r"JPEG's lossy compression changes the class ids"),
     ('batch', 2, r'folder/train: 10 example\(s\), fewer than one training '
                  r'batch \(train.global_batch_size=16\); give '
                  r'--config.train.global_batch_size=10 or less'),
@@ -374,6 +387,10 @@ def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
                    np.full(ud.SIZE, 3, np.uint8))
   elif fault == 'ignore':
     extra = ['--config.data.ignore_label=1']
+  elif fault == 'jpeg':
+    os.remove(tmp_path / 'masks' / 'train' / 'img_004.png')
+    Image.fromarray(ud.example(4)[1]).save(
+        tmp_path / 'masks' / 'train' / 'img_004.jpg')
   elif fault == 'batch':
     extra = ['--config.train.global_batch_size=16']
   elif fault == 'collision':
@@ -456,10 +473,9 @@ def _faulty_dataset(root):
   faults['class id'] = msk(5)
   Image.fromarray(ud.PALETTE[ud.example(6)[1]]).save(msk(6))
   faults['colour mask'] = msk(6)
-  binary = np.zeros(ud.SIZE, np.uint8)
+  binary = np.zeros(ud.SIZE, np.uint8)  # 3 classes: background + ignored
   binary[4:9] = 255
   Image.fromarray(binary).save(msk(7))
-  faults['0/255 mask'] = msk(7)
   Image.fromarray(np.full(ud.SIZE, 3.0, np.float32)).save(
       root / 'images' / 'train' / 'img_008.tif')
   os.remove(img(8))
@@ -469,6 +485,10 @@ def _faulty_dataset(root):
   ud.save_mask(str(root / 'masks' / 'val' / 'img_002.png'),
                ud.example(2, (40, 32))[1])
   faults['larger than eval_pad_size'] = root / 'images' / 'val' / 'img_002.png'
+  os.remove(msk(10))  # flat, so the JPEG keeps its values: only the format
+  Image.fromarray(np.zeros(ud.SIZE, np.uint8)).save(
+      root / 'masks' / 'train' / 'img_010.jpg')
+  faults['JPEG mask'] = root / 'masks' / 'train' / 'img_010.jpg'
   return faults
 
 

@@ -268,6 +268,27 @@ def _check_moving_average(config, ckpt, workdir):
   for a, b in zip(jax.tree.leaves(variables),
                   jax.tree.leaves(now['ema'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # train.ema_decay=0 reads the raw weights of the same checkpoint, and
+  # the inference CLIs' check lets it (a run without an average cannot be
+  # asked for one).
+  raw = config.copy_and_resolve_references()
+  raw.train.ema_decay = 0.0
+  _, variables, _ = checkpoint.restore_for_inference(raw, str(workdir), mesh,
+                                                     step=3)
+  for a, b in zip(jax.tree.leaves(variables),
+                  jax.tree.leaves({'params': now['params'],
+                                   'batch_stats': now['batch_stats']})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  from seg_jax import cli, workdir as run_folder  # pylint: disable=g-import-not-at-top
+  run_folder.write_config(str(workdir), config)
+  cli.check_run_config(raw, str(workdir))
+  with pytest.raises(errors.ConfigError, match=r'train.ema_decay=0.0 '
+                     r'contradicts the run in .* train.ema_decay=0.5'):
+    cli.check_run_config(raw, str(workdir), run_folder.MODEL_KEYS)
+  run_folder.write_config(str(workdir), raw)
+  with pytest.raises(errors.ConfigError, match=r'train.ema_decay=0.5 asks '
+                     r'for the weight average, but the run in .* kept none'):
+    cli.check_run_config(config, str(workdir))
 
 
 class _FakeEvaluator:
@@ -300,9 +321,11 @@ def _run_with_mious(config, workdir, mious):
 
 
 def test_a_tied_best_is_the_later_step_in_training_and_in_restore(
-    tiny_config, tmp_path):
+    tiny_config, tmp_path, caplog):
   """Equal mIoU at two saved steps: training, a new reader and
-  `restore(step='best')` all name the later one (the one orbax keeps)."""
+  `restore(step='best')` all name the later one (the one orbax keeps). A
+  resume with fewer train.num_steps than the run reached says so and keeps
+  the run's config.json."""
   c = tiny_config
   c.train.num_steps, c.eval.every_steps = 6, 2
   c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 1
@@ -313,6 +336,13 @@ def test_a_tied_best_is_the_later_step_in_training_and_in_restore(
   assert kept.best() == (6, pytest.approx(0.9)) and kept.all_steps() == [6]
   kept.close()
   assert checkpoint.restore(ckpt, 'best')[1] == 6
+  c.train.num_steps = 4
+  with caplog.at_level('WARNING'):
+    _run_with_mious(c, tmp_path, [0.9])
+  assert 'is at step 6, past train.num_steps=4: nothing to train' in (
+      caplog.text)
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['train']['num_steps'] == 6
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,

@@ -71,6 +71,17 @@ def test_each_impossible_setting_is_one_line_naming_the_key(
   assert '\n' not in str(e.value)
 
 
+def test_an_evaluation_does_not_check_the_training_batch(tiny_config):
+  """A run evaluated on a device count its training batch does not split
+  over: only eval.global_batch_size is checked."""
+  tiny_config.train.global_batch_size = 12
+  validate.check_config(tiny_config, training=False)
+  tiny_config.eval.global_batch_size = 12
+  with pytest.raises(errors.ConfigError,
+                     match=r'^eval.global_batch_size=12 must be divisible'):
+    validate.check_config(tiny_config, training=False)
+
+
 def test_unwritable_workdir(tiny_config, tmp_path):
   (tmp_path / 'file').write_text('x')
   with pytest.raises(errors.ConfigError,
@@ -108,7 +119,8 @@ def test_checkpoint_of_another_model_is_refused_naming_the_parameter(
                      match=rf'^Checkpoint {tmp_path}/checkpoints/3 stores '
                      r'params/\S+ with shape \(\d+(, \d+)*,?\) but the '
                      r"config's model has \(\d+(, \d+)*,?\): was it trained "
-                     r'with another model.num_classes or model.kwargs\?'):
+                     r'with another model.num_classes, model.kwargs or '
+                     r'data.channels\?'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
   tiny_config.model.kwargs = {'width': 4, 'depth': 2, 'batch_norm': False}
   with pytest.raises(errors.ConfigError,

@@ -53,6 +53,29 @@ def test_missing_file_and_wrong_names(tmp_path):
     convert.from_torchvision('alexnet', {})
 
 
+def test_init_from_problems_are_config_errors_naming_the_key(tiny_config,
+                                                             tmp_path):
+  """Found by the config check before anything runs (a missing file, an
+  unknown format), or, for the file's contents, one `ConfigError` naming
+  model.init_from when the weights are loaded."""
+  from seg_jax import errors, state, validate  # pylint: disable=g-import-not-at-top
+  c = tiny_config
+  c.model.init_from = str(tmp_path / 'nope.pth')
+  with pytest.raises(errors.ConfigError, match=r"^model.init_from='.*nope.pth"
+                     r"': no such file"):
+    validate.check_config(c)
+  (tmp_path / 'notes.pth').write_text('not weights')
+  c.model.init_from, c.model.init_format = str(tmp_path / 'notes.pth'), 'foo'
+  with pytest.raises(errors.ConfigError, match=r"^model.init_format='foo': "
+                     r'use the torchvision name .* resnet50, resnet101'):
+    validate.check_config(c)
+  c.model.init_format = 'resnet50'
+  validate.check_config(c)
+  with pytest.raises(errors.ConfigError, match=r'^model.init_from=.*notes.pth '
+                     r'\(model.init_format=resnet50\): .*not a torch zip'):
+    state.pretrained_init_fn(c)({})
+
+
 def _write_safetensors(path, tensors):
   header, blobs, offset = {}, [], 0
   for name, arr in tensors.items():

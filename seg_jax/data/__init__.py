@@ -13,8 +13,15 @@ from seg_jax.data import files, shapes, sources, transforms
 def _shapes(config, split, strict=True):
   del strict  # nothing to pair
   c = config.data.shapes
+  if split not in ('train', 'val'):
+    raise errors.ConfigError(f"shapes: no split {split!r}; the built-in "
+                             "dataset has 'train' and 'val'.")
+  key = 'num_train' if split == 'train' else 'num_val'
+  if c[key] < 1:
+    raise errors.ConfigError(f'data.shapes.{key}={c[key]}: split {split!r} '
+                             'needs 1 example or more.')
   return shapes.ShapesSource(
-      split, c.num_train if split == 'train' else c.num_val,
+      split, c[key],
       seed=c.seed, size=c.image_size, max_shapes=c.max_shapes,
       ignore_label=labels.ignore_label(config))
 
@@ -214,7 +221,14 @@ def open_split(config, split):
     (source, image sizes [(height, width)] of its examples, or None when
     not read).
   """
-  source = create_source(config, split)
+  try:
+    source = create_source(config, split)
+  except errors.MissingFileError as e:
+    if split != 'val':
+      raise
+    raise errors.MissingFileError(
+        f"{e} To train without validation: --config.data.val_split=''."
+    ) from None
   sizes = None
   if isinstance(source, files.FileSource) and (config.data.name == 'folder'
                                                or split != 'train'):
@@ -279,8 +293,11 @@ def resolved_config(config, train_source, val_source=None, val_sizes=None):
   names and palette of `train_source`, and the eval pad size the
   validation images need (`fit_eval_pad_size`). It is what a run folder
   stores, so that evaluation and prediction need neither the data nor
-  the settings repeated."""
+  the settings repeated. A relative `data.root` becomes absolute: the run
+  folder's config finds the data from any working directory."""
   resolved = copy.deepcopy(config)
+  if config.data.root and os.path.isdir(config.data.root):
+    resolved.data.root = os.path.abspath(config.data.root)
   resolved.data.class_names = tuple(str(n) for n in train_source.class_names)
   resolved.data.palette = tuple(tuple(int(v) for v in colour)
                                 for colour in train_source.palette)

@@ -6,10 +6,11 @@
 Reads every file of each split once (decoding images and masks as training
 does) and lists every problem, one line per file: undecodable or empty
 files, images without a mask, masks without an image, names that collide
-across extensions, image/mask size mismatches, mask values that are not
-classes of the config (e.g. a class id >= model.num_classes), colour and
-0/255 binary masks, float images outside 0..1, validation images larger
-than data.eval_pad_size. What is read but converted (EXIF orientation,
+across extensions, JPEG masks, image/mask size mismatches, mask values
+that are not classes of the config (e.g. a class id >= model.num_classes),
+colour and (with two classes) 0/255 binary masks, float images outside
+0..1, validation images larger than data.eval_pad_size, a training split
+smaller than one batch. What is read but converted (EXIF orientation,
 grayscale or 16-bit images, alpha channels) is listed as a note, grouped.
 Then, per split, a table of each class's pixels and the images it appears
 in. Exit status 1 when anything is wrong, else 0.
@@ -33,7 +34,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from seg_jax import cli, data, errors, labels
-from seg_jax.data import files, pipeline, transforms
+from seg_jax.data import files, pipeline, sources, transforms
 
 FLAGS = flags.FLAGS
 
@@ -73,6 +74,8 @@ def _pairing_errors(pairing):
             for image in pairing.unmatched]
   lines += [f'{mask}: mask without an image ({pairing.rule}).'
             for mask in pairing.orphans]
+  lines += [f'{mask}: a JPEG mask: {sources.JPEG_MASK_PROBLEM}'
+            for mask in pairing.jpeg_masks]
   return lines
 
 

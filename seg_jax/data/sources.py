@@ -234,6 +234,12 @@ def camvid(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
 # --- Any folder of images and masks ---------------------------------------
 
 
+# Why a JPEG mask is refused, and what to do.
+JPEG_MASK_PROBLEM = ("JPEG's lossy compression changes the class ids along "
+                     'every edge (silently, where they stay valid ids); save '
+                     'masks as PNG.')
+
+
 @dataclasses.dataclass
 class Pairing:
   """How the files of an images folder and a masks folder pair up.
@@ -255,6 +261,13 @@ class Pairing:
   image_dir: str = ''
   mask_dir: str = ''
   mask_suffix: str = ''
+
+  @property
+  def jpeg_masks(self):
+    """Paired masks stored as JPEG, whose lossy compression changes class
+    ids along edges."""
+    return [m for _, m in self.pairs
+            if m.lower().endswith(('.jpg', '.jpeg'))]
 
   def expected_mask(self, image):
     """Where the mask of `image` would be (as .png)."""
@@ -350,6 +363,11 @@ def check_pairing(pairing, name, on_bad_sample):
     raise errors.MissingFileError(
         f'{name}: no image has a mask: {pairing.rule}'
         f'{_suffix_hint(pairing)}.')
+  if pairing.jpeg_masks:
+    more = len(pairing.jpeg_masks) - 1
+    raise errors.ConfigError(
+        f'{name}: {pairing.jpeg_masks[0]} is a JPEG mask'
+        + (f' ({more} more)' if more else '') + f': {JPEG_MASK_PROBLEM}')
   if pairing.unmatched and on_bad_sample == 'raise':
     more = len(pairing.unmatched) - 1
     first = pairing.unmatched[0]
@@ -396,8 +414,10 @@ def folder(root, split, num_classes, on_bad_sample='raise',
     label_map: optional {raw mask value: class id (or ignore_label)}; its
       entries replace the default reading (0..num_classes-1 as themselves,
       `ignore_label` ignored), e.g. {255: 1} for 0/255 binary masks.
-      Without it a mask holding exactly 0 and 255 is an error: 255 would be
-      read as ignore and the foreground never learnt.
+      Without it, with two classes, a mask holding exactly 0 and 255 is an
+      error: 255 would be read as ignore and the foreground never learnt
+      (with more classes it is a background-only mask with ignored
+      pixels).
     mask_suffix: what a mask's name adds to its image's, e.g. '_mask'.
     strict: False leaves colliding names, images without masks and masks
       without images in `source.pairing` (for `seg_jax.data.check`) instead
@@ -421,7 +441,8 @@ def folder(root, split, num_classes, on_bad_sample='raise',
                         folder_table(num_classes, ignore_label, label_map),
                         on_bad_sample, origin=image_dir,
                         refuse_binary_export=(not label_map and
-                                              ignore_label == 255),
+                                              ignore_label == 255 and
+                                              num_classes == 2),
                         channels=channels)
   source.pairing = pairing
   if strict:  # a 0/255 export fails before training
