@@ -45,8 +45,11 @@ def load(path):
 
   Returns:
     (predict, meta): `predict(images)` maps uint8 (b, H, W, C) to int32
-    label maps (b, H, W) for any b; `meta` is FILE.json as a dict.
+    label maps (b, H, W) for any b; `meta` is FILE.json as a dict. Smaller
+    images (b, h, w, C) are mirror-filled to (H, W), as `evaluate` fills
+    its canvas, and their labels cropped back to (h, w).
   """
+  from seg_jax import mirror  # pylint: disable=g-import-not-at-top
   with open(path, 'rb') as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   with open(path + '.json') as f:
@@ -56,11 +59,12 @@ def load(path):
 
   def predict(images):
     images = np.asarray(images, np.uint8)
-    if images.ndim != 4 or images.shape[1:] != (height, width, channels):
-      raise ValueError(f'{path} takes uint8 images (b, {height}, {width}, '
-                       f'{channels}); got {images.shape}: resize or pad them '
-                       'first.')
-    return np.asarray(exported.call(images))
+    if images.ndim != 4 or images.shape[3] != channels:
+      raise ValueError(f'{path} takes uint8 images (b, h, w, {channels}); '
+                       f'got {images.shape}.')
+    h, w = images.shape[1:3]
+    canvas = mirror.onto_canvas(images, height, width, path)
+    return np.asarray(exported.call(canvas))[:, :h, :w]
 
   return predict, meta
 

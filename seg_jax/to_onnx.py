@@ -1102,9 +1102,12 @@ def load_onnx(path, providers=None):
       e.g. CUDA before CPU).
 
   Returns:
-    (predict, meta): `predict(images)` maps uint8 (b, H, W, 3) to int32
-    label maps (b, H, W) for any b; `meta` is FILE.json as a dict.
+    (predict, meta): `predict(images)` maps uint8 (b, H, W, C) to int32
+    label maps (b, H, W) for any b; `meta` is FILE.json as a dict. Smaller
+    images are mirror-filled to (H, W) and their labels cropped back, as
+    `export.load` does.
   """
+  from seg_jax import mirror  # pylint: disable=g-import-not-at-top
   try:
     import onnxruntime  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -1115,12 +1118,15 @@ def load_onnx(path, providers=None):
   with open(path + '.json') as f:
     meta = json.load(f)
   height, width = meta['input_size']
+  channels = meta.get('channels', 3)
 
   def predict(images):
     images = np.asarray(images, np.uint8)
-    if images.ndim != 4 or images.shape[1:] != (height, width, 3):
-      raise ValueError(f'{path} takes uint8 images (b, {height}, {width}, 3);'
-                       f' got {images.shape}: resize or pad them first.')
-    return session.run(None, {'images': images})[0]
+    if images.ndim != 4 or images.shape[3] != channels:
+      raise ValueError(f'{path} takes uint8 images (b, h, w, {channels}); '
+                       f'got {images.shape}.')
+    h, w = images.shape[1:3]
+    canvas = mirror.onto_canvas(images, height, width, path)
+    return session.run(None, {'images': canvas})[0][:, :h, :w]
 
   return predict, meta

@@ -138,3 +138,60 @@ def test_inference_modules_do_not_import_the_training_loop():
           '             or m.split(".")[0] == "tensorflow"))')
   out = _run(['-c', code])
   assert out.stdout.strip() == '[]'
+
+
+def _error_lines(stderr):
+  """stderr without absl's log lines (I/W/E1130 ...)."""
+  return [l for l in stderr.splitlines()
+          if l.strip() and not re.match(r'^[IWE]\d{4} ', l)]
+
+
+def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
+  clis = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.predict',
+          'seg_jax.export', 'seg_jax.data.check', 'seg_jax.data.to_folder',
+          'seg_jax.summary']
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  runs = [(m, ['--config=configs/nope.py', f'--workdir={tmp_path}/w',
+               f'--out={tmp_path}/o'],
+           r'^error: --config=configs/nope.py: no such file; give a config '
+           r'file \(configs/<file>.py\) or --workdir of a training run')
+          for m in clis]
+  runs += [('seg_jax.evaluate', [f'--workdir={tmp_path}/nowhere'],
+            rf'^error: --workdir={tmp_path}/nowhere does not exist; give the '
+            r'folder of a training run'),
+           ('seg_jax.predict', [f'--workdir={tmp_path}/run/checkpoints',
+                                f'--out={tmp_path}/o', 'x.png'],
+            rf'^error: --workdir={tmp_path}/run/checkpoints is inside the '
+            rf'training run {tmp_path}/run; give --workdir={tmp_path}/run.$')]
+  procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for m, args, _ in runs]
+  for (module, _, pattern), proc in zip(runs, procs):
+    _, stderr = proc.communicate(timeout=120)
+    lines = _error_lines(stderr)
+    assert proc.returncode == 2, (module, stderr[-2000:])
+    assert len(lines) == 1 and re.search(pattern, lines[0]), (module, lines)
+
+
+def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
+                                                             tmp_path):
+  """Before any checkpoint is read (there is none here)."""
+  from seg_jax import errors, export  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'm.stablehlo')
+  with pytest.raises(errors.ConfigError, match=r"^--platforms=cpu,gpu: 'gpu' "
+                     r'is none of cpu, cuda, rocm, tpu.$'):
+    export.export_model(tiny_config, str(tmp_path), out,
+                        platforms=('cpu', 'gpu'))
+  with pytest.raises(errors.ConfigError, match=r'^--out=.* is a folder; give '
+                     r'a file name'):
+    export.export_model(tiny_config, str(tmp_path), str(tmp_path))
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(errors.ConfigError, match=r'^--out=.*file is a file; '
+                     r'give a folder.$'):
+    export.export_model(tiny_config, str(tmp_path),
+                        str(tmp_path / 'file' / 'm.stablehlo'))
+  with pytest.raises(errors.ConfigError, match=r'^--out=.*/file/sub: cannot '
+                     r'create the folder \(Not a directory\).$'):
+    from seg_jax import cli  # pylint: disable=g-import-not-at-top
+    cli.make_folder(str(tmp_path / 'file' / 'sub'))

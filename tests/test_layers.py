@@ -17,7 +17,7 @@ from conftest import REPO
 # Bottom to top; 'data' and 'models' stand for their packages' modules.
 LAYERS = (
     ('errors',),
-    ('labels', 'interrupt', 'workdir', 'host_memory'),
+    ('labels', 'interrupt', 'workdir', 'host_memory', 'mirror'),
     ('sharding',),
     ('models',),
     ('losses', 'metrics', 'optim', 'flops'),

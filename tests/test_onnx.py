@@ -162,8 +162,25 @@ def test_export_cli_path_writes_onnx_that_load_onnx_runs(tmp_path):
   assert labels.dtype == np.int32 and labels.shape == (3, 32, 32)
   np.testing.assert_array_equal(labels, run_stablehlo(batch))
   np.testing.assert_array_equal(run_onnx(batch[1:2]), labels[1:2])
-  with pytest.raises(ValueError, match=r'\(b, 32, 32, 3\)'):
-    run_onnx(batch[:, :16])
+  # A smaller image is mirror-filled to the canvas, as evaluate fills its
+  # canvas: the labels of the predict step given its size.
+  small = batch[:, 5:25, 2:29]
+  from seg_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
+  model, variables, _ = checkpoint.restore_for_inference(
+      config, workdir, sharding.create_mesh(devices=jax.devices()[:1]))
+  canvas = np.zeros_like(batch)
+  canvas[:, :20, :27] = small
+  want = np.asarray(inference.make_predict_fn(
+      model, config, inference.spec_from_config(config, 'whole'))(
+          variables, canvas, np.array([[20, 27]] * 3, np.int32)))
+  np.testing.assert_array_equal(run_onnx(small), want[:, :20, :27])
+  np.testing.assert_array_equal(run_stablehlo(small), want[:, :20, :27])
+  with pytest.raises(ValueError, match=r'takes images of at most 32x32 '
+                     r'\(HxW\); got 40x32: export again with --size=40,32'):
+    run_onnx(np.zeros((1, 40, 32, 3), np.uint8))
+  with pytest.raises(ValueError,
+                     match=r'\(b, h, w, 3\); got \(3, 32, 32, 2\)'):
+    run_stablehlo(batch[..., :2])
   with pytest.raises(errors.ConfigError, match='--platforms'):
     export.export_model(config, workdir, path, format='onnx',
                         platforms=('cuda',))

@@ -177,6 +177,23 @@ def test_exported_model_in_a_fresh_process_matches_predict(run, tmp_path):
     assert json.load(f)['class_names'][1] == 'circle'
 
 
+def test_host_mirror_fill_is_the_inference_canvas_fill():
+  """`mirror.onto_canvas` (the exported models' loaders) fills a canvas as
+  `inference.mirror_beyond` does on device, a canvas over twice the image
+  included."""
+  from seg_jax import mirror  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).integers(0, 255, (2, 5, 7, 3), np.uint8)
+  canvas = np.zeros((2, 16, 12, 3), np.uint8)
+  canvas[:, :5, :7] = images
+  want = np.asarray(inference.mirror_beyond(
+      jnp.asarray(canvas), jnp.array([[5, 7], [5, 7]], jnp.int32)))
+  np.testing.assert_array_equal(mirror.onto_canvas(images, 16, 12, 'x'), want)
+  np.testing.assert_array_equal(mirror.onto_canvas(images, 5, 7, 'x'), images)
+  with pytest.raises(ValueError, match=r'^m.onnx takes images of at most '
+                     r'4x7 \(HxW\); got 5x7'):
+    mirror.onto_canvas(images, 4, 7, 'm.onnx')
+
+
 def test_parse_keep_and_output_names(tmp_path):
   names = ('background', 'circle', 'ring')
   assert predict.parse_keep(['Ring', '1', 'circle'], names) == [1, 2]

@@ -117,6 +117,11 @@ def test_png_copy_is_exact_and_overwrite_leaves_no_stale_files(camvid,
                                      'holds 2 files')):
     to_folder.convert(_config('camvid', camvid), str(out), ('val', 'train'),
                       image_format='png', progress=False)
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(errors.ConfigError, match=r'^--out=.*a_file is a file; '
+                     r'give a folder.$'):
+    to_folder.convert(_config('camvid', camvid), str(tmp_path / 'a_file'),
+                      progress=False)
   to_folder.convert(_config('camvid', camvid), str(out), image_format='png',
                     overwrite=True, threads=2, progress=False)
   assert max(_check_copy(camvid, out, 'png', max_mad=0.0)) == 0.0

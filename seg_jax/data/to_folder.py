@@ -192,6 +192,8 @@ def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
   if image_format not in IMAGE_FORMATS:
     raise errors.ConfigError(f'--image_format={image_format!r}: use one '
                                f'of {", ".join(IMAGE_FORMATS)}.')
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.ConfigError(f'--out={out} is a file; give a folder.')
   root = config.data.get('root') or ''
   if root and os.path.realpath(root) == os.path.realpath(out):
     raise errors.ConfigError(f'--out={out} is the dataset folder itself '

@@ -1,0 +1,28 @@
+"""Images onto a larger canvas on the host, as inference fills canvases.
+
+numpy only: the exported programs' loaders (`export.load`,
+`to_onnx.load_onnx`) use it without jax computation or flax.
+"""
+
+import numpy as np
+
+
+def mirror_indices(n, size):
+  """Indices 0..n-1 folded into 0..size-1: numpy's 'reflect', repeated
+  where n is more than twice size (`inference.mirror_beyond`'s rule)."""
+  r = np.arange(n)
+  period = max(2 * (size - 1), 1)
+  m = r % period
+  return np.where(m < size, m, period - m)
+
+
+def onto_canvas(images, height, width, where):
+  """uint8 images (b, h, w, C), h <= height and w <= width, mirror-filled
+  to (b, height, width, C); `ValueError` naming `where` when larger."""
+  images = np.asarray(images, np.uint8)
+  b, h, w = images.shape[:3]
+  if h > height or w > width:
+    raise ValueError(f'{where} takes images of at most {height}x{width} '
+                     f'(HxW); got {h}x{w}: export again with --size={h},{w} '
+                     'or larger, or resize them.')
+  return images[:, mirror_indices(height, h)][:, :, mirror_indices(width, w)]
