@@ -20,12 +20,16 @@ _HELP_FLAGS = ('--help', '-?', '--helpshort', '--helpfull')
 
 
 class _QuietLibraries:
-  """Keeps orbax's and grain's per-save INFO chatter out of the logs, and
-  orbax's warning that a checkpoint between evaluations has no mIoU."""
+  """Keeps orbax's and grain's per-save INFO chatter out of the logs,
+  orbax's warning that a checkpoint between evaluations has no mIoU, and
+  jax's note that a machine without a TPU has no TPU backend."""
 
   def filter(self, record):
     noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
     if noisy and 'did not provide metrics' in str(record.msg):
+      return False
+    if (record.levelno < pylogging.WARNING and
+        'Unable to initialize backend' in str(record.msg)):
       return False
     return record.levelno >= pylogging.WARNING or not noisy
 
@@ -341,6 +345,7 @@ def run(main):
   sys.argv = stored_config_argv(['--help' if a == '-h' else a
                                  for a in sys.argv])
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
+  quiet_library_logs()
   try:
     app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:

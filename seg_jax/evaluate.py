@@ -91,6 +91,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   """
   from seg_jax import (crf, data, evaluators, inference,  # pylint: disable=g-import-not-at-top
                        sharding)
+  from seg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from seg_jax.checkpoint import restore_for_inference  # pylint: disable=g-import-not-at-top
   if split == 'val' and not config.data.val_split:
     raise errors.ConfigError(
@@ -111,11 +112,15 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   refiner = crf.Refiner(crf.CRFParams.from_config(config)) if use_crf \
       else None
   for name in names or (inference.default_name(config),):
+    skips = pipeline.SkipCounter()
     evaluator = evaluators.Evaluator(name, config, model, mesh, source,
-                                     refiner=refiner)
+                                     refiner=refiner, skip_counter=skips)
     result = evaluator.run(variables, progress=_progress_bar(name, writes))
     name = result.name
     report = result.report(class_names, split=split, step=step)
+    # The images scored ('skip' mode leaves bad files out; counted on this
+    # process, which reads all of them in a one-process evaluation).
+    report['images'], report['skipped'] = len(source) - skips.count, skips.count
     if writes:
       stem = os.path.join(out, f'{split}_{name}_step{step}')
       with open(f'{stem}.json', 'w') as f:
@@ -124,6 +129,10 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
                      f'{config.model.name} on {split}, {name}, step {step}: '
                      f'mIoU {100 * result.scores["miou"]:.2f}')
       print(result.table(class_names))
+      if skips.count:
+        print(f'{skips.count} of {len(source)} images skipped '
+              "(data.on_bad_sample='skip'): the scores are of the other "
+              f"{report['images']}.")
       print(f'Wrote {stem}.json and {stem}_confusion.png')
       print(summary_line(result, step, split), flush=True)
     reports.append((result, report))

@@ -49,6 +49,17 @@ def _summary(result):
       if k in result).replace('miou=', 'mIoU=')
 
 
+def _remove_if_empty(workdir, existed):
+  """A run folder this start created and left empty (it failed before
+  writing anything) is removed, so a retry is not a resume of nothing."""
+  if existed or jax.process_index() != 0:
+    return
+  try:
+    os.rmdir(workdir)  # only if empty
+  except OSError:
+    pass
+
+
 def main(argv):
   cli.start(argv, keys=run_folder.RESUME_KEYS)
   from seg_jax import train, validate
@@ -56,8 +67,14 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
+  existed = os.path.isdir(FLAGS.workdir)
   validate.check_config(FLAGS.config, FLAGS.workdir)
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Exception:
+    _remove_if_empty(FLAGS.workdir, existed)
+    raise
+
   if jax.process_index() != 0:
     return
   if result.get('trained') is False:

@@ -93,6 +93,14 @@ def test_exif_rotated_photo_is_read_upright_and_aligned(tmp_path):
     for k, colour in enumerate(ud.COLOURS):  # JPEG noise stays < 40
       mean = example['image'][mask == k].mean(0)
       assert np.abs(mean - colour).max() < 40, (k, mean, colour)
+    if size[0] != size[1]:  # a mask drawn on the stored, sideways pixels
+      ud.save_mask(str(mask_path), np.zeros(size[::-1], np.uint8))
+      _, problem = files.header_check(str(image_path), str(mask_path))
+      assert problem == (
+          f'{mask_path}: mask is 24x32 (WxH) but its image {image_path} is '
+          '32x24 as shown upright (EXIF orientation 6): the mask matches the '
+          'stored, sideways pixels; rotate the mask to match the upright '
+          'image, or save the image without its EXIF orientation.')
 
 
 def test_grey_mask_saved_as_rgb_is_read_and_colour_masks_are_refused(
@@ -138,6 +146,26 @@ def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
     assert mask == image.replace('/images/', '/masks/')
   assert ('folder/train: 10 examples, images 24x32 (HxW), 3 classes: '
           'class_0, class_1, class_2') in caplog.text
+
+
+def test_files_of_types_not_read_are_named_where_they_would_pair(tmp_path):
+  ud.write_folder(tmp_path, n=10)
+  train = lambda sub, name: tmp_path / sub / 'train' / name
+  os.replace(train('masks', 'img_001.png'), train('masks', 'img_001.gif'))
+  os.replace(train('images', 'img_002.png'), train('images', 'img_002.jfif'))
+  with pytest.raises(errors.MissingFileError,
+                     match=r'img_001.png has no mask .* '
+                     rf"{train('masks', 'img_001.gif')} has its name but a "
+                     r'file type that is not read \(use one of .jpg, .*; masks '
+                     r'as .png\)\. Add the masks'):
+    data.create_source(ud.folder_config(tmp_path), 'train')
+  report = check.check_split(ud.folder_config(tmp_path), 'train')
+  assert [e.split(': ')[0] for e in report.errors] == [
+      str(train('images', 'img_001.png')), str(train('masks', 'img_002.png'))]
+  assert report.errors[1].endswith(
+      f"; {train('images', 'img_002.jfif')} has its name but a file type "
+      'that is not read (use one of .jpg, .jpeg, .png, .bmp, .tif, .tiff, '
+      '.webp; masks as .png).')
 
 
 def test_colliding_names_are_refused_naming_both(tmp_path):
@@ -261,6 +289,24 @@ def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
                   r"data.val_split is '' .* give --split=")
 
 
+def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
+    tmp_path):
+  ud.write_folder(tmp_path, n=8)
+  (tmp_path / 'classes.txt').write_text('# my classes\nroad\n\ncar\nsky\n')
+  config = ud.folder_config(tmp_path)
+  assert data.class_info(config)[0] == ('road', 'car', 'sky')
+  assert tuple(data.create_source(config, 'train').class_names) == (
+      'road', 'car', 'sky')
+  config.model.num_classes = 4
+  with pytest.raises(errors.ConfigError, match=rf'^{tmp_path}/classes.txt '
+                     r'names 3 classes but model.num_classes=4; make them'):
+    data.class_info(config)
+  config.data.class_names = ('a', 'b')
+  with pytest.raises(errors.ConfigError, match=r'^data.class_names names 2 '
+                     r'classes but model.num_classes=4'):
+    data.class_info(config)
+
+
 def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
   ud.write_folder(tmp_path, n=8)
   with pytest.raises(errors.MissingFileError,
@@ -324,6 +370,17 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
   rc, stdout, stderr = _cli('evaluate', run)
   assert rc == 0, stderr[-3000:]
   assert re.search(r'Evaluated: step=6 split=val evaluator=whole', stdout)
+  # In skip mode the report says how many images were scored.
+  ud.save_mask(paths[1][1], np.full(ud.SIZE, 7, np.uint8))
+  rc, stdout, stderr = _cli('evaluate', run, '--config.data.on_bad_sample=skip',
+                            f'--out={tmp_path}/skip')
+  assert rc == 0, stderr[-3000:]
+  assert "1 of 3 images skipped (data.on_bad_sample='skip'): the scores are " \
+      'of the other 2.' in stdout
+  with open(tmp_path / 'skip' / 'val_whole_step6.json') as f:
+    report = json.load(f)
+  assert (report['images'], report['skipped']) == (2, 1)
+  open(paths[1][1], 'wb').write(good)
   rc, stdout, stderr = _cli('predict', run, f'--out={tmp_path}/pred',
                             f'{tmp_path}/data/images/val')
   assert rc == 0, stderr[-3000:]
@@ -399,6 +456,8 @@ def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
   rc, _, stderr = _cli('main', *ud.cli_args(tmp_path), *extra,
                        f'--workdir={tmp_path}/run')
   _one_line_error(rc, stderr, code, pattern)
+  if fault == 'batch':  # a start that wrote nothing leaves no folder
+    assert not os.path.exists(tmp_path / 'run'), os.listdir(tmp_path / 'run')
 
 
 # --- Ctrl-C ---------------------------------------------------------------

@@ -91,17 +91,21 @@ def class_info(config):
   `class_<i>` and the VOC colour map."""
   num = config.model.num_classes
   names, palette = _CLASSES.get(config.data.name, ((), None))
+  origin = f'data.name={config.data.name!r} has'
   if config.data.name == 'tfds':
     names = tuple(config.data.tfds.class_names)
+    origin = 'data.tfds.class_names names'
   listed = os.path.join(config.data.root or '', 'classes.txt')
   if config.data.name == 'folder' and os.path.isfile(listed):
-    names = tuple(files.read_list(listed, 'folder'))
-  names = tuple(config.data.class_names) or names or tuple(
-      f'class_{i}' for i in range(num))
+    names = tuple(files.read_class_names(listed))
+    origin = f'{listed} names'
+  if config.data.class_names:
+    names, origin = tuple(config.data.class_names), 'data.class_names names'
+  names = names or tuple(f'class_{i}' for i in range(num))
   if len(names) != num:
     raise errors.ConfigError(
-        f'data.name={config.data.name!r} has {len(names)} classes but '
-        f'model.num_classes={num}; make them equal.')
+        f'{origin} {len(names)} classes but model.num_classes={num}; make '
+        'them equal.')
   if config.data.palette:
     palette = check_palette(config.data.palette, num)
   elif palette is None or len(palette) != num:

@@ -70,9 +70,11 @@ def _pairing_errors(pairing):
            'pairs with a mask is ambiguous: rename or remove one.'
            for a, b in pairing.collisions]
   lines += [f'{image}: no mask {pairing.expected_mask(image)} (or with '
-            f'another image extension; {pairing.rule}).'
+            f'another image extension; {pairing.rule})'
+            f'{pairing.why_unpaired(image)}.'
             for image in pairing.unmatched]
-  lines += [f'{mask}: mask without an image ({pairing.rule}).'
+  lines += [f'{mask}: mask without an image ({pairing.rule})'
+            f'{pairing.why_unpaired(mask)}.'
             for mask in pairing.orphans]
   lines += [f'{mask}: a JPEG mask: {sources.JPEG_MASK_PROBLEM}'
             for mask in pairing.jpeg_masks]

@@ -340,10 +340,23 @@ def apply_table(raw, table, path):
 
 
 def size_mismatch(mask_name, mask_hw, image_name, image_hw):
-  """The message of a mask whose size differs from its image's."""
-  return (f'{mask_name}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its '
-          f'image {image_name} is {image_hw[1]}x{image_hw[0]}; they must be '
-          'the same size.')
+  """The message of a mask whose size differs from its image's (saying so
+  when the image is turned by its EXIF orientation and the mask fits its
+  stored pixels)."""
+  message = (f'{mask_name}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its '
+             f'image {image_name} is {image_hw[1]}x{image_hw[0]}')
+  if tuple(mask_hw[:2]) == tuple(image_hw[:2])[::-1]:
+    try:
+      with Image.open(image_name) as im:
+        orientation = _header_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+      orientation = 1
+    if orientation in (5, 6, 7, 8):
+      return (f'{message} as shown upright (EXIF orientation '
+              f'{orientation}): the mask matches the stored, sideways '
+              'pixels; rotate the mask to match the upright image, or save '
+              'the image without its EXIF orientation.')
+  return message + '; they must be the same size.'
 
 
 def to_example(image, raw, table, mask_name, image_name):
@@ -417,6 +430,13 @@ def read_list(path, name):
   if not lines:
     raise errors.ConfigError(f'{name}: split list {path} is empty.')
   return lines
+
+
+def read_class_names(path):
+  """The class names of a `classes.txt`: one per non-empty line, lines
+  starting with '#' left out as comments."""
+  return [line for line in read_list(path, 'folder')
+          if not line.startswith('#')]
 
 
 class FileSource:

@@ -252,6 +252,8 @@ class Pairing:
       extension (one folder each).
     rule: the pairing rule in words, for messages.
     image_dir, mask_dir, mask_suffix: what was paired, and how.
+    unsupported: {unpaired file: the file of a type not read (not one of
+      `files.IMAGE_EXTENSIONS`) it would have paired with}.
   """
   pairs: list
   unmatched: list
@@ -261,6 +263,15 @@ class Pairing:
   image_dir: str = ''
   mask_dir: str = ''
   mask_suffix: str = ''
+  unsupported: dict = dataclasses.field(default_factory=dict)
+
+  def why_unpaired(self, path):
+    """'; X.gif has its name but a type not read (...)' or ''."""
+    other = self.unsupported.get(path)
+    if other is None:
+      return ''
+    return (f'; {other} has its name but a file type that is not read (use '
+            f'one of {", ".join(files.IMAGE_EXTENSIONS)}; masks as .png)')
 
   @property
   def jpeg_masks(self):
@@ -275,18 +286,21 @@ class Pairing:
     return os.path.join(self.mask_dir, f'{key}{self.mask_suffix}.png')
 
 
-def _files_by_key(folder):
+def _files_by_key(folder, others=None):
   """{relative path without extension: [files]} of the images under
-  `folder`, every subfolder included (hidden files left out)."""
+  `folder`, every subfolder included (hidden files left out); files of
+  other types go into `others` (the same mapping) when given."""
   found = {}
   for root, _, names in files.walk(folder):
     for name in names:
-      if name.startswith('.') or not name.lower().endswith(
-          files.IMAGE_EXTENSIONS):
+      if name.startswith('.'):
         continue
       path = os.path.join(root, name)
       key = os.path.splitext(os.path.relpath(path, folder))[0]
-      found.setdefault(key, []).append(path)
+      if name.lower().endswith(files.IMAGE_EXTENSIONS):
+        found.setdefault(key, []).append(path)
+      elif others is not None:
+        others.setdefault(key, []).append(path)
   return found
 
 
@@ -305,7 +319,9 @@ def pair_files(image_dir, mask_dir, name, mask_suffix=''):
   for d in (image_dir, mask_dir):
     if not os.path.isdir(d):
       raise errors.MissingFileError(f'{name}: folder {d} does not exist.')
-  images, masks = _files_by_key(image_dir), _files_by_key(mask_dir)
+  other_images, other_masks = {}, {}
+  images = _files_by_key(image_dir, other_images)
+  masks = _files_by_key(mask_dir, other_masks)
   if not images:
     raise errors.MissingFileError(
         f'{name}: no images in {image_dir} or its subfolders (looked for '
@@ -324,9 +340,20 @@ def pair_files(image_dir, mask_dir, name, mask_suffix=''):
       unmatched.append(paths[0])
   orphans = sorted(set(p[0] for p in masks.values()) -
                    {m for _, m in pairs})
+  # A mask (image) of another file type that an unpaired image (mask)
+  # would have paired with: said in the messages.
+  lone_images, lone_masks = set(unmatched), set(orphans)
+  unsupported = {paths[0]: other_masks[key + mask_suffix][0]
+                 for key, paths in images.items() if paths[0] in lone_images
+                 and key + mask_suffix in other_masks}
+  unsupported.update(
+      {paths[0]: other_images[key[:len(key) - len(mask_suffix)]][0]
+       for key, paths in masks.items()
+       if paths[0] in lone_masks and key.endswith(mask_suffix) and
+       key[:len(key) - len(mask_suffix)] in other_images})
   return Pairing(pairs, unmatched, orphans, collisions,
                  pairing_rule(image_dir, mask_dir, mask_suffix), image_dir,
-                 mask_dir, mask_suffix)
+                 mask_dir, mask_suffix, unsupported)
 
 
 def _suffix_hint(pairing):
@@ -375,7 +402,8 @@ def check_pairing(pairing, name, on_bad_sample):
         f'{name}: {first} has no mask {pairing.expected_mask(first)} (or '
         'with another image extension)'
         + (f', nor do {more} more images' if more else '') +
-        f': {pairing.rule}{_suffix_hint(pairing)}. Add the masks, or set '
+        f': {pairing.rule}{_suffix_hint(pairing)}'
+        f'{pairing.why_unpaired(first)}. Add the masks, or set '
         "data.on_bad_sample='skip' to leave such images out.")
   for image in pairing.unmatched:
     logging.warning('%s: skipped %s: it has no mask %s (%s).', name, image,
@@ -454,7 +482,7 @@ def _folder_class_names(root, num_classes):
   names_file = os.path.join(root, 'classes.txt')
   if not os.path.isfile(names_file):
     return [f'class_{i}' for i in range(num_classes)]
-  names = files.read_list(names_file, 'folder')
+  names = files.read_class_names(names_file)
   if len(names) != num_classes:
     raise errors.ConfigError(
         f'folder: {names_file} names {len(names)} classes but '
