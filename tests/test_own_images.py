@@ -307,6 +307,19 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
     data.class_info(config)
 
 
+def test_data_root_unset_or_one_level_too_deep_is_named(tmp_path):
+  ud.write_folder(tmp_path, n=8)
+  with pytest.raises(errors.MissingFileError, match=r'^folder: data.root is '
+                     r'not set; give --config.data.root=<the dataset folder> '
+                     r'\(it must hold images/ and masks/\).$'):
+    data.create_source(ud.folder_config(''), 'train')
+  with pytest.raises(errors.MissingFileError, match=rf'^folder: data.root='
+                     rf"'{tmp_path}/images/' is the images folder; give the "
+                     r'folder that holds images/ and masks/: '
+                     rf'--config.data.root={tmp_path}.$'):
+    data.create_source(ud.folder_config(f'{tmp_path}/images/'), 'train')
+
+
 def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
   ud.write_folder(tmp_path, n=8)
   with pytest.raises(errors.MissingFileError,

@@ -412,7 +412,11 @@ def _ranges(values):
 
 def check_root(root, name, hint=''):
   """FileNotFoundError naming the setting when `root` is not a folder."""
-  if not root or not os.path.isdir(root):
+  if not root:
+    raise errors.MissingFileError(
+        f'{name}: data.root is not set; give --config.data.root=<the '
+        f'dataset folder>{" (" + hint + ")" if hint else ""}.')
+  if not os.path.isdir(root):
     raise errors.MissingFileError(
         f'{name}: dataset folder data.root={root!r} does not exist'
         f'{"; " + hint if hint else ""}.')

@@ -454,6 +454,12 @@ def folder(root, split, num_classes, on_bad_sample='raise',
       give how many).
   """
   files.check_root(root, 'folder', 'it must hold images/ and masks/')
+  parent, base = os.path.split(os.path.normpath(root))
+  if base in ('images', 'masks') and all(
+      os.path.isdir(os.path.join(parent, d)) for d in ('images', 'masks')):
+    raise errors.MissingFileError(
+        f'folder: data.root={root!r} is the {base} folder; give the folder '
+        f'that holds images/ and masks/: --config.data.root={parent}.')
   image_dir, mask_dir = folder_dirs(root, split)
   names = _folder_class_names(root, num_classes)
   pairing = pair_files(image_dir, mask_dir, f'folder/{split}', mask_suffix)
