@@ -74,7 +74,6 @@ def main(argv):
   except Exception:
     _remove_if_empty(FLAGS.workdir, existed)
     raise
-
   if jax.process_index() != 0:
     return
   if result.get('trained') is False:

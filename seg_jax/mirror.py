@@ -20,7 +20,7 @@ def onto_canvas(images, height, width, where):
   """uint8 images (b, h, w, C), h <= height and w <= width, mirror-filled
   to (b, height, width, C); `ValueError` naming `where` when larger."""
   images = np.asarray(images, np.uint8)
-  b, h, w = images.shape[:3]
+  h, w = images.shape[1:3]
   if h > height or w > width:
     raise ValueError(f'{where} takes images of at most {height}x{width} '
                      f'(HxW); got {h}x{w}: export again with --size={h},{w} '

@@ -396,8 +396,8 @@ def main(argv):
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
   found = find_inputs(inputs)
   check_out(FLAGS.out, inputs, found)
-  cli.make_folder(FLAGS.out)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
+  cli.make_folder(FLAGS.out)
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
