@@ -234,3 +234,28 @@ def test_aspp_forms_times_torch_beside_the_forms():
   assert last[0] == 'torch' and len(last) == 6
   values = [float(v) for v in last[1:]]
   assert abs(sum(values[:4]) - values[4]) <= 0.25
+
+
+@pytest.mark.slow  # five ResNet-50 prefixes compiled: ~16 s here
+def test_trunk_stages_prints_a_row_per_side_whose_stages_sum_to_its_total():
+  """benchmarks/trunk_stages.py at a small size: seg_jax's row (and torch's
+  where torch is installed), five stages and their total."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    sides = ['seg_jax', 'torch']
+  except ImportError:
+    sides = ['seg_jax']
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/trunk_stages.py', '--size=32',
+       '--repeats=1', *(['--torch'] if len(sides) == 2 else [])],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert lines[0] == ('dilated ResNet-50 trunk (OS 8), batch 1, 32x32; ms, '
+                      'median of 1')
+  assert lines[1].split() == ['side', 'stem', 'layer1', 'layer2', 'layer3',
+                              'layer4', 'total']
+  assert [l.split()[0] for l in lines[2:]] == sides
+  for line in lines[2:]:
+    values = [float(v) for v in line.split()[1:]]
+    assert len(values) == 6 and abs(sum(values[:5]) - values[5]) <= 0.3
