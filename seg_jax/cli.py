@@ -171,7 +171,7 @@ def define_distributed_flags():
 def _env_int(env, name):
   value = env.get(name, '')
   if value and not value.lstrip('-').isdigit():
-    raise ValueError(f'${name}={value!r} is not an integer.')
+    raise errors.ConfigError(f'${name}={value!r} is not an integer.')
   return int(value) if value else None
 
 
@@ -194,8 +194,8 @@ def distributed_settings(f=None, environ=None):
               (slurm_tasks > 1 and 'SLURM_STEP_NODELIST' in env) or
               len(tpu_hosts) > 1)
   if wanted and n is not None and pid is not None and not 0 <= pid < n:
-    raise ValueError(f'process_id={pid} is outside 0..{n - 1} '
-                     f'(num_processes={n}).')
+    raise errors.ConfigError(f'process_id={pid} is outside 0..{n - 1} '
+                             f'(num_processes={n}).')
   return wanted, address, n, pid
 
 
@@ -210,8 +210,13 @@ def init_distributed():
   if not wanted:
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=address, num_processes=n,
-                             process_id=pid)
+  try:
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=n, process_id=pid)
+  except ValueError as e:  # what the flags left out, said by jax
+    raise errors.ConfigError(
+        f'--distributed: {e} (--coordinator_address, --num_processes, '
+        '--process_id, or their JAX_* variables).') from None
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info('JAX process %d of %d; %d local / %d global devices.',
@@ -245,21 +250,27 @@ def make_folder(path, flag='--out'):
   return path
 
 
+def check_not_in_checkpoints(workdir):
+  """Refuses a --workdir inside a run's checkpoints/ (a step folder
+  included), naming the run."""
+  run = run_folder.enclosing_run(workdir or '.')
+  if run is not None:
+    raise errors.ConfigError(
+        f'--workdir={workdir} is inside the checkpoints of the training run '
+        f'{run}; give --workdir={run} (and --checkpoint=STEP for a step).')
+
+
 def require_config():
   """FLAGS.config; a one-line error when neither --config nor the run
   folder's config.json gives one."""
   if flags.FLAGS.config is None:
     workdir = flags.FLAGS.workdir
-    parent = os.path.dirname(os.path.normpath(workdir or '.'))
     if workdir and not os.path.isdir(workdir):
       raise errors.ConfigError(
           f'--workdir={workdir} does not exist; give the folder of a '
           f'training run (it holds {run_folder.CONFIG_FILE}), or '
           '--config=configs/<file>.py.')
-    if os.path.isfile(run_folder.config_path(parent)):
-      raise errors.ConfigError(
-          f'--workdir={workdir} is inside the training run {parent}; give '
-          f'--workdir={parent}.')
+    check_not_in_checkpoints(workdir)
     raise errors.ConfigError(
         f'--config is needed: {workdir} holds no '
         f'{run_folder.CONFIG_FILE} (training writes one there); give '
@@ -276,6 +287,7 @@ def start(argv, keys=run_folder.INFERENCE_KEYS):
   if len(argv) > 1:
     raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
                              'setting is a --flag or --config.a.b=value.')
+  check_not_in_checkpoints(flags.FLAGS.workdir)
   check_run_config(require_config(), flags.FLAGS.workdir, keys)
   quiet_library_logs()
   enable_compilation_cache(flags.FLAGS.config.get('compilation_cache_dir',

@@ -220,6 +220,9 @@ def check_config(c):
     raise errors.ConfigError(
         f'train.class_weights has {len(weights)} entries; '
         f'model.num_classes={c.model.num_classes}.')
+  if any(not w >= 0 for w in weights) or (weights and not any(weights)):
+    raise errors.ConfigError(
+        f'train.class_weights={weights}: give weights >= 0, not all 0.')
 
 
 def loss_weights(config):

@@ -18,8 +18,15 @@ def mirror_indices(n, size):
 
 def onto_canvas(images, height, width, where):
   """uint8 images (b, h, w, C), h <= height and w <= width, mirror-filled
-  to (b, height, width, C); `ValueError` naming `where` when larger."""
-  images = np.asarray(images, np.uint8)
+  to (b, height, width, C); `ValueError` naming `where` for other dtypes,
+  no image, or larger ones."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f'{where} takes uint8 images (values 0..255); got '
+                     f'{images.dtype}: convert them first (floats in 0..1: '
+                     '(x * 255).round().astype(np.uint8)).')
+  if not images.shape[0]:
+    raise ValueError(f'{where}: no image in the batch ({images.shape}).')
   h, w = images.shape[1:3]
   if h > height or w > width:
     raise ValueError(f'{where} takes images of at most {height}x{width} '

@@ -32,6 +32,7 @@ if __name__ in ('__main__', '__mp_main__'):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import fractions
+import functools
 import os
 import sys
 
@@ -65,6 +66,8 @@ def find_inputs(paths):
     top = os.path.basename(os.path.normpath(path))
     for root, _, names in files.walk(path):
       for name in names:
+        if name.startswith('.') or '__MACOSX' in root:
+          continue  # hidden files and macOS's resource forks, as training
         if name.lower().endswith(files.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
           full = os.path.join(root, name)
           rel = os.path.splitext(os.path.relpath(full, path))[0]
@@ -73,22 +76,15 @@ def find_inputs(paths):
 
 
 def check_out(out, inputs, found):
-  """Raises `ConfigError` unless `out` is a folder (or a new path) that
-  neither lies inside an input folder (the outputs would be mixed with
-  the inputs, and read as inputs by the next run) nor would overwrite any
-  input file."""
+  """Raises `ConfigError` unless `out` is a folder (or a new path) whose
+  outputs (`OUT/<name><suffix>` of each input in `found`) overwrite no
+  input, land in no input folder (linked subfolders included: they would
+  be mixed with the inputs, and read as inputs by the next run) nor beside
+  a single input image, and overwrite no `.png` that is not an earlier
+  prediction (one without its `_overlay.jpg`, e.g. a ground-truth mask)."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise errors.ConfigError(f'--out={out} is a file; give a folder (it is '
                              'created if missing).')
-  real_out = os.path.realpath(out)
-  for path in inputs:
-    real = os.path.realpath(path)
-    if os.path.isdir(path) and (real_out == real or real_out.startswith(
-        real + os.sep)):
-      raise errors.ConfigError(
-          f'--out={out} is inside the input folder {path}: the outputs '
-          'would be written among the images (and read as inputs by the '
-          'next run); give an --out outside it.')
   sources = {os.path.realpath(path): path for path, _ in found}
   for _, name in found:
     for suffix in OUTPUT_SUFFIXES:
@@ -96,7 +92,43 @@ def check_out(out, inputs, found):
       if target in sources:
         raise errors.ConfigError(
             f'--out={out} would overwrite the input {sources[target]} with '
-            f'an output; give another --out.')
+            'an output; give another --out.')
+  # Input folders, linked subfolders included (the folders of the images
+  # found in them), and the folders of single images.
+  folders = {os.path.realpath(p): p for p in inputs if os.path.isdir(p)}
+  for path, name in found:
+    if os.sep in name:
+      folders.setdefault(os.path.realpath(os.path.dirname(path)),
+                         os.path.dirname(path))
+  real = functools.lru_cache(maxsize=None)(os.path.realpath)
+  wheres = {real(os.path.dirname(os.path.join(out, n))) for _, n in found}
+  for where in sorted(wheres | {real(out)}):
+    for folder, shown in folders.items():
+      if _within(where, folder):
+        raise errors.ConfigError(
+            f'--out={out} puts outputs in {where}, inside the input folder '
+            f'{shown or "."}: they would be written among the images (and '
+            'read as inputs by the next run); give an --out outside it.')
+  for path, name in found:
+    if real(os.path.dirname(os.path.join(out, name))) == real(
+        os.path.dirname(path) or '.'):
+      raise errors.ConfigError(
+          f'--out={out} puts the outputs of {path} beside it, under its '
+          'name with other extensions; give an --out outside its folder.')
+    # A label map is written with its overlay: a file there without one is
+    # not an earlier prediction (e.g. a ground-truth mask).
+    target = os.path.join(out, name + '.png')
+    if os.path.exists(target) and not os.path.exists(
+        os.path.join(out, name + '_overlay.jpg')):
+      raise errors.ConfigError(
+          f'--out={out} would overwrite {target}, which is not an earlier '
+          f'prediction (no {os.path.basename(name)}_overlay.jpg beside it); '
+          'give another --out.')
+
+
+def _within(path, folder):
+  """Whether `path` is `folder` or inside it (both real paths)."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def check_flags(batch_size, size_multiple, alpha):
@@ -396,6 +428,7 @@ def main(argv):
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
   found = find_inputs(inputs)
   check_out(FLAGS.out, inputs, found)
+  cli.check_not_in_checkpoints(FLAGS.workdir)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.make_folder(FLAGS.out)
   cli.quiet_library_logs()

@@ -60,9 +60,11 @@ def check_config(config):
   """The model section's own check, with what the state depends on
   (train.precision, train.ema_decay); see `seg_jax.validate`."""
   num = config.model.num_classes
-  if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-    raise errors.ConfigError(f'model.num_classes={num!r}: give an integer '
-                             '>= 1.')
+  if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+    raise errors.ConfigError(
+        f'model.num_classes={num!r}: give an integer >= 2 (the model scores '
+        'every class, background included: binary masks are 2 classes, '
+        'with data.label_map={255: 1} for 0/255 ones).')
   if not 0 <= config.train.ema_decay < 1:
     raise errors.ConfigError(f'train.ema_decay={config.train.ema_decay!r}: '
                              'give a value in [0, 1).')

@@ -1121,7 +1121,7 @@ def load_onnx(path, providers=None):
   channels = meta.get('channels', 3)
 
   def predict(images):
-    images = np.asarray(images, np.uint8)
+    images = np.asarray(images)
     if images.ndim != 4 or images.shape[3] != channels:
       raise ValueError(f'{path} takes uint8 images (b, h, w, {channels}); '
                        f'got {images.shape}.')

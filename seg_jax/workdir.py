@@ -37,6 +37,19 @@ def config_path(workdir):
   return os.path.join(workdir, CONFIG_FILE)
 
 
+def enclosing_run(path):
+  """The run folder whose checkpoints/ `path` is in (the folder itself or
+  a step of it), or None."""
+  path = os.path.abspath(path)
+  while os.path.dirname(path) != path:
+    parent = os.path.dirname(path)
+    if (os.path.basename(path) == 'checkpoints' and
+        os.path.isfile(config_path(parent))):
+      return parent
+    path = parent
+  return None
+
+
 def checkpoint_dir(workdir):
   return os.path.join(workdir, 'checkpoints')
 

@@ -163,7 +163,12 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
            ('seg_jax.predict', [f'--workdir={tmp_path}/run/checkpoints',
                                 f'--out={tmp_path}/o', 'x.png'],
             rf'^error: --workdir={tmp_path}/run/checkpoints is inside the '
-            rf'training run {tmp_path}/run; give --workdir={tmp_path}/run.$')]
+            rf'checkpoints of the training run {tmp_path}/run; give '
+            rf'--workdir={tmp_path}/run \(and --checkpoint=STEP'),
+           ('seg_jax.main', [f'--config={TINY}',
+                             f'--workdir={tmp_path}/run/checkpoints/4'],
+            rf'^error: --workdir={tmp_path}/run/checkpoints/4 is inside the '
+            rf'checkpoints of the training run {tmp_path}/run; ')]
   procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True) for m, args, _ in runs]

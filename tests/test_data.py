@@ -377,3 +377,27 @@ def test_shapes_splits_and_sizes_are_config_errors(tiny_config):
     data.create_source(tiny_config, 'val')
   assert len(data.create_source(tiny_config, 'train')) == (
       tiny_config.data.shapes.num_train)
+
+
+def test_shapes_images_larger_than_the_crop_fit_the_eval_canvas(tiny_config):
+  """Known before any step: the canvas fits the built-in images, or a
+  canvas set too small is refused naming the setting."""
+  tiny_config.data.shapes.image_size = 40
+  train_source, _ = data.open_split(tiny_config, 'train')
+  val_source, sizes = data.open_split(tiny_config, 'val')
+  assert sizes == [(40, 40)] * len(val_source)
+  resolved = data.resolved_config(tiny_config, train_source, val_source,
+                                  sizes)
+  assert resolved.data.eval_pad_size == (64, 64)
+  tiny_config.data.eval_pad_size = (32, 32)
+  with pytest.raises(errors.ConfigError, match=r'^shapes/val example 0 is '
+                     r'40x40 \(HxW\), larger than data.eval_pad_size=\(32, '
+                     r'32\)'):
+    data.resolved_config(tiny_config, train_source, val_source, sizes)
+
+
+def test_tfds_without_a_name_is_a_config_error(tiny_config):
+  tiny_config.data.name = 'tfds'
+  with pytest.raises(errors.ConfigError, match=r"^data.name='tfds' needs "
+                     r'data.tfds.name'):
+    data.create_source(tiny_config, 'train')

@@ -305,6 +305,16 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
   with pytest.raises(errors.ConfigError, match=r'^data.class_names names 2 '
                      r'classes but model.num_classes=4'):
     data.class_info(config)
+  config.model.num_classes = 3  # a BOM (Windows' Notepad) is no character
+  config.data.class_names = ()
+  (tmp_path / 'classes.txt').write_bytes('road\ncar\nroad\n'.encode(
+      'utf-8-sig'))
+  with pytest.raises(errors.ConfigError, match=rf'^{tmp_path}/classes.txt: '
+                     r"the class name 'road' is given twice"):
+    data.class_info(config)
+  (tmp_path / 'classes.txt').write_bytes('road\ncar\nsky\n'.encode(
+      'utf-8-sig'))
+  assert data.class_info(config)[0] == ('road', 'car', 'sky')
 
 
 def test_data_root_unset_or_one_level_too_deep_is_named(tmp_path):
@@ -522,7 +532,7 @@ def test_sigint_at_any_moment_exits_cleanly_and_a_saved_run_resumes(
 
 
 def _faulty_dataset(root):
-  """Ten kinds of faults, one file each; returns the faulty files."""
+  """Eleven kinds of faults, one file each; returns the faulty files."""
   ud.write_folder(root, n=14)
   ud.write_folder(root, n=3, split='val')
   img = lambda i: root / 'images' / 'train' / f'img_{i:03d}.png'
@@ -561,6 +571,8 @@ def _faulty_dataset(root):
   Image.fromarray(np.zeros(ud.SIZE, np.uint8)).save(
       root / 'masks' / 'train' / 'img_010.jpg')
   faults['JPEG mask'] = root / 'masks' / 'train' / 'img_010.jpg'
+  Image.fromarray(np.zeros(ud.SIZE, np.uint8)).save(msk(11), format='JPEG')
+  faults['JPEG named .png'] = msk(11)
   return faults
 
 

@@ -192,6 +192,11 @@ def test_host_mirror_fill_is_the_inference_canvas_fill():
   with pytest.raises(ValueError, match=r'^m.onnx takes images of at most '
                      r'4x7 \(HxW\); got 5x7'):
     mirror.onto_canvas(images, 4, 7, 'm.onnx')
+  with pytest.raises(ValueError, match=r'^m.onnx takes uint8 images \(values '
+                     r'0..255\); got float32'):
+    mirror.onto_canvas(images.astype(np.float32) / 255, 16, 12, 'm.onnx')
+  with pytest.raises(ValueError, match=r'^m.onnx: no image in the batch'):
+    mirror.onto_canvas(images[:0], 16, 12, 'm.onnx')
 
 
 def test_parse_keep_and_output_names(tmp_path):
@@ -217,6 +222,9 @@ def test_inputs_follow_linked_folders_once(tmp_path):
   (tmp_path / 'f' / 'sub' / 'loop').symlink_to(tmp_path / 'f')  # a cycle
   (tmp_path / 'f' / '.hidden').mkdir()
   (tmp_path / 'f' / '.hidden' / 'd.png').write_bytes(b'')
+  (tmp_path / 'f' / '._a.png').write_bytes(b'')  # macOS's resource forks
+  (tmp_path / 'f' / '__MACOSX').mkdir()
+  (tmp_path / 'f' / '__MACOSX' / '._a.png').write_bytes(b'')
   found = predict.find_inputs([str(tmp_path / 'f')])
   assert [n for _, n in found] == [os.path.join('f', *p) for p in (
       ('a',), ('linked', 'c'), ('sub', 'b'))]
@@ -248,6 +256,28 @@ def test_outputs_never_land_on_or_among_the_inputs(tmp_path):
     check('one.jpg', 'shots')
   check('preds', 'shots', 'one.jpg')  # beside the inputs: fine
   check('.', 'shots/sub')  # OUT/sub/dog.png is not an input
+  # OUT/<folder name> is the input folder: --out its parent.
+  with pytest.raises(errors.ConfigError, match=r'puts outputs in .*shots/sub, '
+                     r'inside the input folder .*shots/sub'):
+    check('shots', 'shots/sub')
+  with pytest.raises(errors.ConfigError, match=r'puts the outputs of .*one.jpg '
+                     r'beside it'):
+    check('.', 'one.jpg')
+  (tmp_path / 'elsewhere').mkdir()
+  (tmp_path / 'elsewhere' / 'e.png').write_bytes(b'')
+  (tmp_path / 'shots' / 'lnk').symlink_to(tmp_path / 'elsewhere')
+  with pytest.raises(errors.ConfigError, match=r'inside the input folder '
+                     r'.*shots/lnk'):
+    check('elsewhere/o', 'shots')
+  # Ground-truth masks where the label maps would go: refused; earlier
+  # predictions (a label map with its overlay) are replaced.
+  (tmp_path / 'gt' / 'shots').mkdir(parents=True)
+  (tmp_path / 'gt' / 'shots' / 'cat.png').write_bytes(b'')
+  with pytest.raises(errors.ConfigError, match=r'would overwrite .*gt/shots/'
+                     r'cat.png, which is not an earlier prediction'):
+    check('gt', 'shots')
+  (tmp_path / 'gt' / 'shots' / 'cat_overlay.jpg').write_bytes(b'')
+  check('gt', 'shots')
 
 
 def test_predict_flags_out_of_range_are_named():

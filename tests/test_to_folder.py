@@ -207,3 +207,20 @@ def test_cli_refuses_a_filled_out_then_overwrites(camvid, tmp_path):
       f'--config.data.root={out} --workdir=runs/unet_camvid_folder')
   assert os.path.getsize(image) < size_at_95
   assert not (out / 'images' / 'train').exists()
+
+
+def test_train_command_does_not_map_the_copys_labels_again():
+  """The copy holds class ids under its images' names: the printed command
+  resets a label map and a mask suffix the config (file or flags) set."""
+  config = _config('camvid', '/data')
+  config.data.label_map = {1: 0, 2: 1}
+  config.data.mask_suffix = '_mask'
+  command = to_folder.train_command(
+      'configs/x.py', '/out', config, ('train', 'val'),
+      ['--config.data.label_map={1: 0, 2: 1}', '--config.data.mask_suffix=_m',
+       '--config.train.num_steps=7'])
+  assert command == (
+      "python -m seg_jax.main --config=configs/x.py --config.train.num_steps=7 "
+      "--config.data.name=folder --config.data.root=/out "
+      "'--config.data.label_map={}' --config.data.mask_suffix= "
+      '--workdir=runs/x_folder')

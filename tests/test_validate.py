@@ -62,6 +62,12 @@ def _set(config, key, value):
     ('train.label_smoothing', 1.0,
      r'^train.label_smoothing=1.0: give a value in \[0, 1\).$'),
     ('train.ema_decay', 1.5, r'^train.ema_decay=1.5: give a value in'),
+    ('train.class_weights', (1.0, -2.0, 1.0, 1.0, 1.0),
+     r'^train.class_weights=\(1.0, -2.0, 1.0, 1.0, 1.0\): give weights >= 0, '
+     r'not all 0.$'),
+    ('model.num_classes', 1,
+     r'^model.num_classes=1: give an integer >= 2 \(the model scores every '
+     r'class, background included'),
 ])
 def test_each_impossible_setting_is_one_line_naming_the_key(
     tiny_config, key, value, message):

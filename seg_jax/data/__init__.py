@@ -47,8 +47,8 @@ def _tfds(config, split, strict=True):
   del strict  # records hold both
   c = config.data.tfds
   if not c.name:
-    raise ValueError("data.name='tfds' needs data.tfds.name, e.g. "
-                     "'oxford_iiit_pet'.")
+    raise errors.ConfigError("data.name='tfds' needs data.tfds.name, e.g. "
+                             "'oxford_iiit_pet'.")
   names = tuple(c.class_names) or tuple(
       f'class_{i}' for i in range(config.model.num_classes))
   return sources.TfdsSource(
@@ -106,6 +106,12 @@ def class_info(config):
     raise errors.ConfigError(
         f'{origin} {len(names)} classes but model.num_classes={num}; make '
         'them equal.')
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise errors.ConfigError(
+        f'{origin.rsplit(" ", 1)[0]}: the class name {twice[0]!r} is given '
+        'twice; every class needs its own name (scores and --keep go by '
+        'name).')
   if config.data.palette:
     palette = check_palette(config.data.palette, num)
   elif palette is None or len(palette) != num:
@@ -237,6 +243,8 @@ def open_split(config, split):
   if isinstance(source, files.FileSource) and (config.data.name == 'folder'
                                                or split != 'train'):
     sizes = source.check_headers()
+  elif config.data.name == 'shapes':  # every image is image_size square
+    sizes = [(config.data.shapes.image_size,) * 2] * len(source)
   logging.info('%s', describe(source, sizes))
   return source, sizes
 
@@ -283,8 +291,10 @@ def fit_eval_pad_size(config, source, sizes):
   if len(over):
     k = over[np.argmax(heights[over] * widths[over])]
     fit = tuple(max(p, -(-m // 32) * 32) for p, m in zip(pad, largest))
+    what = (source.pairs[k][0] if hasattr(source, 'pairs') else
+            f'{getattr(source, "name", "the split")} example {k}')
     raise errors.ConfigError(
-        f'{source.pairs[k][0]} is {heights[k]}x{widths[k]} (HxW), larger '
+        f'{what} is {heights[k]}x{widths[k]} (HxW), larger '
         f'than data.eval_pad_size={pad} that evaluation pads to ({len(over)} '
         f'image(s) of {getattr(source, "name", "the split")} are): set '
         f'--config.data.eval_pad_size="{fit}", or () to fit the largest '

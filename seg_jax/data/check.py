@@ -34,7 +34,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from seg_jax import cli, data, errors, labels
-from seg_jax.data import files, pipeline, sources, transforms
+from seg_jax.data import files, pipeline, transforms
 
 FLAGS = flags.FLAGS
 
@@ -76,9 +76,7 @@ def _pairing_errors(pairing):
   lines += [f'{mask}: mask without an image ({pairing.rule})'
             f'{pairing.why_unpaired(mask)}.'
             for mask in pairing.orphans]
-  lines += [f'{mask}: a JPEG mask: {sources.JPEG_MASK_PROBLEM}'
-            for mask in pairing.jpeg_masks]
-  return lines
+  return lines  # JPEG masks: found by their contents when read
 
 
 def _inspect_pair(source, image_path, mask_path, pad):

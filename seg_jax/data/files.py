@@ -96,8 +96,9 @@ def _open(path, what):
     with Image.open(path) as im:
       im.load()  # decodes fully: a truncated file fails here
       orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-      return (ImageOps.exif_transpose(im) if orientation != 1 else im,
-              orientation)
+      upright = ImageOps.exif_transpose(im) if orientation != 1 else im
+      upright.format = im.format  # the file's, whatever its name says
+      return upright, orientation
   except FileNotFoundError:
     raise BadSampleError(f'{path}: {what} file not found.') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -262,6 +263,11 @@ def read_mask(path):
   is an error. The EXIF orientation is applied, as to images.
   """
   im, _ = _open(path, 'mask')
+  if im.format == 'JPEG':
+    raise BadSampleError(
+        f'{path}: the mask is a JPEG file (whatever its name): its lossy '
+        'compression changes the class ids along every edge; save masks as '
+        'PNG.')
   if im.mode in ('P', 'L'):
     return np.asarray(im)  # 'P': the palette indices themselves
   if im.mode == '1':  # 1-bit masks: 0 and 1
@@ -429,7 +435,7 @@ def read_list(path, name):
     raise errors.MissingFileError(
         f'{name}: split list {path} does not exist; check data.root and the '
         'split name.')
-  with open(path) as f:
+  with open(path, encoding='utf-8-sig') as f:  # a BOM is no character
     lines = [line.strip() for line in f if line.strip()]
   if not lines:
     raise errors.ConfigError(f'{name}: split list {path} is empty.')

@@ -556,7 +556,8 @@ class TfdsSource:
     self.name = f'tfds:{name}/{split}'
     try:
       self._source = tfds.data_source(name, split=split,
-                                      data_dir=data_dir or None)
+                                      data_dir=data_dir or None,
+                                      download=False)  # prepared, never fetched
     except Exception as e:  # tfds raises several types for a missing set
       raise errors.MissingFileError(
           f'{self.name}: cannot open it in data.tfds.data_dir='

@@ -219,7 +219,8 @@ def summary_line(s):
 
 # Overrides the folder copy makes unneeded: where and how the source was read.
 _SOURCE_KEYS = ('data.name', 'data.root', 'data.tfds.', 'data.train_split',
-                'data.val_split', 'data.on_bad_sample')
+                'data.val_split', 'data.on_bad_sample', 'data.label_map',
+                'data.mask_suffix')
 
 
 def train_command(config_file, out, config, splits, argv=()):
@@ -231,9 +232,14 @@ def train_command(config_file, out, config, splits, argv=()):
                 for key, name in (('train_split', 'train'),
                                   ('val_split', 'val'))
                 if name in splits and config.data[key] != name]
+  # The copy's masks hold class ids and are named as their images: a
+  # label map or mask suffix of the config would apply a second time.
+  resets = ([f'--config.data.label_map={{}}'] if config.data.get('label_map')
+            else []) + (['--config.data.mask_suffix='] if config.data.get(
+                'mask_suffix') else [])
   stem = os.path.splitext(os.path.basename(config_file))[0]
   args = [f'--config={config_file}', *kept, '--config.data.name=folder',
-          f'--config.data.root={out}', *split_keys,
+          f'--config.data.root={out}', *resets, *split_keys,
           f'--workdir=runs/{stem}_folder']
   return 'python -m seg_jax.main ' + ' '.join(map(shlex.quote, args))
 
