@@ -55,7 +55,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from seg_jax import cli
+from seg_jax import cli, errors
 
 FLAGS = flags.FLAGS
 
@@ -70,12 +70,13 @@ def _define_flags():
       'config', None, f'Configuration file (a configs/*.py). '
       f'{cli.CONFIG_KEYS_HELP}', lock_config=True)
   flags.DEFINE_integer('batch', 0, 'Global batch (0: '
-                       'train.global_batch_size).')
+                       'train.global_batch_size).', lower_bound=0)
   flags.DEFINE_list('crop', [], 'Input height,width (default: '
                     'data.crop_size).')
-  flags.DEFINE_integer('steps', 10, 'Steps per timed run.')
-  flags.DEFINE_integer('repeats', 3, 'Timed runs; the median is reported.')
-  flags.DEFINE_integer('warmup', 2, 'Steps run before timing.')
+  flags.DEFINE_integer('steps', 10, 'Steps per timed run.', lower_bound=1)
+  flags.DEFINE_integer('repeats', 3, 'Timed runs; the median is reported.',
+                       lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Steps run before timing.', lower_bound=0)
   flags.DEFINE_enum('mode', 'train', ['train', 'infer'],
                     'Time the train step or the inference forward pass.')
   flags.DEFINE_string('precision', '', 'float32 or bfloat16 (default: '
@@ -88,7 +89,7 @@ def _define_flags():
                     'Time the step on a device-resident batch, or the '
                     'training loop fed by the real input pipeline, or both.')
   flags.DEFINE_integer('loop_steps', 30, 'Steps per timed loop with '
-                       '--input=real/both.')
+                       '--input=real/both.', lower_bound=1)
   flags.mark_flags_as_required(['config'])
 
 
@@ -99,7 +100,17 @@ def configure(config, batch=0, crop=(), precision=''):
   if batch:
     config.train.global_batch_size = batch
   if crop:
-    config.data.crop_size = tuple(int(c) for c in crop)
+    try:
+      crop = tuple(int(c) for c in crop)
+    except ValueError:
+      crop = ()
+    if len(crop) != 2 or min(crop) < 1:
+      raise errors.ConfigError('--crop: give height,width in pixels, e.g. '
+                               '--crop=512,512.')
+    config.data.crop_size = crop
+    pad = tuple(config.data.eval_pad_size or ())
+    if pad and (pad[0] < crop[0] or pad[1] < crop[1]):
+      config.data.eval_pad_size = ()  # no evaluation here; not a conflict
   if precision:
     config.train.precision = precision
   return config
@@ -524,6 +535,8 @@ def main(argv):
   cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   config = configure(FLAGS.config, FLAGS.batch, FLAGS.crop, FLAGS.precision)
+  from seg_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.check_config(config, training=FLAGS.mode == 'train')
   dev = jax.devices()[0]
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   h, w = transforms.pair(config.data.crop_size)

@@ -107,7 +107,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   out = out or os.path.join(workdir, 'eval')
   writes = jax.process_index() == 0
   if writes:
-    os.makedirs(out, exist_ok=True)
+    cli.make_folder(out)
   reports = []
   refiner = crf.Refiner(crf.CRFParams.from_config(config)) if use_crf \
       else None

@@ -14,7 +14,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from seg_jax import cli
+from seg_jax import cli, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -64,7 +64,13 @@ def summarize(config, depth=2):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
+                             'setting is a --flag or --config.a.b=value.')
+  if FLAGS.depth < 1:
+    raise errors.ConfigError(f'--depth={FLAGS.depth}; use 1 or more.')
+  from seg_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.check_config(FLAGS.config, training=False)
   table, total, gflops = summarize(FLAGS.config, FLAGS.depth)
   print(table)
   print(f'params={total} gflops={gflops:.3f}')

@@ -51,6 +51,14 @@ def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):
                      match=r'hwc.tif: the TIFF holds an array of shape '
                            r'\(7, 9, 6\) but data.channels=5'):
     files.read_image(str(tmp_path / 'hwc.tif'), 5)
+  # The header check (before training) sizes them as they are read.
+  tifffile.imwrite(tmp_path / 'chw_sep.tif', np.moveaxis(six, -1, 0),
+                   planarconfig='separate')
+  for name in ('hwc.tif', 'chw.tif', 'hwc16.tif', 'four.tif', 'chw_sep.tif'):
+    assert files.image_size(str(tmp_path / name)) == (7, 9), name
+  Image.fromarray(np.zeros((7, 9), np.uint8)).save(tmp_path / 'mask.png')
+  assert files.header_check(str(tmp_path / 'hwc.tif'),
+                            str(tmp_path / 'mask.png')) == ((7, 9), None)
 
 
 @pytest.mark.parametrize('channels', [1, 4])

@@ -200,3 +200,35 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
                      r'create the folder \(Not a directory\).$'):
     from seg_jax import cli  # pylint: disable=g-import-not-at-top
     cli.make_folder(str(tmp_path / 'file' / 'sub'))
+
+
+def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
+  """bench, data.bench, summary and data.samples: out-of-range flags and
+  impossible configs are one line and exit status 2."""
+  (tmp_path / 'file').write_text('x')
+  runs = [
+      ('seg_jax.bench', [f'--config={TINY}', '--steps=0'],
+       r'^error: flag --steps=0: 0 is not a positive integer$'),
+      ('seg_jax.bench', [f'--config={TINY}', '--crop=abc'],
+       r'^error: --crop: give height,width in pixels'),
+      ('seg_jax.bench', [f'--config={TINY}', '--config.model.name=bogus'],
+       r"^error: Unknown model.name='bogus'"),
+      ('seg_jax.summary', [f'--config={TINY}', '--config.model.num_classes=0'],
+       r'^error: model.num_classes=0: give an integer >= 2'),
+      ('seg_jax.summary', [f'--config={TINY}', 'extra'],
+       r"^error: Unexpected arguments: \['extra'\]"),
+      ('seg_jax.data.bench', [f'--config={TINY}', '--workers=abc'],
+       r'^error: --workers=abc: give whole numbers of at least 0'),
+      ('seg_jax.data.samples', [f'--out={tmp_path}/file'],
+       r'^error: --out=.*file is a file; give a folder.$'),
+      ('seg_jax.data.samples', [f'--out={tmp_path}/s', '--num_images=-2'],
+       r'^error: flag --num_images=-2: -2 is not a positive integer$'),
+  ]
+  procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for m, args, _ in runs]
+  for (module, args, pattern), proc in zip(runs, procs):
+    _, stderr = proc.communicate(timeout=180)
+    lines = _error_lines(stderr)
+    assert proc.returncode == 2, (module, args, stderr[-2000:])
+    assert len(lines) == 1 and re.search(pattern, lines[0]), (module, lines)

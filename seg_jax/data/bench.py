@@ -19,7 +19,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from seg_jax import cli, data
+from seg_jax import cli, data, errors
 from seg_jax.data import pipeline, sources
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,11 +30,25 @@ _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
 _THREADS = flags.DEFINE_list('threads', [],
                              'reader threads per process to measure '
                              '(default: data.num_threads).')
-_BATCHES = flags.DEFINE_integer('batches', 40, 'Batches timed per setting.')
-_WARMUP = flags.DEFINE_integer('warmup', 5, 'Batches before timing starts.')
+_BATCHES = flags.DEFINE_integer('batches', 40, 'Batches timed per setting.',
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 5, 'Batches before timing starts.',
+                               lower_bound=0)
 _SYNTHETIC = flags.DEFINE_integer(
     'synthetic', 0, 'Write this many synthetic VOC pairs and read them '
     '(0: use data.root when it exists, else 200).')
+
+
+def _counts(flag, values, least):
+  """The integers of a list flag; a `ConfigError` naming it otherwise."""
+  try:
+    counts = [int(v) for v in values]
+  except ValueError:
+    counts = [least - 1]
+  if any(c < least for c in counts):
+    raise errors.ConfigError(f'{flag}={",".join(values)}: give whole numbers '
+                             f'of at least {least}, e.g. {flag}=0,1,2.')
+  return counts
 
 
 def write_voc_like(root, n, size=(375, 500), seed=0):
@@ -91,6 +105,8 @@ def measure(config, workers, threads, batches, warmup):
 def main(argv):
   del argv
   config = _CONFIG.value
+  workers = _counts('--workers', _WORKERS.value, 0)
+  threads = _counts('--threads', _THREADS.value, 1)
   with tempfile.TemporaryDirectory() as tmp:
     n = _SYNTHETIC.value
     if n or not os.path.isdir(config.data.root):
@@ -107,8 +123,8 @@ def main(argv):
           f'batch={config.train.global_batch_size} cpus={os.cpu_count()}')
     print('| worker processes | threads each | images/s |')
     print('|---|---|---|')
-    for w in _WORKERS.value:
-      for t in _THREADS.value or [config.data.num_threads]:
+    for w in workers:
+      for t in threads or [config.data.num_threads]:
         rate = measure(config, int(w), int(t), _BATCHES.value, _WARMUP.value)
         print(f'| {w} | {t} | {rate:.1f} |', flush=True)
 

@@ -314,9 +314,35 @@ def _header_orientation(im):
   return im.getexif().get(EXIF_ORIENTATION, 1)
 
 
+def _multichannel_tiff_size(path):
+  """(height, width) of a TIFF that PIL misreads or rejects (other than 1,
+  3 or 4 interleaved channels, planar, or pages), from tifffile's header:
+  the array `tifffile.imread` gives, its smallest end axis the channels
+  (`_read_tiff`'s layouts); None for other TIFFs, without tifffile, or for
+  a file it cannot read."""
+  try:
+    import tifffile  # pylint: disable=g-import-not-at-top
+    with tifffile.TiffFile(path) as tiff:
+      series = tiff.series[0]
+      axes, shape = series.axes, tuple(int(n) for n in series.shape)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if axes == 'YX' or (axes == 'YXS' and shape[-1] in (3, 4)):
+    return None  # PIL reads it (and its EXIF orientation)
+  if len(shape) == 2:
+    return shape
+  if len(shape) == 3:
+    return shape[1:] if shape[0] < shape[-1] else shape[:2]
+  return None
+
+
 def image_size(path):
   """(height, width) of an image file as it is read (EXIF orientation
   applied), from its header only; BadSampleError when unreadable."""
+  if path.lower().endswith(TIFF_EXTENSIONS):
+    size = _multichannel_tiff_size(path)
+    if size is not None:
+      return size
   try:
     with Image.open(path) as im:
       w, h = im.size

@@ -19,8 +19,9 @@ from seg_jax.data import shapes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', 'samples', 'Folder to write into.')
-flags.DEFINE_integer('num_images', 6, 'Images to write.')
-flags.DEFINE_integer('frames', 48, 'Video frames (at 12 frames/s).')
+flags.DEFINE_integer('num_images', 6, 'Images to write.', lower_bound=1)
+flags.DEFINE_integer('frames', 48, 'Video frames (at 12 frames/s).',
+                     lower_bound=1)
 
 
 def _tiles(seed, first, rows, cols, size=48):
@@ -67,6 +68,7 @@ def write_video(path, frames, width=96, rate=12, seed=0):
 
 def main(argv):
   del argv
+  cli.make_folder(FLAGS.out)
   images = write_images(os.path.join(FLAGS.out, 'images'), FLAGS.num_images)
   video = write_video(os.path.join(FLAGS.out, 'shapes.mp4'), FLAGS.frames)
   print(f'Wrote {len(images)} images to {FLAGS.out}/images and {video}')
