@@ -37,7 +37,6 @@ import json
 import os
 
 import jax
-import numpy as np
 
 
 def load(path):
@@ -58,13 +57,8 @@ def load(path):
   channels = meta.get('channels', 3)
 
   def predict(images):
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[3] != channels:
-      raise ValueError(f'{path} takes uint8 images (b, h, w, {channels}); '
-                       f'got {images.shape}.')
-    h, w = images.shape[1:3]
-    canvas = mirror.onto_canvas(images, height, width, path)
-    return np.asarray(exported.call(canvas))[:, :h, :w]
+    return mirror.predict_on_canvas(exported.call, images, height, width,
+                                    channels, path)
 
   return predict, meta
 

@@ -33,3 +33,17 @@ def onto_canvas(images, height, width, where):
                      f'(HxW); got {h}x{w}: export again with --size={h},{w} '
                      'or larger, or resize them.')
   return images[:, mirror_indices(height, h)][:, :, mirror_indices(width, w)]
+
+
+def predict_on_canvas(run, images, height, width, channels, where):
+  """`run` (uint8 (b, height, width, channels) -> labels (b, height,
+  width)) on `images` of at most that size, mirror-filled to it
+  (`onto_canvas`), their labels cropped back: the exported models'
+  loaders."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[3] != channels:
+    raise ValueError(f'{where} takes uint8 images (b, h, w, {channels}); '
+                     f'got {images.shape}.')
+  h, w = images.shape[1:3]
+  return np.asarray(run(onto_canvas(images, height, width, where)))[
+      :, :h, :w]

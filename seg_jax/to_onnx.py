@@ -1121,12 +1121,8 @@ def load_onnx(path, providers=None):
   channels = meta.get('channels', 3)
 
   def predict(images):
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[3] != channels:
-      raise ValueError(f'{path} takes uint8 images (b, h, w, {channels}); '
-                       f'got {images.shape}.')
-    h, w = images.shape[1:3]
-    canvas = mirror.onto_canvas(images, height, width, path)
-    return session.run(None, {'images': canvas})[0][:, :h, :w]
+    return mirror.predict_on_canvas(
+        lambda canvas: session.run(None, {'images': canvas})[0], images,
+        height, width, channels, path)
 
   return predict, meta

@@ -240,11 +240,9 @@ def test_aspp_forms_times_torch_beside_the_forms():
 def test_trunk_stages_prints_a_row_per_side_whose_stages_sum_to_its_total():
   """benchmarks/trunk_stages.py at a small size: seg_jax's row (and torch's
   where torch is installed), five stages and their total."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    sides = ['seg_jax', 'torch']
-  except ImportError:
-    sides = ['seg_jax']
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sides = ['seg_jax'] + (['torch'] if importlib.util.find_spec('torch')
+                         else [])
   out = subprocess.run(
       [sys.executable, 'benchmarks/trunk_stages.py', '--size=32',
        '--repeats=1', *(['--torch'] if len(sides) == 2 else [])],

@@ -146,6 +146,19 @@ def _error_lines(stderr):
           if l.strip() and not re.match(r'^[IWE]\d{4} ', l)]
 
 
+def _assert_one_line_errors(runs):
+  """Each (module, args, pattern) of `runs`, run side by side: exit status
+  2 and one line of stderr matching the pattern."""
+  procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for m, args, _ in runs]
+  for (module, args, pattern), proc in zip(runs, procs):
+    _, stderr = proc.communicate(timeout=180)
+    lines = _error_lines(stderr)
+    assert proc.returncode == 2, (module, args, stderr[-2000:])
+    assert len(lines) == 1 and re.search(pattern, lines[0]), (module, lines)
+
+
 def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
   clis = ['seg_jax.main', 'seg_jax.evaluate', 'seg_jax.predict',
           'seg_jax.export', 'seg_jax.data.check', 'seg_jax.data.to_folder',
@@ -169,14 +182,7 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
                              f'--workdir={tmp_path}/run/checkpoints/4'],
             rf'^error: --workdir={tmp_path}/run/checkpoints/4 is inside the '
             rf'checkpoints of the training run {tmp_path}/run; ')]
-  procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for m, args, _ in runs]
-  for (module, _, pattern), proc in zip(runs, procs):
-    _, stderr = proc.communicate(timeout=120)
-    lines = _error_lines(stderr)
-    assert proc.returncode == 2, (module, stderr[-2000:])
-    assert len(lines) == 1 and re.search(pattern, lines[0]), (module, lines)
+  _assert_one_line_errors(runs)
 
 
 def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
@@ -224,11 +230,4 @@ def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
       ('seg_jax.data.samples', [f'--out={tmp_path}/s', '--num_images=-2'],
        r'^error: flag --num_images=-2: -2 is not a positive integer$'),
   ]
-  procs = [subprocess.Popen([sys.executable, '-m', m, *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for m, args, _ in runs]
-  for (module, args, pattern), proc in zip(runs, procs):
-    _, stderr = proc.communicate(timeout=180)
-    lines = _error_lines(stderr)
-    assert proc.returncode == 2, (module, args, stderr[-2000:])
-    assert len(lines) == 1 and re.search(pattern, lines[0]), (module, lines)
+  _assert_one_line_errors(runs)

@@ -234,7 +234,7 @@ def train_command(config_file, out, config, splits, argv=()):
                 if name in splits and config.data[key] != name]
   # The copy's masks hold class ids and are named as their images: a
   # label map or mask suffix of the config would apply a second time.
-  resets = ([f'--config.data.label_map={{}}'] if config.data.get('label_map')
+  resets = (['--config.data.label_map={}'] if config.data.get('label_map')
             else []) + (['--config.data.mask_suffix='] if config.data.get(
                 'mask_suffix') else [])
   stem = os.path.splitext(os.path.basename(config_file))[0]
