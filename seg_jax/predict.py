@@ -93,8 +93,8 @@ def check_out(out, inputs, found):
         raise errors.ConfigError(
             f'--out={out} would overwrite the input {sources[target]} with '
             'an output; give another --out.')
-  # Input folders, linked subfolders included (the folders of the images
-  # found in them), and the folders of single images.
+  # The input folders and every folder an image was found in (linked
+  # subfolders included, wherever their real folder is).
   folders = {os.path.realpath(p): p for p in inputs if os.path.isdir(p)}
   for path, name in found:
     if os.sep in name:
