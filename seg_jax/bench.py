@@ -532,7 +532,6 @@ def benchmark(config, mode='train', steps=10, repeats=3, warmup=2):
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   config = configure(FLAGS.config, FLAGS.batch, FLAGS.crop, FLAGS.precision)
   from seg_jax import validate  # pylint: disable=g-import-not-at-top

@@ -237,11 +237,16 @@ def enable_compilation_cache(directory):
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def check_not_a_file(path, flag='--out'):
+  """A `ConfigError` naming `flag` when the folder `path` is a file."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={path} is a file; give a folder.')
+
+
 def make_folder(path, flag='--out'):
   """Creates the folder `path` (and its parents); a `ConfigError` naming
   `flag` when it is a file or cannot be created."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise errors.ConfigError(f'{flag}={path} is a file; give a folder.')
+  check_not_a_file(path, flag)
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -281,15 +286,14 @@ def require_config():
 def start(argv, keys=run_folder.INFERENCE_KEYS):
   """Common start of a run-folder CLI: no stray arguments, a config (given
   or stored in the run folder) that agrees with the run's checkpoints in
-  `keys`, quiet library logs, the compilation cache
-  (`config.compilation_cache_dir`), `jax.distributed` when the job has
+  `keys`, the compilation cache (`config.compilation_cache_dir`; `run`
+  quiets the library logs), `jax.distributed` when the job has
   several processes."""
   if len(argv) > 1:
     raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
                              'setting is a --flag or --config.a.b=value.')
   check_not_in_checkpoints(flags.FLAGS.workdir)
   check_run_config(require_config(), flags.FLAGS.workdir, keys)
-  quiet_library_logs()
   enable_compilation_cache(flags.FLAGS.config.get('compilation_cache_dir',
                                                   ''))
   init_distributed()

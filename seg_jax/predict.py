@@ -82,9 +82,7 @@ def check_out(out, inputs, found):
   be mixed with the inputs, and read as inputs by the next run) nor beside
   a single input image, and overwrite no `.png` that is not an earlier
   prediction (one without its `_overlay.jpg`, e.g. a ground-truth mask)."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise errors.ConfigError(f'--out={out} is a file; give a folder (it is '
-                             'created if missing).')
+  cli.check_not_a_file(out)
   sources = {os.path.realpath(path): path for path, _ in found}
   for _, name in found:
     for suffix in OUTPUT_SUFFIXES:
@@ -431,7 +429,6 @@ def main(argv):
   cli.check_not_in_checkpoints(FLAGS.workdir)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.make_folder(FLAGS.out)
-  cli.quiet_library_logs()
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
                        sharding)

@@ -24,6 +24,10 @@ ON_BAD_SAMPLE = ('raise', 'skip')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 # A raw mask value the dataset does not define maps to this in the table.
 INVALID = -1
+# Why a JPEG mask is refused, and what to do.
+JPEG_MASK_PROBLEM = ("JPEG's lossy compression changes the class ids along "
+                     'every edge (silently, where they stay valid ids); save '
+                     'masks as PNG.')
 
 
 def walk(folder):
@@ -264,10 +268,8 @@ def read_mask(path):
   """
   im, _ = _open(path, 'mask')
   if im.format == 'JPEG':
-    raise BadSampleError(
-        f'{path}: the mask is a JPEG file (whatever its name): its lossy '
-        'compression changes the class ids along every edge; save masks as '
-        'PNG.')
+    raise BadSampleError(f'{path}: the mask is a JPEG file (whatever its '
+                         f'name): {JPEG_MASK_PROBLEM}')
   if im.mode in ('P', 'L'):
     return np.asarray(im)  # 'P': the palette indices themselves
   if im.mode == '1':  # 1-bit masks: 0 and 1

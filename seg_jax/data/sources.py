@@ -234,12 +234,6 @@ def camvid(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
 # --- Any folder of images and masks ---------------------------------------
 
 
-# Why a JPEG mask is refused, and what to do.
-JPEG_MASK_PROBLEM = ("JPEG's lossy compression changes the class ids along "
-                     'every edge (silently, where they stay valid ids); save '
-                     'masks as PNG.')
-
-
 @dataclasses.dataclass
 class Pairing:
   """How the files of an images folder and a masks folder pair up.
@@ -394,7 +388,8 @@ def check_pairing(pairing, name, on_bad_sample):
     more = len(pairing.jpeg_masks) - 1
     raise errors.ConfigError(
         f'{name}: {pairing.jpeg_masks[0]} is a JPEG mask'
-        + (f' ({more} more)' if more else '') + f': {JPEG_MASK_PROBLEM}')
+        + (f' ({more} more)' if more else '') +
+        f': {files.JPEG_MASK_PROBLEM}')
   if pairing.unmatched and on_bad_sample == 'raise':
     more = len(pairing.unmatched) - 1
     first = pairing.unmatched[0]

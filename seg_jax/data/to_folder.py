@@ -192,8 +192,8 @@ def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
   if image_format not in IMAGE_FORMATS:
     raise errors.ConfigError(f'--image_format={image_format!r}: use one '
                                f'of {", ".join(IMAGE_FORMATS)}.')
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise errors.ConfigError(f'--out={out} is a file; give a folder.')
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.check_not_a_file(out)
   root = config.data.get('root') or ''
   if root and os.path.realpath(root) == os.path.realpath(out):
     raise errors.ConfigError(f'--out={out} is the dataset folder itself '
@@ -270,10 +270,8 @@ def _define_flags():
 def main(argv):
   """Converts, then prints a line per split and the training command."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  from seg_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.quiet_library_logs()
   f, splits = flags.FLAGS, tuple(flags.FLAGS.splits)
   if not splits:
     raise errors.ConfigError('--splits is empty: name at least one split.')
