@@ -75,6 +75,22 @@ def find_inputs(paths):
   return _unique_names(found)
 
 
+def check_found(paths, found):
+  """Raises `ConfigError` for a given folder in which `find_inputs` found
+  no image or video (a wrong path, or files of another type): nothing would
+  be predicted for it, silently."""
+  for path in paths:
+    if not os.path.isdir(path):
+      continue
+    folder = os.path.abspath(path)
+    if not any(os.path.abspath(p).startswith(folder + os.sep)
+               for p, _ in found):
+      raise errors.ConfigError(
+          f'{path} holds no image or video to predict (read recursively: '
+          f'{" ".join(files.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)}; hidden '
+          'files left out): check the path.')
+
+
 def check_out(out, inputs, found):
   """Raises `ConfigError` unless `out` is a folder (or a new path) whose
   outputs (`OUT/<name><suffix>` of each input in `found`) overwrite no
@@ -425,6 +441,7 @@ def main(argv):
                              '--distributed.')
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
   found = find_inputs(inputs)
+  check_found(inputs, found)
   check_out(FLAGS.out, inputs, found)
   cli.check_not_in_checkpoints(FLAGS.workdir)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)

@@ -213,6 +213,22 @@ def test_parse_keep_and_output_names(tmp_path):
                                    os.path.join('f', 'sub', 'x'), 'x', 'x_2']
 
 
+def test_a_folder_with_nothing_to_predict_is_refused_by_name(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'a.txt').write_bytes(b'')
+  (tmp_path / 'notes' / '.b.png').write_bytes(b'')  # hidden: left out
+  (tmp_path / 'shots' / 'sub').mkdir(parents=True)
+  (tmp_path / 'shots' / 'sub' / 'c.jpg').write_bytes(b'')
+  for folder in ('empty', 'notes'):
+    inputs = [str(tmp_path / 'shots'), str(tmp_path / folder)]
+    with pytest.raises(errors.ConfigError,
+                       match=f'{tmp_path / folder} holds no image or video'):
+      predict.check_found(inputs, predict.find_inputs(inputs))
+  inputs = [str(tmp_path / 'shots'), str(tmp_path / 'shots' / 'sub' / 'c.jpg')]
+  predict.check_found(inputs, predict.find_inputs(inputs))  # no error
+
+
 def test_inputs_follow_linked_folders_once(tmp_path):
   (tmp_path / 'f' / 'sub').mkdir(parents=True)
   (tmp_path / 'elsewhere').mkdir()
