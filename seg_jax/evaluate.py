@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags, logging
 
 from seg_jax import cli, errors
+from seg_jax import workdir as run_folder
 
 FLAGS = flags.FLAGS
 
@@ -104,6 +105,10 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   config = copy.deepcopy(config)
   config.data.eval_pad_size = data.fit_eval_pad_size(config, source, sizes)
   class_names = list(source.class_names)
+  average = config.train.ema_decay > 0
+  # A run that kept a weight average, read without it: its reports are
+  # named apart, so that they do not replace the average's.
+  raw = not average and _kept_average(workdir)
   out = out or os.path.join(workdir, 'eval')
   writes = jax.process_index() == 0
   if writes:
@@ -121,8 +126,11 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
     # The images scored ('skip' mode leaves bad files out; counted on this
     # process, which reads all of them in a one-process evaluation).
     report['images'], report['skipped'] = len(source) - skips.count, skips.count
+    report['weights'] = ('average' if average else 'raw' if raw else
+                         'trained')
     if writes:
-      stem = os.path.join(out, f'{split}_{name}_step{step}')
+      stem = os.path.join(out, f'{split}_{name}{"_raw" if raw else ""}'
+                          f'_step{step}')
       with open(f'{stem}.json', 'w') as f:
         json.dump(report, f, indent=1)
       plot_confusion(result.confusion, class_names, f'{stem}_confusion.png',
@@ -137,6 +145,15 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
       print(summary_line(result, step, split), flush=True)
     reports.append((result, report))
   return reports
+
+
+def _kept_average(workdir):
+  """Whether the run in `workdir` kept a weight average (its config.json
+  says train.ema_decay > 0)."""
+  if not os.path.isfile(run_folder.config_path(workdir)):
+    return False
+  stored = run_folder.read_config(workdir)
+  return (stored.get('train', {}).get('ema_decay') or 0) > 0
 
 
 def _progress_bar(name, enabled):

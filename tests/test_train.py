@@ -282,6 +282,15 @@ def _check_moving_average(config, ckpt, workdir):
   from seg_jax import cli, workdir as run_folder  # pylint: disable=g-import-not-at-top
   run_folder.write_config(str(workdir), config)
   cli.check_run_config(raw, str(workdir))
+  # evaluate names the raw weights' reports apart: the average's stay.
+  from seg_jax import evaluate, inference  # pylint: disable=g-import-not-at-top
+  name = inference.default_name(config)
+  for cfg, tag, weights in ((config, '', 'average'), (raw, '_raw', 'raw')):
+    (_, report), = evaluate.evaluate(cfg, str(workdir), checkpoint=3)
+    with open(workdir / 'eval' / f'val_{name}{tag}_step3.json') as f:
+      assert json.load(f) == json.loads(json.dumps(report))
+    assert report['weights'] == weights
+  assert len(os.listdir(workdir / 'eval')) == 4  # two .json, two .png
   with pytest.raises(errors.ConfigError, match=r'train.ema_decay=0.0 '
                      r'contradicts the run in .* train.ema_decay=0.5'):
     cli.check_run_config(raw, str(workdir), run_folder.MODEL_KEYS)
