@@ -101,7 +101,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   model, variables, step = restore_for_inference(config, workdir, mesh,
                                                  checkpoint)
-  source, sizes = data.open_split(config, split)
+  source, sizes = data.open_split(config, split, training=False)
   config = copy.deepcopy(config)
   config.data.eval_pad_size = data.fit_eval_pad_size(config, source, sizes)
   class_names = list(source.class_names)

@@ -337,6 +337,12 @@ def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
                      r"To train without validation: "
                      r"--config.data.val_split=''\.$"):
     data.open_split(ud.folder_config(tmp_path), 'val')
+  # evaluate's: another split, not training advice.
+  with pytest.raises(errors.MissingFileError,
+                     match=r'images/val does not exist\. Evaluate another '
+                     r'split with --split=NAME \(e\.g\. --split=train\), or '
+                     r'point data.val_split at one\.$'):
+    data.open_split(ud.folder_config(tmp_path), 'val', training=False)
 
 
 def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):

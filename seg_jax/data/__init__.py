@@ -218,7 +218,7 @@ def create_source(config, split, strict=True):
   return source
 
 
-def open_split(config, split):
+def open_split(config, split, training=True):
   """`create_source(config, split)`, checked and described before any step.
 
   A file dataset's headers are read (`FileSource.check_headers`: missing,
@@ -226,6 +226,9 @@ def open_split(config, split):
   split of the `folder` dataset and for every split but the training one of
   the others; one line is logged with the example count, the image sizes
   when read, and the class names.
+
+  A missing validation split's error says how to train without one
+  (`training`) or which other split to evaluate.
 
   Returns:
     (source, image sizes [(height, width)] of its examples, or None when
@@ -236,9 +239,10 @@ def open_split(config, split):
   except errors.MissingFileError as e:
     if split != 'val':
       raise
-    raise errors.MissingFileError(
-        f"{e} To train without validation: --config.data.val_split=''."
-    ) from None
+    hint = ("To train without validation: --config.data.val_split=''."
+            if training else 'Evaluate another split with --split=NAME '
+            "(e.g. --split=train), or point data.val_split at one.")
+    raise errors.MissingFileError(f'{e} {hint}') from None
   sizes = None
   if isinstance(source, files.FileSource) and (config.data.name == 'folder'
                                                or split != 'train'):
