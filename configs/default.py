@@ -25,7 +25,9 @@ def get_config():
   c.model.name = 'unet'  # a key of seg_jax.models.MODELS
   c.model.num_classes = 21  # output classes; must match the dataset's
   c.model.kwargs = ml_collections.ConfigDict()  # model options, e.g. width=64
-  c.model.init_from = ''  # weights file (.safetensors, torch .pth) to start from
+  # Weights to start from: a .safetensors / torch .pth file, or a seg_jax
+  # run folder (or its checkpoints/<step>).
+  c.model.init_from = ''
   c.model.init_format = 'resnet50'  # its torchvision name, e.g. resnet101, vgg16
 
   c.data = ml_collections.ConfigDict()

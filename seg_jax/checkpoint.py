@@ -366,6 +366,79 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
           train_state.inference_variables(restored), step)
 
 
+def initial_weights_fn(config):
+  """The `init_fn` (host variables -> variables) that starts a new run from
+  `config.model.init_from`: a weights file (`state.pretrained_init_fn`) or
+  a seg_jax run (`workdir.weights_source`: its latest step, or the step
+  folder named), whose inference variables (the weight average when it kept
+  one) replace the fresh ones; None without `model.init_from`.
+
+  From a run, layers whose shape differs only by the class count (the run's
+  `model.num_classes` against the config's) keep their fresh
+  initialisation, as do layers the run lacks (e.g. an aux head added); the
+  run's aux head is dropped when the config has none. Any other difference
+  is a `ConfigError` naming the parameter.
+  """
+  path = config.model.init_from
+  found = path and run_folder.weights_source(path)
+  if not found:
+    return train_state.pretrained_init_fn(config)
+  directory, step, run = found
+
+  def init_fn(variables):
+    stored, read = restore(directory, step)
+    weights = train_state.inference_variables(
+        {'ema': stored['ema']} if stored.get('ema') else
+        {'params': stored['params'],
+         'batch_stats': stored.get('batch_stats', {})})
+    old_classes = None
+    if os.path.isfile(run_folder.config_path(run)):
+      old_classes = run_folder.read_config(run).model.num_classes
+    merged, kept_fresh = _merge_weights(
+        variables, jax.device_get(weights), old_classes,
+        config.model.num_classes, f'model.init_from={path} (step {read})')
+    logging.info('Started from %s, step %d; kept fresh: %s', run, read,
+                 ', '.join(kept_fresh) or 'none')
+    return merged
+
+  return init_fn
+
+
+def _merge_weights(variables, weights, old_classes, new_classes, source):
+  """`variables` with every leaf `weights` has at its path and shape; a
+  leaf differing only where the class count does stays fresh. Returns
+  (variables, [paths kept fresh])."""
+  import flax  # pylint: disable=g-import-not-at-top
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables))
+  given = flax.traverse_util.flatten_dict(flax.core.unfreeze(weights))
+  kept = []
+  # Parameters first: the first one named is the most telling.
+  for path, value in sorted(given.items(), key=lambda kv: kv[0][0] != 'params'):
+    name = '/'.join(str(k) for k in path)
+    if path not in flat:
+      if 'aux' in path:  # an auxiliary head the new model has not
+        continue
+      raise errors.ConfigError(
+          f'{source}: {name} has no counterpart in the config\'s model: '
+          'was the run another model.name or model.kwargs? Start from a run '
+          'of the same model (a different class count is fine).')
+    want = tuple(flat[path].shape)
+    if tuple(value.shape) != want:
+      if old_classes != new_classes and len(want) == value.ndim and all(
+          a == b or (a, b) == (old_classes, new_classes)
+          for a, b in zip(value.shape, want)):
+        kept.append(name)
+        continue
+      raise errors.ConfigError(
+          f'{source}: {name} has shape {tuple(value.shape)}, the config\'s '
+          f'model {want}: was the run another model.kwargs or data.channels? '
+          'Only the class count may differ.')
+    flat[path] = value.astype(flat[path].dtype)
+  kept += ['/'.join(str(k) for k in p) for p in flat
+           if p not in given and p[0] in ('params', 'batch_stats')]
+  return flax.traverse_util.unflatten_dict(flat), sorted(kept)
+
+
 def data_position(directory, step):
   """The data-iterator state this process continues from at `step`: the
   one reader of it.

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from seg_jax import errors, models, optim, sharding
+from seg_jax import workdir as run_folder
 from seg_jax.data import transforms
 
 
@@ -70,11 +71,18 @@ def check_config(config):
                              'give a value in [0, 1).')
   create_model(config)  # model.name, model.kwargs, train.precision
   path = config.model.init_from
-  if path:
+  if path and os.path.isdir(path):
+    if run_folder.weights_source(path) is None:
+      raise errors.ConfigError(
+          f'model.init_from={path!r} is a folder but not a seg_jax run '
+          '(one holding checkpoints/) or one of its checkpoints/<step> '
+          'folders; give a run, a step of one, or a weights file.')
+  elif path:
     from seg_jax.models import convert  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
       raise errors.ConfigError(f'model.init_from={path!r}: no such file; give '
-                               'a .pth or .safetensors weights file.')
+                               'a .pth or .safetensors weights file, or a '
+                               'seg_jax run folder.')
     if config.model.init_format not in convert.SUPPORTED:
       raise errors.ConfigError(
           f'model.init_format={config.model.init_format!r}: use the '
@@ -146,9 +154,10 @@ def _state_of(variables, tx, ema=False):
 
 
 def pretrained_init_fn(config):
-  """The `init_fn` loading `config.model.init_from`, or None."""
+  """The `init_fn` loading the weights file `config.model.init_from`, or
+  None (a run folder there is read by `checkpoint.initial_weights_fn`)."""
   path, fmt = config.model.init_from, config.model.init_format
-  if not path:
+  if not path or os.path.isdir(path):
     return None
   from seg_jax.models import convert, weights  # pylint: disable=g-import-not-at-top
 

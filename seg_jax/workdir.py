@@ -54,6 +54,19 @@ def checkpoint_dir(workdir):
   return os.path.join(workdir, 'checkpoints')
 
 
+def weights_source(path):
+  """(checkpoint folder, step, run folder) that `path` names as weights to
+  start from: a run folder (its latest step) or one of its
+  `checkpoints/<step>` folders; None when it is neither."""
+  path = os.path.abspath(path)
+  if os.path.isdir(checkpoint_dir(path)):
+    return checkpoint_dir(path), 'latest', path
+  parent, step = os.path.split(path)
+  if os.path.basename(parent) == 'checkpoints' and step.isdigit():
+    return parent, int(step), os.path.dirname(parent)
+  return None
+
+
 def has_checkpoints(workdir):
   """Whether `workdir/checkpoints` holds a finished step folder."""
   folder = checkpoint_dir(workdir)

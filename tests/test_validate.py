@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from seg_jax import errors, train, validate
@@ -134,6 +136,57 @@ def test_checkpoint_of_another_model_is_refused_naming_the_parameter(
                      r"the config's model needs: was it trained with another "
                      r'model.name or model.kwargs\?'):
     train.train_and_evaluate(tiny_config, str(tmp_path))
+  _check_init_from_a_run(tmp_path)
+
+
+def _check_init_from_a_run(run):
+  """model.init_from=<run folder or step folder> starts a new model from
+  the run's weights; only the class count may differ (those layers stay
+  fresh); another model is refused naming the parameter."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
+  from seg_jax import checkpoint, state  # pylint: disable=g-import-not-at-top
+  stored = checkpoint.read_state(str(run / 'checkpoints'), 3)
+  c = unet_shapes_tiny.get_config()
+  c.model.num_classes += 2
+
+  def start(init_from, config=c):
+    config.model.init_from = str(init_from)
+    state.check_config(config)
+    model = state.create_model(config)
+    fresh = jax.device_get(model.init(
+        jax.random.key(7), np.zeros(state.init_input_shape(config)),
+        train=False))
+    got = checkpoint.initial_weights_fn(config)(fresh)
+    return (flax.traverse_util.flatten_dict(fresh),
+            flax.traverse_util.flatten_dict(got))
+
+  for source in (run, run / 'checkpoints' / '3'):
+    fresh, got = start(source)
+    assert sorted(got) == sorted(fresh)
+    kept_fresh = 0
+    for path, value in got.items():
+      old = stored[path[0]]
+      for k in path[1:]:
+        old = old[k]
+      if np.shape(old) == value.shape:
+        np.testing.assert_array_equal(value, np.asarray(old))
+      else:  # the classifier: its class count differs
+        assert np.shape(old)[-1] + 2 == value.shape[-1]
+        np.testing.assert_array_equal(value, fresh[path])
+        kept_fresh += 1
+    assert kept_fresh == 2  # the last convolution's kernel and bias
+  c.model.kwargs = dict(c.model.kwargs, width=8)
+  with pytest.raises(errors.ConfigError, match=rf'^model.init_from={run} '
+                     r'\(step 3\): params/\S+ has shape \(.*\), the '
+                     r"config's model \(.*\): was the run another "
+                     r'model.kwargs or data.channels\? Only the class count '
+                     r'may differ.$'):
+    start(run)
+  (run / 'plain').mkdir()
+  with pytest.raises(errors.ConfigError, match=r'is a folder but not a '
+                     r'seg_jax run'):
+    start(run / 'plain')
 
 
 def test_missing_dataset_root_is_a_user_error(tiny_config, tmp_path):
