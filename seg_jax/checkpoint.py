@@ -169,6 +169,34 @@ class Checkpointer:
       self._save(step, state, data_iter, metrics)
     self.wait()
 
+  def score(self, step):
+    """The validation mIoU checkpoint `step` was saved with, or None."""
+    return (self._manager.metrics(step) or {}).get('miou')
+
+  def add_score(self, step, metrics):
+    """Stores `metrics` ({'miou': float}) with checkpoint `step`, saved
+    without them (its evaluation failed), so that it can be the best: the
+    metrics item orbax writes with a save, written by orbax's own handler
+    into a temporary folder and moved in, then the file list again."""
+    self.wait()
+    if jax.process_index() == 0:
+      root = pathlib.Path(self.directory, str(step))
+      tmp = root / f'{METRICS_ITEM}.tmp'
+      if tmp.exists():
+        for f in tmp.iterdir():
+          f.unlink()
+        tmp.rmdir()
+      tmp.mkdir()
+      ocp.handlers.JsonCheckpointHandler(filename=METRICS_ITEM).save(
+          tmp, args=ocp.args.JsonSave(metrics))
+      tmp.rename(root / METRICS_ITEM)
+      write_file_list(self.directory, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'seg_jax_add_score_{step}')
+    self._manager.reload()
+    self._best = _best(self._manager)
+
   def _beats(self, metrics):
     return metrics is not None and (self._best is None or
                                     metrics['miou'] > self._best[1])
@@ -519,6 +547,10 @@ def _lacks_empty_fields(stored, abstract):
             if hasattr(abstract, f)])
   return any(not jax.tree.leaves(_field(abstract, n)) and n not in stored
              for n in names)
+
+
+# The item of a step folder that holds its metrics (orbax's name for it).
+METRICS_ITEM = 'metrics'
 
 
 def _miou(metrics):

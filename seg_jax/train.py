@@ -120,6 +120,7 @@ class Trainer:
     try:
       if not start:
         writer.write_hparams(self.config.to_dict())
+      self._evaluate_unscored(start, train_iter, writer)
       result = self._loop(start, train_iter, writer)
       step = int(self.state.step)
       self.checkpointer.save_final(step, self.state, train_iter,
@@ -176,6 +177,23 @@ class Trainer:
         return {'step': step, 'stopped': stopped}
     self._check_finite(writer)
     return result
+
+  def _evaluate_unscored(self, start, train_iter, writer):
+    """Evaluates the step resumed from when it is an evaluation step whose
+    checkpoint has no score (its evaluation failed and the run stopped):
+    its scores are written and stored with it, so it can be the best."""
+    every, last = self.config.eval.every_steps, self.config.train.num_steps
+    if (not start or start >= last or start % every or not self.evaluators
+        or self.checkpointer.score(start) is not None):
+      return
+    logging.info('Checkpoint %d was saved without its evaluation; '
+                 'evaluating it now.', start)
+    evaluated = self._guarded(start, train_iter, f'Evaluation at step {start}',
+                              lambda: self._maybe_eval(start, writer))
+    self.checkpointer.add_score(start, _scores_of(evaluated, start))
+    best_step, best_miou = self.checkpointer.best()
+    writer.write_scalars(start, {'eval/best_miou': best_miou,
+                                 'eval/best_step': best_step})
 
   def _guarded(self, step, train_iter, what, fn):
     """`fn()`; when it fails, the steps trained so far (`step`) are saved

@@ -393,6 +393,14 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
   assert rc == 0, stderr[-3000:]
   assert re.search(r'^Finished: step=6 .*mIoU=', stdout, re.M)
   assert 'Resumed from step 4' in stderr
+  # The failed evaluation of step 4 runs on resume, stored with its
+  # checkpoint (which can then be the best; its file list still checks).
+  assert 'Checkpoint 4 was saved without its evaluation' in stderr
+  miou4 = re.search(r'eval whole at step 4 took .*: mIoU=([\d.]+)', stderr)
+  kept = checkpoint.Checkpointer(f'{tmp_path}/run/checkpoints', 4, 3)
+  assert f'{kept.score(4):.4f}' == miou4.group(1)
+  assert kept.score(6) is not None and kept.all_steps() == [4, 6]
+  checkpoint.verify(f'{tmp_path}/run/checkpoints', 4)
   stored = json.load(open(tmp_path / 'run' / 'config.json'))
   assert stored['model']['kwargs']['width'] == 2
   assert stored['train']['num_steps'] == 6

@@ -311,6 +311,8 @@ class _FakeEvaluator:
     del variables
     from seg_jax import evaluators, metrics  # pylint: disable=g-import-not-at-top
     miou = self._mious.pop(0)
+    if isinstance(miou, Exception):
+      raise miou
     # IoU of each class = d / (d + 8 e) for diagonal d and off-diagonal e.
     e = 0.0 if miou == 1.0 else 100 * (1 - miou) / (8 * miou)
     confusion = np.full((5, 5), e) + np.eye(5) * (100 - e)
@@ -352,6 +354,29 @@ def test_a_tied_best_is_the_later_step_in_training_and_in_restore(
       caplog.text)
   with open(tmp_path / 'config.json') as f:
     assert json.load(f)['train']['num_steps'] == 6
+
+
+def test_a_failed_evaluation_runs_on_resume_and_its_step_can_be_best(
+    tiny_config, tmp_path):
+  """The evaluation of step 4 fails: step 4 is saved without a score. The
+  resume evaluates it first (0.9, the best) and stores the score with it;
+  a new reader and restore(step='best') name step 4."""
+  c = tiny_config
+  c.train.num_steps, c.eval.every_steps = 6, 2
+  c.checkpoint.every_steps, c.checkpoint.max_to_keep = 2, 1
+  with pytest.raises(RuntimeError, match='evaluation broke'):
+    _run_with_mious(c, tmp_path, [0.5, RuntimeError('evaluation broke')])
+  ckpt = str(tmp_path / 'checkpoints')
+  kept = checkpoint.Checkpointer(ckpt, 2, 1)
+  assert kept.score(4) is None and kept.best() == (2, 0.5)
+  kept.close()
+  trainer = _run_with_mious(c, tmp_path, [0.9, 0.6])
+  assert trainer.checkpointer.best() == (4, pytest.approx(0.9))
+  kept = checkpoint.Checkpointer(ckpt, 2, 1)
+  assert kept.best() == (4, pytest.approx(0.9))
+  assert kept.all_steps() == [4, 6]
+  kept.close()
+  assert checkpoint.restore(ckpt, 'best')[1] == 4
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
