@@ -95,6 +95,73 @@ def _write(root, channels, n, split):
     ud.save_mask(str(root / 'masks' / split / f'img_{i:03d}.png'), mask)
 
 
+@pytest.mark.parametrize('channels,image_format', [(1, 'png'), (1, 'jpg'),
+                                                  (4, 'png')])
+def test_to_folder_copies_grey_and_rgba_datasets_with_their_palette(
+    tmp_path, channels, image_format):
+  """data.to_folder keeps the channel count (grey JPEG/PNG, RGBA PNG) and
+  the masks' palette; the copy reads back as the original (JPEG: close)."""
+  from seg_jax import data  # pylint: disable=g-import-not-at-top
+  from seg_jax.data import to_folder  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  _write(root, channels, 3, 'train')
+  config = ud.folder_config(root, **{'data.channels': channels})
+  summary, = to_folder.convert(config, str(tmp_path / 'copy'), ('train',),
+                               image_format=image_format, progress=False)
+  assert (summary.written, summary.skipped) == (3, 0)
+  original = data.create_source(config, 'train')
+  copy = data.create_source(
+      ud.folder_config(tmp_path / 'copy', **{'data.channels': channels}),
+      'train')
+  np.testing.assert_array_equal(copy.palette, original.palette)
+  np.testing.assert_array_equal(copy.palette, ud.PALETTE)
+  for i in range(3):
+    a, b = original[i], copy[i]
+    assert b['image'].shape == a['image'].shape == (*ud.SIZE, channels)
+    np.testing.assert_array_equal(b['label'], a['label'])
+    if image_format == 'png':
+      np.testing.assert_array_equal(b['image'], a['image'])
+    else:
+      diff = np.abs(b['image'].astype(int) - a['image'].astype(int))
+      assert diff.mean() < 2, diff.mean()
+
+
+def test_to_folder_refuses_a_format_that_drops_channels():
+  from seg_jax.data import to_folder  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match=r'^--image_format=jpg cannot '
+                     r"hold the images' data.channels=4 channels \(it holds "
+                     r'1 or 3\): use --image_format=png or '
+                     r'--image_format=tif\.$'):
+    to_folder.check_format('jpg', 4)
+  with pytest.raises(errors.ConfigError, match=r'^--image_format=png cannot '
+                     r'hold .*data.channels=6 .*: use --image_format=tif\.$'):
+    to_folder.check_format('png', 6)
+  to_folder.check_format('png', 4)
+
+
+def test_to_folder_copies_a_six_channel_tiff_dataset_exactly(tmp_path):
+  tifffile = pytest.importorskip('tifffile')
+  from seg_jax import data  # pylint: disable=g-import-not-at-top
+  from seg_jax.data import to_folder  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  rng = np.random.default_rng(0)
+  for i in range(2):
+    os.makedirs(root / 'images' / 'train', exist_ok=True)
+    tifffile.imwrite(root / 'images' / 'train' / f'img_{i}.tif',
+                     rng.integers(0, 256, (*ud.SIZE, 6)).astype(np.uint8))
+    ud.save_mask(str(root / 'masks' / 'train' / f'img_{i}.png'),
+                 ud.example(i)[1])
+  config = ud.folder_config(root, **{'data.channels': 6})
+  to_folder.convert(config, str(tmp_path / 'copy'), ('train',),
+                    image_format='tif', progress=False)
+  original = data.create_source(config, 'train')
+  copy = data.create_source(
+      ud.folder_config(tmp_path / 'copy', **{'data.channels': 6}), 'train')
+  for i in range(2):
+    np.testing.assert_array_equal(copy[i]['image'], original[i]['image'])
+    np.testing.assert_array_equal(copy[i]['label'], original[i]['label'])
+
+
 @pytest.mark.parametrize('channels', [1, 4])
 def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
     tmp_path, channels):

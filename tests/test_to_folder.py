@@ -102,7 +102,10 @@ def test_jpeg_copy_reads_back_same_labels_and_close_images(camvid, tmp_path):
   assert (out / 'classes.txt').read_text().splitlines() == list(
       sources.CAMVID_CLASSES)
   with Image.open(next((out / 'masks' / 'val').iterdir())) as im:
-    assert im.mode == 'L'
+    assert im.mode == 'P'  # class ids, shown in CamVid's colours
+    np.testing.assert_array_equal(
+        np.asarray(im.getpalette()[:33]).reshape(11, 3),
+        sources.CAMVID_PALETTE)
   raw = np.asarray(Image.open(camvid / 'valannot' / '0001TP_val_000001.png'))
   copied = np.asarray(Image.open(out / 'masks/val/0001TP_val_000001.png'))
   np.testing.assert_array_equal(copied, np.where(raw == 11, 255, raw))

@@ -7,8 +7,10 @@
 
 Each split is read through `data.create_source` (voc, cityscapes, ade20k,
 camvid, folder, tfds, shapes) and written as `OUT/images/{split}/{stem}.jpg`
-(RGB JPEG; `--image_format=png`: lossless PNG), `OUT/masks/{split}/{stem}.png`
-(8-bit masks of train ids, `data.ignore_label` (255) = ignore) and
+(JPEG, grey or RGB as `data.channels` says; `--image_format=png`: lossless
+PNG, RGBA too; `tif`: any channel count), `OUT/masks/{split}/{stem}.png`
+(palette PNGs of train ids in the dataset's colours, `data.ignore_label`
+(255) = ignore) and
 `OUT/classes.txt`, so `--config.data.name=folder --config.data.root=OUT`
 trains on it with no label mapping. `stem` is the source image's file stem
 (prefixed with its folder's name where two collide), or the record index.
@@ -31,7 +33,7 @@ from PIL import Image
 from seg_jax import data, errors
 from seg_jax.data import files
 
-IMAGE_FORMATS = ('jpg', 'png')
+IMAGE_FORMATS = ('jpg', 'png', 'tif')
 
 # What one split's conversion did; `bytes` counts the files written.
 Summary = collections.namedtuple(
@@ -92,11 +94,51 @@ def check_out(out, splits, class_names, overwrite=False):
 
 
 def _save_image(image, path, image_format, jpeg_quality):
-  im = Image.fromarray(np.asarray(image, np.uint8))
+  """Writes an (H, W, C) uint8 image: C=1 as grayscale, 3 as RGB, 4 as
+  RGBA (PNG), any count as a TIFF (`--image_format=tif`)."""
+  image = np.asarray(image, np.uint8)
+  if image_format == 'tif':
+    import tifffile  # pylint: disable=g-import-not-at-top
+    tifffile.imwrite(path, image[..., 0] if image.shape[-1] == 1 else image)
+    return
+  im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if image_format == 'jpg':
-    im.convert('RGB').save(path, 'JPEG', quality=jpeg_quality)
+    im.save(path, 'JPEG', quality=jpeg_quality)
   else:
     im.save(path, 'PNG')
+
+
+def check_format(image_format, channels):
+  """Raises `ConfigError` unless `image_format` holds `channels` channels
+  (JPEG: 1 or 3; PNG: 1, 3 or 4; TIFF: any, with tifffile)."""
+  if image_format not in IMAGE_FORMATS:
+    raise errors.ConfigError(f'--image_format={image_format!r}: use one '
+                             f'of {", ".join(IMAGE_FORMATS)}.')
+  holds = {'jpg': (1, 3), 'png': (1, 3, 4)}.get(image_format)
+  if holds is not None and channels not in holds:
+    raise errors.ConfigError(
+        f'--image_format={image_format} cannot hold the images\' '
+        f'data.channels={channels} channels (it holds '
+        f'{" or ".join(map(str, holds))}): use '
+        f'{"--image_format=png or " if channels == 4 else ""}'
+        '--image_format=tif.')
+  if image_format == 'tif':
+    try:
+      import tifffile  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise errors.ConfigError(
+          "--image_format=tif needs tifffile: pip install 'seg_jax[tiff]'."
+      ) from None
+
+
+def _save_mask(label, path, palette):
+  """Writes class ids as a palette PNG with the dataset's colours (it opens
+  as colours and reads back as the ids)."""
+  im = Image.fromarray(np.asarray(label).astype(np.uint8, copy=False), 'P')
+  colours = np.zeros((256, 3), np.uint8)
+  colours[:len(palette)] = np.asarray(palette, np.uint8)[:256]
+  im.putpalette(colours.ravel().tolist())
+  im.save(path, 'PNG')
 
 
 def _write_record(source, index, stem, dirs, image_format, jpeg_quality):
@@ -108,8 +150,7 @@ def _write_record(source, index, stem, dirs, image_format, jpeg_quality):
   image_path = os.path.join(dirs[0], f'{stem}.{image_format}')
   mask_path = os.path.join(dirs[1], f'{stem}.png')
   _save_image(record['image'], image_path, image_format, jpeg_quality)
-  label = np.asarray(record['label'])
-  Image.fromarray(label.astype(np.uint8, copy=False)).save(mask_path, 'PNG')
+  _save_mask(record['label'], mask_path, source.palette)
   return os.path.getsize(image_path) + os.path.getsize(mask_path)
 
 
@@ -189,9 +230,7 @@ def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
   Every split's source is opened and `out` checked before anything is
   written. Returns one `Summary` per split.
   """
-  if image_format not in IMAGE_FORMATS:
-    raise errors.ConfigError(f'--image_format={image_format!r}: use one '
-                               f'of {", ".join(IMAGE_FORMATS)}.')
+  check_format(image_format, config.data.get('channels', 3))
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.check_not_a_file(out)
   root = config.data.get('root') or ''
@@ -255,8 +294,10 @@ def _define_flags():
   flags.DEFINE_list('splits', ['train', 'val'], "Splits to copy: 'train' "
                     "(data.train_split), 'val' (data.val_split) or a "
                     "dataset split name such as 'test'.")
-  flags.DEFINE_enum('image_format', 'jpg', IMAGE_FORMATS, 'jpg: RGB JPEG '
-                    '(small); png: lossless. Masks are always PNG.')
+  flags.DEFINE_enum('image_format', 'jpg', IMAGE_FORMATS, 'jpg: JPEG '
+                    '(small; grey or RGB); png: lossless (grey, RGB or '
+                    'RGBA); tif: any data.channels (needs tifffile). Masks '
+                    'are always palette PNGs.')
   flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality (1-100).',
                        lower_bound=1, upper_bound=100)
   flags.DEFINE_integer('threads', 8, 'Threads decoding and encoding.',
