@@ -34,6 +34,39 @@ class _QuietLibraries:
     return record.levelno >= pylogging.WARNING or not noisy
 
 
+# JAX_PLATFORMS names -> the modules a backend plugin installs (any one).
+_PLATFORM_PLUGINS = {
+    'cuda': ('jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13',
+             'jax_cuda12_plugin', 'jax_cuda13_plugin'),
+    'tpu': ('libtpu',),
+}
+_PLATFORM_INSTALL = {'cuda': "pip install -U 'jax[cuda12]'",
+                     'tpu': "pip install -U 'jax[tpu]'"}
+
+
+def check_platforms(environ=None):
+  """Raises `ConfigError` when $JAX_PLATFORMS asks for a backend whose
+  plugin this JAX lacks (JAX itself fails then with a bare assertion)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  value = (os.environ if environ is None else environ).get('JAX_PLATFORMS')
+  for platform in (value or '').lower().split(','):
+    name = 'cuda' if platform == 'gpu' else platform
+    modules = _PLATFORM_PLUGINS.get(name)
+    if modules and not any(_module_exists(m, importlib.util)
+                           for m in modules):
+      raise errors.ConfigError(
+          f'JAX_PLATFORMS={value}: this JAX ({jax.__version__}) has no '
+          f'{name.upper()} backend installed ({_PLATFORM_INSTALL[name]}); '
+          'or unset JAX_PLATFORMS to run on the devices it has.')
+
+
+def _module_exists(name, util):
+  try:
+    return util.find_spec(name) is not None
+  except ModuleNotFoundError:  # its parent package is absent
+    return False
+
+
 def quiet_library_logs():
   """Filters library INFO lines out of absl's log handler."""
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -363,6 +396,7 @@ def run(main):
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   quiet_library_logs()
   try:
+    check_platforms()
     app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:
     if wants_help and e.code == 1:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from seg_jax import checkpoint, data, evaluate, train
+from seg_jax import checkpoint, data, errors, evaluate, train
 
 import tb_events
 from conftest import REPO
@@ -243,6 +243,32 @@ def test_launch_scripts_pass_bash_n_and_shellcheck(script):
   proc = subprocess.run([shellcheck, '--shell=bash', path],
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout
+
+
+def test_multi_gpu_launch_without_a_cuda_jax_is_one_line(tmp_path):
+  """launch/multi_gpu.sh asks for CUDA: a JAX without its plugin (this
+  machine's) is named with the install command, exit 2, nothing started."""
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  try:
+    cli.check_platforms({'JAX_PLATFORMS': 'cuda'})
+    pytest.skip('this JAX has a CUDA plugin')
+  except errors.ConfigError:
+    pass
+  proc = subprocess.run(
+      [os.path.join(LAUNCH, 'multi_gpu.sh'), '--config=configs/unet_shapes_tiny.py',
+       f'--workdir={tmp_path}/run'], cwd=REPO,
+      env={**{k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'},
+           'PYTHON': sys.executable}, capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines == [
+      f'error: JAX_PLATFORMS=cuda: this JAX ({jax.__version__}) has no CUDA '
+      "backend installed (pip install -U 'jax[cuda12]'); or unset "
+      'JAX_PLATFORMS to run on the devices it has.'], lines
+  assert not os.path.exists(tmp_path / 'run')
+  cli.check_platforms({'JAX_PLATFORMS': 'cpu'})
+  cli.check_platforms({})
 
 
 def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):
