@@ -285,6 +285,13 @@ def make_folder(path, flag='--out'):
   except OSError as e:
     raise errors.ConfigError(f'{flag}={path}: cannot create the folder '
                              f'({e.strerror}).') from None
+  import tempfile  # pylint: disable=g-import-not-at-top
+  try:  # found now, not after the work whose results it is to hold
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise errors.ConfigError(f'{flag}={path}: cannot write in the folder '
+                             f'({e.strerror}).') from None
   return path
 
 

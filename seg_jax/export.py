@@ -141,9 +141,10 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
   predict = make_export_fn(model, config, spec, variables, height, width)
   if format == 'onnx':
     from seg_jax import to_onnx  # pylint: disable=g-import-not-at-top
-    to_onnx.save(to_onnx.convert(
+    model_proto = to_onnx.convert(
         predict, (height, width, config.data.channels),
-        f'model {config.model.name}, evaluator {name}'), out)
+        f'model {config.model.name}, evaluator {name}')
+    _writing(out, lambda: to_onnx.save(model_proto, out))
     written = {'format': 'onnx', 'opset': to_onnx.OPSET,
                'output_dtype': 'int32'}
   else:
@@ -151,8 +152,7 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
     exported = jax.export.export(jax.jit(predict), platforms=platforms)(
         jax.ShapeDtypeStruct((batch, height, width, config.data.channels),
                              jnp.uint8))
-    with open(out, 'wb') as f:
-      f.write(exported.serialize())
+    _writing(out, lambda: _write_bytes(out, exported.serialize()))
     written = {'format': 'stablehlo', 'platforms': list(exported.platforms)}
   class_names, palette = data.class_info(config)
   meta = {'input_size': [height, width], 'channels': config.data.channels,
@@ -160,9 +160,25 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
           'model': config.model.name, 'inference': name,
           'class_names': list(class_names), 'palette': palette.tolist(),
           **written}
-  with open(out + '.json', 'w') as f:
-    json.dump(meta, f, indent=1)
+  _writing(out + '.json', lambda: _write_bytes(
+      out + '.json', json.dumps(meta, indent=1).encode()))
   return meta
+
+
+def _write_bytes(path, data):
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+def _writing(path, write):
+  """`write()`; a failed write (disk full, no permission) is a one-line
+  `ConfigError` naming the file, not a traceback."""
+  from seg_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    write()
+  except OSError as e:
+    raise errors.ConfigError(f'--out: cannot write {path} '
+                             f'({e.strerror or e}).') from None
 
 
 def _define_flags():

@@ -206,6 +206,12 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
                      r'create the folder \(Not a directory\).$'):
     from seg_jax import cli  # pylint: disable=g-import-not-at-top
     cli.make_folder(str(tmp_path / 'file' / 'sub'))
+  # A write that fails (here: a full device) names the file in one line.
+  if os.path.exists('/dev/full'):
+    with pytest.raises(errors.ConfigError, match=r'^--out: cannot write '
+                       r'/dev/full \(No space left on device\).$'):
+      export._writing('/dev/full', lambda: export._write_bytes(
+          '/dev/full', b'x' * 100_000))
 
 
 def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
