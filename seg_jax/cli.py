@@ -353,34 +353,86 @@ def _parse_flags(argv):
     sys.exit(2)
 
 
-def _flag_error(argv, error):
-  """One line saying which flag or config key is wrong."""
+_KWARGS = '--config.model.kwargs'
+
+
+def _with_new_model_kwargs(argv):
+  """`argv` where each `--config.model.kwargs.KEY=VALUE` whose KEY the
+  config's model.kwargs lacks joins one `--config.model.kwargs={...}` (the
+  config's kwargs and the new keys) placed before the other kwargs
+  overrides: ml_collections overrides only keys a config has, and each
+  model has its own options (width, output_stride, ...)."""
+  flat = [a for a in argv if a.startswith(_KWARGS + '.') and '=' in a]
+  if not flat or any(a.startswith(_KWARGS + '=') for a in argv):
+    return argv
+  _, config = _config_of(argv)
+  if config is None or 'model' not in config:
+    return argv
+  kwargs = config.model.get('kwargs') or {}
+  kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
+  added = {}
+  for a in flat:
+    key, value = a[len(_KWARGS) + 1:].split('=', 1)
+    if '.' not in key and key not in kwargs:
+      added[key] = _literal(value)
+  if not added:
+    return argv
+  first = next(i for i, a in enumerate(argv) if a in flat)
+  rest = [a for a in argv
+          if a not in flat or a[len(_KWARGS) + 1:].split('=', 1)[0]
+          not in added]
+  merged = f'{_KWARGS}={ {**kwargs, **added}!r}'
+  return rest[:first] + [merged] + rest[first:]
+
+
+def _literal(text):
+  """A command-line value as Python reads it (8, True, (1, 2)), else the
+  string itself."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _config_of(argv):
+  """(path, config) of argv's --config (a config file, or a run folder's
+  stored config), (path or None, None) when it does not load."""
   path = next((a.split('=', 1)[1] for a in argv
                if a.startswith('--config=')), None)
-  keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
-          if a.startswith('--config.')]
   loader = run_folder.loader_argument('')
-  if (path and not path.startswith(loader) and
-      not os.path.isfile(path.split(':', 1)[0])):
-    return (f'--config={path}: no such file; give a config file '
-            '(configs/<file>.py) or --workdir of a training run alone.')
   if path and path.startswith(loader):  # a run folder's stored config
     path = path[len(loader):]
     path = path if path.endswith('.json') else run_folder.config_path(path)
-  if path and keys:
-    try:
-      import runpy  # pylint: disable=g-import-not-at-top
-      config = (run_folder.read_config(path) if path.endswith('.json') else
-                runpy.run_path(path)['get_config']())
-    except Exception:  # pylint: disable=broad-except
-      config = None
-    for key in keys if config is not None else ():
-      node = config
-      for part in key.split('.'):
-        if not hasattr(node, 'keys') or part not in node:
-          return (f'--config.{key}: {path} has no such key; every key is '
-                  'listed, with its meaning, in configs/default.py.')
-        node = node[part]
+  if not path or not os.path.isfile(path.split(':', 1)[0]):
+    return path, None
+  try:
+    import runpy  # pylint: disable=g-import-not-at-top
+    return path, (run_folder.read_config(path) if path.endswith('.json')
+                  else runpy.run_path(path)['get_config']())
+  except Exception:  # pylint: disable=broad-except
+    return path, None
+
+
+def _flag_error(argv, error):
+  """One line saying which flag or config key is wrong."""
+  given = next((a.split('=', 1)[1] for a in argv
+                if a.startswith('--config=')), None)
+  keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
+          if a.startswith('--config.')]
+  loader = run_folder.loader_argument('')
+  if (given and not given.startswith(loader) and
+      not os.path.isfile(given.split(':', 1)[0])):
+    return (f'--config={given}: no such file; give a config file '
+            '(configs/<file>.py) or --workdir of a training run alone.')
+  path, config = _config_of(argv) if keys else (given, None)
+  for key in keys if config is not None else ():
+    node = config
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        return (f'--config.{key}: {path} has no such key; every key is '
+                'listed, with its meaning, in configs/default.py.')
+      node = node[part]
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
   causes = [l for l in lines if re.match(r'^\w+(Error|Exception): ', l)]
   cause = re.sub(r'^\w+: ', '', causes[-1]) if causes else None
@@ -398,8 +450,9 @@ def run(main):
   absl exits with status 1 after printing help; asking for help is not an
   error.
   """
-  sys.argv = stored_config_argv(['--help' if a == '-h' else a
-                                 for a in sys.argv])
+  # ml_collections reads its overrides from sys.argv itself.
+  sys.argv = _with_new_model_kwargs(stored_config_argv(
+      ['--help' if a == '-h' else a for a in sys.argv]))
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   quiet_library_logs()
   try:

@@ -214,6 +214,38 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
           '/dev/full', b'x' * 100_000))
 
 
+def test_a_model_option_the_config_does_not_set_can_be_given():
+  """--config.model.kwargs.KEY=VALUE works for any option of the model,
+  not only those the config file sets (ml_collections overrides existing
+  keys only): the new keys join one whole-dict override placed first."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from seg_jax import cli, models  # pylint: disable=g-import-not-at-top
+  config = os.path.join(REPO, 'configs', 'fcn_resnet50_voc.py')
+  flags_given = ['--config.model.kwargs.output_stride=16',
+                 '--config.model.kwargs.width=8', '--config.seed=3']
+  argv = cli._with_new_model_kwargs(['m', f'--config={config}', *flags_given])
+  assert argv[:2] == ['m', f'--config={config}']
+  assert argv[3:] == [flags_given[0], flags_given[2]]
+  name, value = argv[2].split('=', 1)
+  assert name == '--config.model.kwargs'
+  assert ast.literal_eval(value) == {'output_stride': 8, 'aux_head': True,
+                                     'width': 8}
+  out = _run(['-m', 'seg_jax.summary', f'--config={config}', *flags_given])
+  assert out.returncode == 0, out.stderr[-2000:]
+  import jax  # pylint: disable=g-import-not-at-top
+  model = models.create_model('fcn_resnet50', 21, output_stride=16, width=8,
+                              aux_head=True)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jax.numpy.zeros((1, 64, 64, 3)), train=False))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      shapes['params']))
+  assert out.stdout.strip().splitlines()[-1].startswith(f'params={params} ')
+  assert cli._with_new_model_kwargs(['m', f'--config={config}',
+                                     '--config.seed=1']) == [
+                                         'm', f'--config={config}',
+                                         '--config.seed=1']
+
+
 def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
   """bench, data.bench, summary and data.samples: out-of-range flags and
   impossible configs are one line and exit status 2."""
