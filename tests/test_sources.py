@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import data
+from seg_jax import data, errors
 from seg_jax.data import files, pipeline, sources
 
 CAMVID = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
@@ -95,6 +95,20 @@ def test_voc_train_aug_uses_sbd_masks(tmp_path):
   src = data.create_source(cfg, 'train')
   assert len(src) == 1
   np.testing.assert_array_equal(src[0]['label'], aug)
+  # DeepLab's two-column list: image and mask paths under VOC2012.
+  (voc / 'ImageSets' / 'Segmentation' / 'train_aug.txt').write_text(
+      '/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png\n'
+      '/JPEGImages/2007_000032.jpg /SegmentationClass/2007_000032.png\n')
+  src = data.create_source(cfg, 'train')
+  assert len(src) == 2
+  np.testing.assert_array_equal(src[0]['label'], aug)
+  np.testing.assert_array_equal(src[1]['label'], _grid([0, 1, 15, 20, 255, 7]))
+  (voc / 'ImageSets' / 'Segmentation' / 'train_aug.txt').write_text(
+      'a b c\n')
+  with pytest.raises(errors.ConfigError, match=r"train_aug.txt: the line "
+                     r"'a b c' is neither an image id nor an image path and "
+                     r'a mask path.$'):
+    data.create_source(cfg, 'train')
 
 
 # --- Cityscapes -----------------------------------------------------------

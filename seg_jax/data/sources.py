@@ -62,15 +62,29 @@ def voc(root, split, on_bad_sample='raise', ignore_label=IGNORE_LABEL):
   else:
     masks = os.path.join(root, 'SegmentationClass')
     list_file = os.path.join(lists, f'{split}.txt')
-  ids = files.read_list(list_file, 'voc')
-  pairs = [(os.path.join(root, 'JPEGImages', f'{i}.jpg'),
-            os.path.join(masks, f'{i}.png')) for i in ids]
+  pairs = [_voc_pair(root, masks, line, list_file)
+           for line in files.read_list(list_file, 'voc')]
   # Masks are palette PNGs: indices 0..20, 255 on object boundaries.
   return files.FileSource(f'voc/{split}', pairs, VOC_CLASSES, VOC_PALETTE,
                           files.label_table(len(VOC_CLASSES),
                                             ignore_label=ignore_label),
                           on_bad_sample,
                           origin=list_file)
+
+
+def _voc_pair(root, masks, line, list_file):
+  """(image, mask) of one list line: an id (`2007_000032`), or an image and
+  a mask path under the VOC2012 folder, as DeepLab's train_aug.txt lists
+  them (`/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`)."""
+  fields = line.split()
+  if len(fields) == 1:
+    return (os.path.join(root, 'JPEGImages', f'{fields[0]}.jpg'),
+            os.path.join(masks, f'{fields[0]}.png'))
+  if len(fields) == 2:
+    return tuple(os.path.join(root, f.lstrip('/')) for f in fields)
+  raise errors.ConfigError(
+      f'voc: {list_file}: the line {line!r} is neither an image id nor an '
+      'image path and a mask path.')
 
 
 # --- Cityscapes -----------------------------------------------------------
