@@ -120,8 +120,8 @@ class Trainer:
     try:
       if not start:
         writer.write_hparams(self.config.to_dict())
-      self._evaluate_unscored(start, train_iter, writer)
-      result = self._loop(start, train_iter, writer)
+      resumed = self._evaluate_unscored(start, train_iter, writer)
+      result = self._loop(start, train_iter, writer) or resumed or {}
       step = int(self.state.step)
       self.checkpointer.save_final(step, self.state, train_iter,
                                    _scores_of(result, step))
@@ -181,19 +181,23 @@ class Trainer:
   def _evaluate_unscored(self, start, train_iter, writer):
     """Evaluates the step resumed from when it is an evaluation step whose
     checkpoint has no score (its evaluation failed and the run stopped):
-    its scores are written and stored with it, so it can be the best."""
+    its scores are written and stored with it, so it can be the best.
+    Returns the evaluation's scalars, or None."""
     every, last = self.config.eval.every_steps, self.config.train.num_steps
-    if (not start or start >= last or start % every or not self.evaluators
-        or self.checkpointer.score(start) is not None):
-      return
+    if (not start or start > last or (start % every and start != last) or
+        not self.evaluators or self.checkpointer.score(start) is not None):
+      return None
     logging.info('Checkpoint %d was saved without its evaluation; '
                  'evaluating it now.', start)
     evaluated = self._guarded(start, train_iter, f'Evaluation at step {start}',
                               lambda: self._maybe_eval(start, writer))
-    self.checkpointer.add_score(start, _scores_of(evaluated, start))
-    best_step, best_miou = self.checkpointer.best()
-    writer.write_scalars(start, {'eval/best_miou': best_miou,
-                                 'eval/best_step': best_step})
+    scores = _scores_of(evaluated, start)
+    if scores is not None:
+      self.checkpointer.add_score(start, scores)
+      best_step, best_miou = self.checkpointer.best()
+      writer.write_scalars(start, {'eval/best_miou': best_miou,
+                                   'eval/best_step': best_step})
+    return evaluated
 
   def _guarded(self, step, train_iter, what, fn):
     """`fn()`; when it fails, the steps trained so far (`step`) are saved
