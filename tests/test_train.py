@@ -377,6 +377,18 @@ def test_a_failed_evaluation_runs_on_resume_and_its_step_can_be_best(
   assert kept.all_steps() == [4, 6]
   kept.close()
   assert checkpoint.restore(ckpt, 'best')[1] == 4
+  # The same at the last step: the resume's evaluation is the run's result.
+  c.train.num_steps = 8
+  with pytest.raises(RuntimeError, match='evaluation broke'):
+    _run_with_mious(c, tmp_path, [RuntimeError('evaluation broke')])
+  trainer = train.Trainer(c, str(tmp_path))
+  trainer.evaluators = [_FakeEvaluator([0.95])]
+  try:
+    result = trainer.run()
+  finally:
+    trainer.checkpointer.close()
+  assert result['step'] == 8 and result['miou'] == pytest.approx(0.95)
+  assert trainer.checkpointer.best() == (8, pytest.approx(0.95))
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
