@@ -321,8 +321,9 @@ def restore(directory, step='latest', target=None, fields=None):
     target: the template whose shapes, dtypes and shardings the arrays get:
       a `TrainState` (or pytree) of arrays or `jax.ShapeDtypeStruct`s. None:
       everything as stored, on the first device, whatever topology wrote it.
-    fields: with a target, read only these top-level fields (e.g. no
-      optimizer state for inference) and return them as a dict.
+    fields: read only these top-level fields (e.g. no optimizer state for
+      inference) and return them as a dict; without a target, those of
+      them the checkpoint holds (not empty).
 
   The stored shapes must be the target's (`errors.ConfigError` naming the
   first parameter otherwise). A state saved before a field existed (e.g.
@@ -346,10 +347,14 @@ def restore(directory, step='latest', target=None, fields=None):
     verify(directory, step)
     stored = manager.item_metadata(step)['state']
     if target is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      # This process's first device: in a multi-process job every process
+      # reads its own copy.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       target = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
           stored)
+      if fields is not None:  # those stored, and not empty
+        fields = [f for f in fields if jax.tree.leaves(stored.get(f, {}))]
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     if fields is not None:
       abstract = {f: _field(abstract, f) for f in fields}
@@ -414,9 +419,13 @@ def initial_weights_fn(config):
   directory, step, run = found
 
   def init_fn(variables):
-    stored, read = restore(directory, step)
+    try:
+      stored, read = restore(directory, step,
+                             fields=('params', 'batch_stats', 'ema'))
+    except errors.UserError as e:
+      raise errors.ConfigError(f'model.init_from={path}: {e}') from None
     weights = train_state.inference_variables(
-        {'ema': stored['ema']} if stored.get('ema') else
+        {'ema': stored['ema']} if 'ema' in stored else
         {'params': stored['params'],
          'batch_stats': stored.get('batch_stats', {})})
     old_classes = None
@@ -457,10 +466,13 @@ def _merge_weights(variables, weights, old_classes, new_classes, source):
           for a, b in zip(value.shape, want)):
         kept.append(name)
         continue
+      unknown = ('' if old_classes is not None else ' (the run has no '
+                 'config.json, so a class count that differs cannot be told '
+                 'apart)')
       raise errors.ConfigError(
           f'{source}: {name} has shape {tuple(value.shape)}, the config\'s '
           f'model {want}: was the run another model.kwargs or data.channels? '
-          'Only the class count may differ.')
+          f'Only the class count may differ{unknown}.')
     flat[path] = value.astype(flat[path].dtype)
   kept += ['/'.join(str(k) for k in p) for p in flat
            if p not in given and p[0] in ('params', 'batch_stats')]

@@ -70,7 +70,16 @@ def check_config(config):
     raise errors.ConfigError(f'train.ema_decay={config.train.ema_decay!r}: '
                              'give a value in [0, 1).')
   create_model(config)  # model.name, model.kwargs, train.precision
+
+
+def check_init_from(config):
+  """`model.init_from` names weights a training start can read: a weights
+  file with a known `model.init_format`, or a seg_jax run (see
+  `workdir.weights_source`). Only a new run reads them (not a resume, not
+  inference)."""
   path = config.model.init_from
+  if path and run_folder.weights_source(path) is not None:
+    return
   if path and os.path.isdir(path):
     if run_folder.weights_source(path) is None:
       raise errors.ConfigError(

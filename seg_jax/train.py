@@ -51,7 +51,10 @@ class Trainer:
     self.lr_fn = optim.create_learning_rate_fn(config.train)
     self.state = state.create_train_state(
         model, tx, jax.random.key(config.seed), state.init_input_shape(config),
-        self.mesh, checkpoint.initial_weights_fn(config),
+        self.mesh,
+        # Starting weights for a new run; a resume restores its own.
+        None if run_folder.has_checkpoints(workdir) else
+        checkpoint.initial_weights_fn(config),
         fsdp_min_size=config.mesh.fsdp_min_size,
         ema=config.train.ema_decay > 0)
     self.train_step = steps.make_train_step(

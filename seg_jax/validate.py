@@ -13,6 +13,7 @@ import tempfile
 
 from seg_jax import (checkpoint, data, errors, evaluators, losses, optim,
                      sharding, state)
+from seg_jax import workdir as run_folder
 
 # The checks, in the order they run: the first problem is the one reported.
 CHECKS = (optim.check_config, losses.check_config, state.check_config,
@@ -55,6 +56,10 @@ def check_config(config, workdir=None, training=True):
       sharding.check_train_batch(config)  # first, as the other batch sizes
     for check in CHECKS:
       check(config)
+    # Starting weights are read by a new run only: a resume or an
+    # evaluation does not need them (nor that they still exist).
+    if training and not (workdir and run_folder.has_checkpoints(workdir)):
+      state.check_init_from(config)
   except errors.ConfigError:
     raise
   except (ValueError, TypeError, KeyError) as e:

@@ -56,13 +56,17 @@ def checkpoint_dir(workdir):
 
 def weights_source(path):
   """(checkpoint folder, step, run folder) that `path` names as weights to
-  start from: a run folder (its latest step) or one of its
-  `checkpoints/<step>` folders; None when it is neither."""
+  start from: a run folder or its `checkpoints/` (the latest step), or
+  `checkpoints/<step>` (that step, which the restore checks exists); None
+  when it is none of them."""
   path = os.path.abspath(path)
   if os.path.isdir(checkpoint_dir(path)):
     return checkpoint_dir(path), 'latest', path
+  if os.path.basename(path) == 'checkpoints' and os.path.isdir(path):
+    return path, 'latest', os.path.dirname(path)
   parent, step = os.path.split(path)
-  if os.path.basename(parent) == 'checkpoints' and step.isdigit():
+  if (os.path.basename(parent) == 'checkpoints' and step.isdigit() and
+      os.path.isdir(parent)):
     return parent, int(step), os.path.dirname(parent)
   return None
 

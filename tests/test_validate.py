@@ -153,6 +153,7 @@ def _check_init_from_a_run(run):
   def start(init_from, config=c):
     config.model.init_from = str(init_from)
     state.check_config(config)
+    state.check_init_from(config)
     model = state.create_model(config)
     fresh = jax.device_get(model.init(
         jax.random.key(7), np.zeros(state.init_input_shape(config)),
@@ -187,6 +188,23 @@ def _check_init_from_a_run(run):
   with pytest.raises(errors.ConfigError, match=r'is a folder but not a '
                      r'seg_jax run'):
     start(run / 'plain')
+  c.model.kwargs = unet_shapes_tiny.get_config().model.kwargs
+  start(run / 'checkpoints')  # the latest step
+  with pytest.raises(errors.ConfigError, match=rf'^model.init_from={run}/'
+                     r'checkpoints/99: --checkpoint=99: .* holds steps '
+                     r'\[3\]'):
+    start(run / 'checkpoints' / '99')
+  # Only a new run reads them: a resume (or an evaluation) of a run that
+  # started from weights no longer there is not refused, and the resume
+  # does not read them.
+  c = unet_shapes_tiny.get_config()
+  c.model.init_from = str(run / 'gone')
+  validate.check_config(c, str(run))
+  validate.check_config(c, training=False)
+  with pytest.raises(errors.ConfigError, match='gone.: no such file'):
+    validate.check_config(c, str(run / 'new'))
+  trainer = train.Trainer(c, str(run))
+  trainer.checkpointer.close()
 
 
 def test_missing_dataset_root_is_a_user_error(tiny_config, tmp_path):
