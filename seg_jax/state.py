@@ -105,6 +105,11 @@ def create_model(config):
   if config.train.precision not in dtypes:
     raise errors.ConfigError(f'train.precision={config.train.precision!r}; '
                              f'use one of {sorted(dtypes)}.')
+  for key, where in (('num_classes', 'model.num_classes'),
+                     ('dtype', 'train.precision')):
+    if key in config.model.kwargs:
+      raise errors.ConfigError(f'model.kwargs.{key}: not a model option; '
+                               f'set {where} instead.')
   return models.create_model(config.model.name, config.model.num_classes,
                              dtype=dtypes[config.train.precision],
                              **config.model.kwargs)

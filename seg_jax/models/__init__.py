@@ -54,8 +54,10 @@ def create_model(name, num_classes, **kwargs):
   # option; defaults such as output_stride are.
   fixed = ({'depth', 'stride', 'plus'} & set(ctor.keywords)
            if isinstance(ctor, functools.partial) else set())
-  unknown = sorted(set(kwargs) - (set(fields) - fixed))
+  # The class count and the compute dtype are arguments, not options.
+  options = set(fields) - fixed - {'parent', 'name', 'num_classes', 'dtype'}
+  unknown = sorted(set(kwargs) - options - {'dtype'})
   if unknown:
     raise ValueError(f'model {name!r} does not take option(s) {unknown}; it '
-                     f'takes {sorted(set(fields) - fixed - {"num_classes", "parent", "name"})}.')
+                     f'takes {sorted(options)}.')
   return ctor(num_classes=num_classes, **kwargs)

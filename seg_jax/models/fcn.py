@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seg_jax import errors
 from seg_jax.models import layers, resnet
 from seg_jax.models.vgg import VGG16, scale
 
@@ -46,7 +47,7 @@ class FCNVGG(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     if self.stride not in (32, 16, 8):
-      raise ValueError(f'FCN stride={self.stride}; use 32, 16 or 8.')
+      raise errors.ConfigError(f'FCN stride={self.stride}; use 32, 16 or 8.')
     in_hw = x.shape[1:3]
     feats = VGG16(first_padding=100, pool=layers.max_pool_ceil,
                   width=self.width, dtype=self.dtype, name='backbone')(x)

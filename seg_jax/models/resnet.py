@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seg_jax import errors
 from seg_jax.models.layers import ConvBN
 
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -41,7 +42,8 @@ class Bottleneck(nn.Module):
 def stage_dilations(output_stride):
   """(stride, dilation) increments of stages 2..4 for an output stride."""
   if output_stride not in (8, 16, 32):
-    raise ValueError(f'output_stride={output_stride}; use 8, 16 or 32.')
+    raise errors.ConfigError(f'model.kwargs.output_stride={output_stride}; '
+                             'use 8, 16 or 32.')
   replace = {32: (False, False, False), 16: (False, False, True),
              8: (False, True, True)}[output_stride]
   return replace
@@ -91,7 +93,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     if self.depth not in STAGE_SIZES:
-      raise ValueError(f'ResNet depth={self.depth}; use 50 or 101.')
+      raise errors.ConfigError(f'ResNet depth={self.depth}; use 50 or 101.')
     x = self._stem(x.astype(self.dtype), train)
     feats = {'stem': x}
     replace = stage_dilations(self.output_stride)

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax import errors
 from seg_jax.models import layers
 
 
@@ -85,10 +86,12 @@ class UNet(nn.Module):
 
   def setup(self):
     if self.padding not in ('SAME', 'VALID'):
-      raise ValueError(f"unet: padding={self.padding!r}; use 'SAME' or 'VALID'")
+      raise errors.ConfigError(f'unet: model.kwargs.padding={self.padding!r}; '
+                               "use 'SAME' or 'VALID'.")
     if self.upsample not in ('transpose', 'bilinear'):
-      raise ValueError(f"unet: upsample={self.upsample!r}; use 'transpose' "
-                       "or 'bilinear'")
+      raise errors.ConfigError(
+          f'unet: model.kwargs.upsample={self.upsample!r}; use '
+          "'transpose' or 'bilinear'.")
 
   @nn.compact
   def __call__(self, x, train=False):
