@@ -34,37 +34,52 @@ class _QuietLibraries:
     return record.levelno >= pylogging.WARNING or not noisy
 
 
-# JAX_PLATFORMS names -> the modules a backend plugin installs (any one).
-_PLATFORM_PLUGINS = {
-    'cuda': ('jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13',
-             'jax_cuda12_plugin', 'jax_cuda13_plugin'),
-    'tpu': ('libtpu',),
-}
+# What a JAX_PLATFORMS name needs: a backend plugin whose name holds one of
+# these (jax_plugins packages and entry points, or the plugin modules), and
+# how to install one.
+_PLATFORM_PLUGINS = {'cuda': ('cuda',), 'gpu': ('cuda', 'rocm'),
+                     'rocm': ('rocm',), 'tpu': ('tpu',)}
 _PLATFORM_INSTALL = {'cuda': "pip install -U 'jax[cuda12]'",
+                     'gpu': "pip install -U 'jax[cuda12]'",
+                     'rocm': "pip install -U 'jax[rocm]'",
                      'tpu': "pip install -U 'jax[tpu]'"}
 
 
 def check_platforms(environ=None):
-  """Raises `ConfigError` when $JAX_PLATFORMS asks for a backend whose
-  plugin this JAX lacks (JAX itself fails then with a bare assertion)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  """Raises `ConfigError` when $JAX_PLATFORMS asks for a backend no
+  installed plugin provides (JAX itself fails then with a bare assertion)."""
   value = (os.environ if environ is None else environ).get('JAX_PLATFORMS')
-  for platform in (value or '').lower().split(','):
-    name = 'cuda' if platform == 'gpu' else platform
-    modules = _PLATFORM_PLUGINS.get(name)
-    if modules and not any(_module_exists(m, importlib.util)
-                           for m in modules):
+  wanted = [p for p in (value or '').lower().split(',')
+            if p in _PLATFORM_PLUGINS]
+  if not wanted:
+    return
+  plugins = _installed_plugins()
+  for platform in wanted:
+    if not any(key in name for key in _PLATFORM_PLUGINS[platform]
+               for name in plugins):
       raise errors.ConfigError(
           f'JAX_PLATFORMS={value}: this JAX ({jax.__version__}) has no '
-          f'{name.upper()} backend installed ({_PLATFORM_INSTALL[name]}); '
-          'or unset JAX_PLATFORMS to run on the devices it has.')
+          f'{platform.upper()} backend installed '
+          f'({_PLATFORM_INSTALL[platform]}); or unset JAX_PLATFORMS to run '
+          'on the devices it has.')
 
 
-def _module_exists(name, util):
+def _installed_plugins():
+  """Names of the installed JAX backend plugins (lower case)."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  names = {ep.name for ep in importlib.metadata.entry_points(
+      group='jax_plugins')}
   try:
-    return util.find_spec(name) is not None
-  except ModuleNotFoundError:  # its parent package is absent
-    return False
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+    names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+  except ImportError:
+    pass
+  for module in ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'libtpu'):
+    if importlib.util.find_spec(module) is not None:
+      names.add(module)
+  return {n.lower() for n in names}
 
 
 def quiet_library_logs():
@@ -354,6 +369,8 @@ def _parse_flags(argv):
 
 
 _KWARGS = '--config.model.kwargs'
+# The command line as given (`run` rewrites sys.argv for ml_collections).
+GIVEN_ARGV = []
 
 
 def _with_new_model_kwargs(argv):
@@ -398,8 +415,7 @@ def _literal(text):
 def _config_of(argv):
   """(path, config) of argv's --config (a config file, or a run folder's
   stored config), (path or None, None) when it does not load."""
-  path = next((a.split('=', 1)[1] for a in argv
-               if a.startswith('--config=')), None)
+  path = _flag_value(argv, 'config')
   loader = run_folder.loader_argument('')
   if path and path.startswith(loader):  # a run folder's stored config
     path = path[len(loader):]
@@ -414,10 +430,19 @@ def _config_of(argv):
     return path, None
 
 
+def _flag_value(argv, name):
+  """The value of `--name=VALUE` or `--name VALUE` in argv, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _flag_error(argv, error):
   """One line saying which flag or config key is wrong."""
-  given = next((a.split('=', 1)[1] for a in argv
-                if a.startswith('--config=')), None)
+  given = _flag_value(argv, 'config')
   keys = [a[len('--config.'):].split('=', 1)[0] for a in argv
           if a.startswith('--config.')]
   loader = run_folder.loader_argument('')
@@ -450,13 +475,15 @@ def run(main):
   absl exits with status 1 after printing help; asking for help is not an
   error.
   """
+  GIVEN_ARGV[:] = sys.argv
   # ml_collections reads its overrides from sys.argv itself.
   sys.argv = _with_new_model_kwargs(stored_config_argv(
       ['--help' if a == '-h' else a for a in sys.argv]))
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   quiet_library_logs()
   try:
-    check_platforms()
+    if not wants_help:
+      check_platforms()
     app.run(main, flags_parser=_parse_flags)
   except SystemExit as e:
     if wants_help and e.code == 1:

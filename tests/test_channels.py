@@ -95,6 +95,12 @@ def _write(root, channels, n, split):
     ud.save_mask(str(root / 'masks' / split / f'img_{i:03d}.png'), mask)
 
 
+def _channels(n):
+  """Config overrides for `n`-channel images."""
+  return {'data.channels': n, 'data.mean': (127.0,) * n,
+          'data.std': (60.0,) * n}
+
+
 @pytest.mark.parametrize('channels,image_format', [(1, 'png'), (1, 'jpg'),
                                                   (4, 'png')])
 def test_to_folder_copies_grey_and_rgba_datasets_with_their_palette(
@@ -105,13 +111,13 @@ def test_to_folder_copies_grey_and_rgba_datasets_with_their_palette(
   from seg_jax.data import to_folder  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'data'
   _write(root, channels, 3, 'train')
-  config = ud.folder_config(root, **{'data.channels': channels})
+  config = ud.folder_config(root, **_channels(channels))
   summary, = to_folder.convert(config, str(tmp_path / 'copy'), ('train',),
                                image_format=image_format, progress=False)
   assert (summary.written, summary.skipped) == (3, 0)
   original = data.create_source(config, 'train')
   copy = data.create_source(
-      ud.folder_config(tmp_path / 'copy', **{'data.channels': channels}),
+      ud.folder_config(tmp_path / 'copy', **_channels(channels)),
       'train')
   np.testing.assert_array_equal(copy.palette, original.palette)
   np.testing.assert_array_equal(copy.palette, ud.PALETTE)
@@ -137,6 +143,13 @@ def test_to_folder_refuses_a_format_that_drops_channels():
                      r'hold .*data.channels=6 .*: use --image_format=tif\.$'):
     to_folder.check_format('png', 6)
   to_folder.check_format('png', 4)
+  # The data section's own check: a dataset of RGB images has 3 channels.
+  from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
+  config = unet_shapes_tiny.get_config()
+  config.data.channels = 1
+  with pytest.raises(errors.ConfigError, match=r"data.name='shapes' gives "
+                     r'RGB images'):
+    to_folder.convert(config, '/nonexistent/out', ('train',))
 
 
 def test_to_folder_copies_a_six_channel_tiff_dataset_exactly(tmp_path):
@@ -151,12 +164,12 @@ def test_to_folder_copies_a_six_channel_tiff_dataset_exactly(tmp_path):
                      rng.integers(0, 256, (*ud.SIZE, 6)).astype(np.uint8))
     ud.save_mask(str(root / 'masks' / 'train' / f'img_{i}.png'),
                  ud.example(i)[1])
-  config = ud.folder_config(root, **{'data.channels': 6})
+  config = ud.folder_config(root, **_channels(6))
   to_folder.convert(config, str(tmp_path / 'copy'), ('train',),
                     image_format='tif', progress=False)
   original = data.create_source(config, 'train')
   copy = data.create_source(
-      ud.folder_config(tmp_path / 'copy', **{'data.channels': 6}), 'train')
+      ud.folder_config(tmp_path / 'copy', **_channels(6)), 'train')
   for i in range(2):
     np.testing.assert_array_equal(copy[i]['image'], original[i]['image'])
     np.testing.assert_array_equal(copy[i]['label'], original[i]['label'])

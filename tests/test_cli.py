@@ -240,6 +240,10 @@ def test_a_model_option_the_config_does_not_set_can_be_given():
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
       shapes['params']))
   assert out.stdout.strip().splitlines()[-1].startswith(f'params={params} ')
+  spaced = cli._with_new_model_kwargs(['m', '--config', config,
+                                       '--config.model.kwargs.width=8'])
+  assert spaced[:3] == ['m', '--config', config] and ast.literal_eval(
+      spaced[3].split('=', 1)[1])['width'] == 8
   assert cli._with_new_model_kwargs(['m', f'--config={config}',
                                      '--config.seed=1']) == [
                                          'm', f'--config={config}',

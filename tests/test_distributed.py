@@ -269,6 +269,9 @@ def test_multi_gpu_launch_without_a_cuda_jax_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
   cli.check_platforms({'JAX_PLATFORMS': 'cpu'})
   cli.check_platforms({})
+  with pytest.raises(errors.ConfigError, match=r"^JAX_PLATFORMS=rocm: .* no "
+                     r"ROCM backend installed \(pip install -U 'jax\[rocm\]'\)"):
+    cli.check_platforms({'JAX_PLATFORMS': 'rocm'})
 
 
 def test_local_launch_stops_the_others_when_one_process_fails(tmp_path):

@@ -231,6 +231,7 @@ def convert(config, out, splits=('train', 'val'), *, image_format='jpg',
   written. Returns one `Summary` per split.
   """
   check_format(image_format, config.data.get('channels', 3))
+  data.check_config(config)  # e.g. channels other than 3 from a dataset of RGB
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.check_not_a_file(out)
   root = config.data.get('root') or ''
@@ -322,9 +323,10 @@ def main(argv):
   for s in summaries:
     print(summary_line(s), flush=True)
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
   config_file = config_flags.get_config_filename(f['config'])
   print('Train on it: ' + train_command(config_file, f.out, f.config, splits,
-                                        sys.argv[1:]), flush=True)
+                                        cli.GIVEN_ARGV[1:]), flush=True)
 
 
 if __name__ == '__main__':
