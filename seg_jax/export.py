@@ -48,11 +48,15 @@ def load(path):
     images (b, h, w, C) are mirror-filled to (H, W), as `evaluate` fills
     its canvas, and their labels cropped back to (h, w).
   """
-  from seg_jax import mirror  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+  from seg_jax import errors, mirror  # pylint: disable=g-import-not-at-top
   with open(path + '.json') as f:
     meta = json.load(f)
+  if meta.get('format', 'stablehlo') != 'stablehlo':
+    raise errors.ConfigError(
+        f'{path} is an {meta["format"]} model (its .json says so): load it '
+        'with seg_jax.to_onnx.load_onnx.')
+  with open(path, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
   height, width = meta['input_size']
   channels = meta.get('channels', 3)
 
@@ -196,12 +200,27 @@ def _define_flags():
   flags.DEFINE_list('platforms', [], "Lower for these platforms, e.g. "
                     "cpu,cuda,tpu (default: this machine's; StableHLO "
                     'only).')
-  flags.DEFINE_enum('format', 'stablehlo', list(FORMATS),
+  flags.DEFINE_enum('format', None, list(FORMATS),
                     'stablehlo: jax.export, loaded with export.load; onnx: '
                     'an ONNX model (opset 17) for ONNX Runtime, loaded with '
-                    'to_onnx.load_onnx (needs the [onnx] extra).')
+                    'to_onnx.load_onnx (needs the [onnx] extra). Default: '
+                    'onnx for an --out ending in .onnx, else stablehlo.')
   flags.mark_flags_as_required(['out'])
   return flags.FLAGS
+
+
+def format_of(given, out):
+  """--format as given, or from --out's extension (.onnx: onnx); an .onnx
+  name for another format is refused."""
+  from seg_jax import errors  # pylint: disable=g-import-not-at-top
+  onnx_name = out.lower().endswith('.onnx')
+  if given is None:
+    return 'onnx' if onnx_name else 'stablehlo'
+  if onnx_name and given != 'onnx':
+    raise errors.ConfigError(f'--out={out} names an ONNX file but '
+                             f'--format={given}: give --format=onnx, or '
+                             'another file name.')
+  return given
 
 
 def _size_flag(values):
@@ -220,15 +239,16 @@ def main(argv):
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   cli.start(argv)
   f = FLAGS
+  fmt = format_of(f.format, f.out)
   meta = export_model(f.config, f.workdir, f.out, checkpoint=f.checkpoint,
                       size=_size_flag(f.size),
                       evaluator=cli.inference_names(f.config, one=True)[0],
                       platforms=tuple(f.platforms) or None,
-                      format=f.format)
-  target = (f'opset={meta["opset"]}' if f.format == 'onnx' else
+                      format=fmt)
+  target = (f'opset={meta["opset"]}' if fmt == 'onnx' else
             f'platforms={",".join(meta["platforms"])}')
   print(f'Exported: step={meta["step"]} input={meta["input_size"]} '
-        f'format={f.format} {target} -> {f.out} '
+        f'format={fmt} {target} -> {f.out} '
         f'({os.path.getsize(f.out) / 2**20:.1f} MiB)', flush=True)
 
 

@@ -206,6 +206,19 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
                      r'create the folder \(Not a directory\).$'):
     from seg_jax import cli  # pylint: disable=g-import-not-at-top
     cli.make_folder(str(tmp_path / 'file' / 'sub'))
+  # --format follows an .onnx name; an .onnx name in another format is
+  # refused, and export.load refuses an ONNX model (to_onnx.load_onnx).
+  assert export.format_of(None, 'm.ONNX') == 'onnx'
+  assert export.format_of(None, 'm.bin') == 'stablehlo'
+  assert export.format_of('onnx', 'm.bin') == 'onnx'
+  with pytest.raises(errors.ConfigError, match=r'^--out=m.onnx names an ONNX '
+                     r'file but --format=stablehlo: give --format=onnx'):
+    export.format_of('stablehlo', 'm.onnx')
+  (tmp_path / 'x.onnx').write_bytes(b'\x08\x07')
+  (tmp_path / 'x.onnx.json').write_text('{"format": "onnx"}')
+  with pytest.raises(errors.ConfigError, match=r'x.onnx is an onnx model .*'
+                     r'load it with seg_jax.to_onnx.load_onnx.$'):
+    export.load(str(tmp_path / 'x.onnx'))
   # A write that fails (here: a full device) names the file in one line.
   if os.path.exists('/dev/full'):
     with pytest.raises(errors.ConfigError, match=r'^--out: cannot write '
