@@ -97,7 +97,8 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   if split == 'val' and not config.data.val_split:
     raise errors.ConfigError(
         "data.val_split is '' (the run trained without a validation "
-        'split): give --split=<a split of the dataset>, e.g. --split=test.')
+        "split), so --split=val names no split: name the dataset's split "
+        'with --config.data.val_split=NAME, or give --split=train.')
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   model, variables, step = restore_for_inference(config, workdir, mesh,
                                                  checkpoint)
@@ -141,6 +142,9 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
         print(f'{skips.count} of {len(source)} images skipped '
               "(data.on_bad_sample='skip'): the scores are of the other "
               f"{report['images']}.")
+      if raw:
+        print('The raw weights: the run kept a weight average, read here '
+              'without it (train.ema_decay=0).')
       print(f'Wrote {stem}.json and {stem}_confusion.png')
       print(summary_line(result, step, split), flush=True)
     reports.append((result, report))

@@ -343,6 +343,17 @@ def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
                      r'split with --split=NAME \(e\.g\. --split=train\), or '
                      r'point data.val_split at one\.$'):
     data.open_split(ud.folder_config(tmp_path), 'val', training=False)
+  # No dataset folder at all: no advice about splits.
+  with pytest.raises(errors.MissingFileError, match=r'does not exist; it '
+                     r'must hold images/ and masks/.$'):
+    data.open_split(ud.folder_config(tmp_path / 'gone'), 'val', training=False)
+  # A run trained without validation: --split=val names no split.
+  from seg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match=r"--split=val names no split: "
+                     r"name the dataset's split with "
+                     r'--config.data.val_split=NAME, or give --split=train.$'):
+    evaluate.evaluate(ud.folder_config(tmp_path, **{'data.val_split': ''}),
+                      str(tmp_path / 'run'))
 
 
 def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):

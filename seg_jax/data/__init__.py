@@ -237,8 +237,9 @@ def open_split(config, split, training=True):
   try:
     source = create_source(config, split)
   except errors.MissingFileError as e:
-    if split != 'val':
-      raise
+    root = config.data.get('root')
+    if split != 'val' or (root and not os.path.isdir(root)):
+      raise  # no split is there: the dataset folder is missing
     hint = ("To train without validation: --config.data.val_split=''."
             if training else 'Evaluate another split with --split=NAME '
             "(e.g. --split=train), or point data.val_split at one.")
