@@ -195,8 +195,8 @@ def check_run_config(config, workdir, keys=run_folder.INFERENCE_KEYS):
     raise errors.ConfigError(
         f'{key}={given!r} contradicts the run in {workdir}, whose '
         f'checkpoints were trained with {key}={stored!r}{more} (its '
-        f'{run_folder.CONFIG_FILE}): drop that setting, or use a new '
-        '--workdir.')
+        f'{run_folder.CONFIG_FILE}): drop that setting (or --config, to '
+        'use the run\'s stored config), or use a new --workdir.')
 
 
 def define_distributed_flags():

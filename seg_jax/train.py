@@ -5,6 +5,7 @@ Everything the loop runs is built elsewhere: the model and train state in
 in `evaluators`, event files and progress in `writers`.
 """
 
+import os
 import time
 
 import jax
@@ -105,6 +106,8 @@ class Trainer:
                       'nothing to train (its config.json is kept); give a '
                       'larger train.num_steps to train on.', self.workdir,
                       start, self.config.train.num_steps)
+    if start and not past:
+      self._note_resume_changes(start)
     # Written once the checkpoint took this config: a setting it refused
     # does not end up in the run folder's config.json.
     if jax.process_index() == 0 and not past:
@@ -136,6 +139,31 @@ class Trainer:
       return result
     finally:
       writer.close()
+
+  def _note_resume_changes(self, start):
+    """Says what a resume's changed settings do that is easy to miss: a
+    new model.init_from is not read (config.json keeps the run's), and a
+    new train.num_steps stretches the learning-rate schedule."""
+    if not jax.process_index() == 0 or not os.path.isfile(
+        run_folder.config_path(self.workdir)):
+      return
+    stored = run_folder.read_config(self.workdir)
+    old_init = stored.get('model', {}).get('init_from', '')
+    if self.config.model.init_from != old_init:
+      if self.config.model.init_from:
+        logging.warning('model.init_from=%s is read by a new run only: this '
+                        'resume continues from its checkpoint %d '
+                        '(config.json keeps model.init_from=%r).',
+                        self.config.model.init_from, start, old_init)
+      self.config.model.init_from = old_init
+    old_steps = stored.get('train', {}).get('num_steps')
+    if (old_steps and old_steps != self.config.train.num_steps and
+        self.config.train.schedule != 'constant'):
+      logging.warning(
+          'train.num_steps %d -> %d: the %s learning-rate schedule is '
+          'recomputed over %d steps; step %d trains at learning rate %.3g.',
+          old_steps, self.config.train.num_steps, self.config.train.schedule,
+          self.config.train.num_steps, start + 1, float(self.lr_fn(start)))
 
   def _loop(self, start, train_iter, writer):
     """Steps from `start` to the end (or a stop signal); returns the last

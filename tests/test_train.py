@@ -392,10 +392,11 @@ def test_a_failed_evaluation_runs_on_resume_and_its_step_can_be_best(
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
-                                                             tmp_path):
+                                                             tmp_path, caplog):
   """The best (an early step, evaluated between saves) and the newest
   `max_to_keep` are all kept; a resume knows the best and keeps it;
-  'best' restores it."""
+  'best' restores it. The resume says that more steps stretch the
+  schedule and that a new model.init_from is not read."""
   c = tiny_config
   c.train.num_steps, c.eval.every_steps = 10, 2
   c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 2
@@ -410,7 +411,18 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
   trainer.state, it = trainer.checkpointer.restore_or_keep(trainer.state, it)
   assert trainer.checkpointer.best() == (2, 1.0)
   trainer.checkpointer.close()
-  trainer = _run_with_mious(c, tmp_path, [0.5, 0.4])
+  c.model.init_from = str(tmp_path / 'elsewhere')
+  with caplog.at_level('WARNING'):
+    trainer = _run_with_mious(c, tmp_path, [0.5, 0.4])
+  rate = float(optim.create_learning_rate_fn(c.train)(10))
+  assert (f'train.num_steps 10 -> 14: the cosine learning-rate schedule is '
+          f'recomputed over 14 steps; step 11 trains at learning rate '
+          f'{rate:.3g}.') in caplog.text
+  assert (f'model.init_from={tmp_path}/elsewhere is read by a new run only: '
+          "this resume continues from its checkpoint 10 (config.json keeps "
+          "model.init_from='').") in caplog.text
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['model']['init_from'] == ''
   assert trainer.checkpointer.best() == (2, 1.0)
   kept = checkpoint.Checkpointer(ckpt, 3, 2)
   assert kept.all_steps() == [2, 12, 14] and kept.best() == (2, 1.0)
