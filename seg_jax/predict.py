@@ -34,6 +34,7 @@ import dataclasses
 import fractions
 import functools
 import os
+import signal
 import sys
 
 import jax
@@ -331,6 +332,8 @@ def predict_video(path, name, predictor, outputs, progress=None):
         count += 1
         if len(batch) == predictor.batch_size:
           flush()
+          if interrupt.received():  # stop: the video ends here, complete
+            break
       if batch:
         flush()
     finally:
@@ -340,22 +343,28 @@ def predict_video(path, name, predictor, outputs, progress=None):
 
 
 def predict_images(items, predictor, outputs, progress=None):
-  """Writes the outputs of every readable image; returns the failures.
+  """Writes the outputs of every readable image; returns (images written,
+  failures). After a stop signal (`interrupt.deferred`) the images already
+  read are finished and no more are read.
 
   Images wait in one queue per canvas size until a batch is full, so at
   most (canvas sizes x batch size) images are held at a time.
   """
   from seg_jax.data import files  # pylint: disable=g-import-not-at-top
-  failures, queues = [], {}
+  failures, queues, written = [], {}, 0
 
   def flush(queue):
+    nonlocal written
     for (name, image), label in zip(queue, predictor([q[1] for q in queue])):
       outputs.write_image(name, image, label)
+      written += 1
     if progress is not None:
       progress(len(queue))
     queue.clear()
 
   for path, name in items:
+    if interrupt.received():  # stop: the images read so far are finished
+      break
     try:
       image = files.read_image(path, predictor.channels)
     except (files.BadSampleError, OSError) as e:
@@ -370,7 +379,7 @@ def predict_images(items, predictor, outputs, progress=None):
   for queue in queues.values():
     if queue:
       flush(queue)
-  return failures
+  return written, failures
 
 
 def _bar(total, unit, desc):
@@ -385,12 +394,13 @@ def run(inputs, predictor, outputs, found=None):
   found = find_inputs(inputs) if found is None else found
   videos = [f for f in found if f[0].lower().endswith(VIDEO_EXTENSIONS)]
   images = [f for f in found if f not in videos]
-  failures = []
+  failures, done, frames = [], 0, 0
   if images:
     with _bar(len(images), 'img', 'images') as bar:
-      failures += predict_images(images, predictor, outputs, bar.update)
-  done, frames = len(images) - len(failures), 0
+      done, failures = predict_images(images, predictor, outputs, bar.update)
   for path, name in videos:
+    if interrupt.received():
+      break
     if predictor.channels != 3:
       failures.append((path, f'{path}: videos are RGB but the model takes '
                              f'data.channels={predictor.channels}.'))
@@ -460,8 +470,17 @@ def main(argv):
   predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
                         crf.Refiner(crf.CRFParams.from_config(config))
                         if FLAGS.crf else None, FLAGS.size_multiple)
-  done, frames, failures = run(
-      inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha), found)
+  # A stop signal finishes the batch in progress and closes the files being
+  # written (a video stopped midway ends at its last frame, playable).
+  with interrupt.deferred():
+    done, frames, failures = run(
+        inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha),
+        found)
+  stopped = interrupt.received()
+  if stopped:
+    print(f'Stopped by {stopped}: {done} images, {frames} video frames '
+          f'written, each output complete -> {FLAGS.out}', flush=True)
+    sys.exit(128 + getattr(signal, stopped))
   for path, reason in failures:
     print(f'Failed: {reason if path in reason else f"{path}: {reason}"}',
           file=sys.stderr)

@@ -201,7 +201,7 @@ def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
                                 2)
   outputs = predict.Outputs(str(tmp_path / 'out'), ud.PALETTE, [1], 0.5)
   items = predict.find_inputs([str(root / 'images' / 'val')])
-  assert predict.predict_images(items, predictor, outputs) == []
+  assert predict.predict_images(items, predictor, outputs) == (len(items), [])
   with Image.open(tmp_path / 'out' / 'val' / 'img_000.png') as im:
     assert im.size == (ud.SIZE[1], ud.SIZE[0])
   with Image.open(tmp_path / 'out' / 'val' / 'img_000_overlay.jpg') as im:

@@ -248,7 +248,7 @@ def test_16bit_nested_dataset_trains_and_predicts_like_its_8bit_version(
   outputs = predict.Outputs(str(tmp_path / 'out'), ud.PALETTE, [], 0.5)
   images = [(str(plain / 'images' / 'val' / 'img_001.png'), 'eight'),
             (str(deep / 'images' / 'val' / 'g0' / 'img_001.png'), 'sixteen')]
-  assert predict.predict_images(images, predictor, outputs) == []
+  assert predict.predict_images(images, predictor, outputs) == (2, [])
   eight = np.asarray(Image.open(tmp_path / 'out' / 'eight.png'))
   np.testing.assert_array_equal(
       np.asarray(Image.open(tmp_path / 'out' / 'sixteen.png')), eight)

@@ -417,3 +417,15 @@ def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):
   assert len(frames_out) == len(frames_in) == 9
   assert rate_out == rate_in == 15
   assert frames_out[0].shape == frames_in[0].shape == (360, 480, 3)
+  # Ctrl-C after the first batch: that batch ends the video, which is
+  # closed properly (it decodes, with those 4 frames).
+  import signal  # pylint: disable=g-import-not-at-top
+  from seg_jax import interrupt  # pylint: disable=g-import-not-at-top
+  with interrupt.deferred():
+    count = predict.predict_video(
+        video, 'cut', predictor, outputs,
+        lambda n, total: os.kill(os.getpid(), signal.SIGINT))
+    assert interrupt.received() == 'SIGINT'
+  assert count == 4
+  frames_cut, _ = _decode(str(tmp_path / 'out' / 'cut_overlay.mp4'))
+  assert len(frames_cut) == 4
