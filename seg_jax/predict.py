@@ -159,13 +159,18 @@ def check_flags(batch_size, size_multiple, alpha):
 
 
 def _unique_names(found):
-  seen, out = set(), []
+  """`found` with each output name that another input took first given a
+  suffix (_2, _3, ...), and a warning naming both inputs."""
+  seen, out = {}, []
   for path, name in found:
     base, k = name, 1
     while name in seen:
       k += 1
       name = f'{base}_{k}'
-    seen.add(name)
+    if name != base:
+      logging.warning('%s is written as %s.* (%s.* is %s\'s)', path, name,
+                      base, seen[base])
+    seen[name] = path
     out.append((path, name))
   return out
 

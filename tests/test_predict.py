@@ -199,7 +199,7 @@ def test_host_mirror_fill_is_the_inference_canvas_fill():
     mirror.onto_canvas(images[:0], 16, 12, 'm.onnx')
 
 
-def test_parse_keep_and_output_names(tmp_path):
+def test_parse_keep_and_output_names(tmp_path, caplog):
   names = ('background', 'circle', 'ring')
   assert predict.parse_keep(['Ring', '1', 'circle'], names) == [1, 2]
   with pytest.raises(Exception, match=r"--keep='car'.*background, circle"):
@@ -211,6 +211,8 @@ def test_parse_keep_and_output_names(tmp_path):
                                str(tmp_path / 'x.png')])
   assert [n for _, n in found] == [os.path.join('f', 'x'),
                                    os.path.join('f', 'sub', 'x'), 'x', 'x_2']
+  assert f'{tmp_path}/x.png is written as x_2.* (x.* is {tmp_path}/x.png' \
+      "'s)" in caplog.text
 
 
 def test_a_folder_with_nothing_to_predict_is_refused_by_name(tmp_path):
