@@ -416,7 +416,8 @@ def run(inputs, predictor, outputs, found=None):
                                 lambda n, total, b=bar: _advance(b, n, total))
     except Exception as e:  # pylint: disable=broad-except
       # PyAV raises many types for a bad file; the other inputs go on.
-      failures.append((path, f'{type(e).__name__}: {e}'))
+      reason = getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'
+      failures.append((path, f'{path}: cannot be read as a video ({reason}).'))
   return done, frames, failures
 
 

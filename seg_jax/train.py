@@ -196,6 +196,9 @@ class Trainer:
                                 f'Evaluation at step {step}',
                                 lambda s=step: self._maybe_eval(s, writer))
       result = evaluated or result
+      if not stopped and interrupt.received():  # came during the evaluation
+        stopped = interrupt.received()
+        self._check_finite(writer)
       # An evaluation that beats the best kept is saved whatever the step.
       self.checkpointer.maybe_save(step, self.state, train_iter,
                                    force=bool(stopped),

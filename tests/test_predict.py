@@ -3,6 +3,7 @@ its loader in a fresh process, and the dense CRF."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,14 +93,19 @@ def test_predict_folder_and_video_with_keep_and_a_corrupt_file(run,
   config, workdir, predictor = run
   inputs, out = tmp_path / 'in', tmp_path / 'out'
   _write_inputs(inputs)
+  (tmp_path / 'broken.mp4').write_bytes(b'not a video' * 100)
   proc = subprocess.run(
       [sys.executable, '-m', 'seg_jax.predict', f'--config={TINY}',
        f'--workdir={workdir}', f'--out={out}', '--keep=circle,2',
-       str(inputs)], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]  # one input failed...
+       str(inputs), str(tmp_path / 'broken.mp4')], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]  # two inputs failed...
   assert 'broken.jpg: cannot decode image' in proc.stderr
+  assert re.search(r'^Failed: .*broken.mp4: cannot be read as a video '
+                   r'\(Invalid data found when processing input\)\.$',
+                   proc.stderr, re.M), proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1].startswith(
-      'Predicted: 3 images, 13 video frames, 1 failed')  # ...the rest ran
+      'Predicted: 3 images, 13 video frames, 2 failed')  # ...the rest ran
   palette = np.zeros((256, 3), np.uint8)
   palette[:5] = shapes.PALETTE
   seen = set()  # the classes predicted

@@ -391,6 +391,34 @@ def test_a_failed_evaluation_runs_on_resume_and_its_step_can_be_best(
   assert trainer.checkpointer.best() == (8, pytest.approx(0.95))
 
 
+def test_a_stop_signal_during_an_evaluation_saves_that_step(tiny_config,
+                                                            tmp_path):
+  """SIGINT while step 2 is being evaluated: the run saves step 2 (with
+  its score) and stops there, no step more."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from seg_jax import interrupt  # pylint: disable=g-import-not-at-top
+
+  class Interrupted(_FakeEvaluator):
+    def run(self, variables):
+      os.kill(os.getpid(), signal.SIGINT)
+      return super().run(variables)
+
+  c = tiny_config
+  c.train.num_steps, c.eval.every_steps = 6, 2
+  c.checkpoint.every_steps = 5
+  trainer = train.Trainer(c, str(tmp_path))
+  trainer.evaluators = [Interrupted([0.5])]
+  try:
+    with interrupt.deferred():
+      result = trainer.run()
+  finally:
+    trainer.checkpointer.close()
+  assert result == {'step': 2, 'stopped': 'SIGINT'}
+  kept = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 5, 3)
+  assert kept.all_steps() == [2] and kept.score(2) == pytest.approx(0.5)
+  kept.close()
+
+
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
                                                              tmp_path, caplog):
   """The best (an early step, evaluated between saves) and the newest
