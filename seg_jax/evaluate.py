@@ -132,6 +132,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
     if writes:
       stem = os.path.join(out, f'{split}_{name}{"_raw" if raw else ""}'
                           f'_step{step}')
+      _warn_if_settings_change(f'{stem}.json', report['settings'])
       with open(f'{stem}.json', 'w') as f:
         json.dump(report, f, indent=1)
       plot_confusion(result.confusion, class_names, f'{stem}_confusion.png',
@@ -149,6 +150,19 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
       print(summary_line(result, step, split), flush=True)
     reports.append((result, report))
   return reports
+
+
+def _warn_if_settings_change(path, settings):
+  """Warns when `path`, about to be replaced, holds a report of the same
+  evaluator name with other settings (e.g. another slide window)."""
+  try:
+    with open(path) as f:
+      before = json.load(f).get('settings')
+  except (OSError, ValueError):
+    return
+  if before is not None and before != json.loads(json.dumps(settings)):
+    logging.warning('Replacing %s, written with other settings (%s; now '
+                    '%s): give --out to keep both.', path, before, settings)
 
 
 def _kept_average(workdir):

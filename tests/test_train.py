@@ -300,6 +300,21 @@ def _check_moving_average(config, ckpt, workdir):
     cli.check_run_config(config, str(workdir))
 
 
+def test_evaluate_warns_before_replacing_a_report_of_other_settings(
+    tmp_path, caplog):
+  from seg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'val_slide_step4.json'
+  path.write_text(json.dumps({'settings': {'window': [16, 16]}}))
+  with caplog.at_level('WARNING'):
+    evaluate._warn_if_settings_change(str(path), {'window': [16, 16]})
+    assert not caplog.text  # the same settings: replaced silently
+    evaluate._warn_if_settings_change(str(path), {'window': [32, 32]})
+  assert (f"Replacing {path}, written with other settings ({{'window': "
+          "[16, 16]}; now {'window': [32, 32]}): give --out to keep both."
+          ) in caplog.text
+  evaluate._warn_if_settings_change(str(tmp_path / 'new.json'), {})
+
+
 class _FakeEvaluator:
   """Reports the given mIoUs in turn (5 classes, perfect diagonal plus a
   uniform error chosen to give that mIoU), without running the model."""
