@@ -450,7 +450,7 @@ def _flag_error(argv, error):
       not os.path.isfile(given.split(':', 1)[0])):
     return (f'--config={given}: no such file; give a config file '
             '(configs/<file>.py) or --workdir of a training run alone.')
-  path, config = _config_of(argv) if keys else (given, None)
+  path, config = _config_of(argv)
   for key in keys if config is not None else ():
     node = config
     for part in key.split('.'):

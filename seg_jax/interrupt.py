@@ -123,25 +123,28 @@ def deferred(enabled=True):
   With `install()` done, the watcher records it; without (seg_jax used as a
   library) Python handlers do, for the duration only. `enabled=False`
   (processes of a multi-process job, where JAX agrees on SIGTERM across
-  processes) leaves the signals as they are.
+  processes) leaves the signals as they are. The signal recorded is
+  forgotten on leaving: read `received()` inside.
   """
   _STOP.received = None
-  if not enabled:
-    yield
-    return
-  if _STOP.installed:
-    _STOP.deferring = True
-    try:
-      yield
-    finally:
-      _STOP.deferring = False
-    return
-  previous = {sig: signal.signal(sig, _record) for sig in SIGNALS}
   try:
-    yield
+    if not enabled:
+      yield
+    elif _STOP.installed:
+      _STOP.deferring = True
+      try:
+        yield
+      finally:
+        _STOP.deferring = False
+    else:
+      previous = {sig: signal.signal(sig, _record) for sig in SIGNALS}
+      try:
+        yield
+      finally:
+        for sig, handler in previous.items():
+          signal.signal(sig, handler)
   finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
+    _STOP.received = None
 
 
 def _record(signum, frame):

@@ -84,7 +84,7 @@ def check_found(paths, found):
     if not os.path.isdir(path):
       continue
     folder = os.path.abspath(path)
-    if not any(os.path.abspath(p).startswith(folder + os.sep)
+    if not any(os.path.abspath(p).startswith(os.path.join(folder, ''))
                for p, _ in found):
       raise errors.ConfigError(
           f'{path} holds no image or video to predict (read recursively: '
@@ -482,7 +482,7 @@ def main(argv):
     done, frames, failures = run(
         inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha),
         found)
-  stopped = interrupt.received()
+    stopped = interrupt.received()
   if stopped:
     print(f'Stopped by {stopped}: {done} images, {frames} video frames '
           f'written, each output complete -> {FLAGS.out}', flush=True)

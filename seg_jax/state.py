@@ -81,12 +81,11 @@ def check_init_from(config):
   if path and run_folder.weights_source(path) is not None:
     return
   if path and os.path.isdir(path):
-    if run_folder.weights_source(path) is None:
-      raise errors.ConfigError(
-          f'model.init_from={path!r} is a folder but not a seg_jax run '
-          '(one holding checkpoints/) or one of its checkpoints/<step> '
-          'folders; give a run, a step of one, or a weights file.')
-  elif path:
+    raise errors.ConfigError(
+        f'model.init_from={path!r} is a folder but not a seg_jax run (one '
+        'holding checkpoints/) or one of its checkpoints/<step> folders; '
+        'give a run, a step of one, or a weights file.')
+  if path:
     from seg_jax.models import convert  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
       raise errors.ConfigError(f'model.init_from={path!r}: no such file; give '
