@@ -144,7 +144,7 @@ class Trainer:
     """Says what a resume's changed settings do that is easy to miss: a
     new model.init_from is not read (config.json keeps the run's), and a
     new train.num_steps stretches the learning-rate schedule."""
-    if not jax.process_index() == 0 or not os.path.isfile(
+    if jax.process_index() != 0 or not os.path.isfile(
         run_folder.config_path(self.workdir)):
       return
     stored = run_folder.read_config(self.workdir)
