@@ -204,9 +204,7 @@ class Trainer:
                                    force=bool(stopped),
                                    metrics=_scores_of(evaluated, step))
       if evaluated:
-        best_step, best_miou = self.checkpointer.best()
-        writer.write_scalars(step, {'eval/best_miou': best_miou,
-                                    'eval/best_step': best_step})
+        self._write_best(step, writer)
       if stopped:
         return {'step': step, 'stopped': stopped}
     self._check_finite(writer)
@@ -228,10 +226,14 @@ class Trainer:
     scores = _scores_of(evaluated, start)
     if scores is not None:
       self.checkpointer.add_score(start, scores)
-      best_step, best_miou = self.checkpointer.best()
-      writer.write_scalars(start, {'eval/best_miou': best_miou,
-                                   'eval/best_step': best_step})
+      self._write_best(start, writer)
     return evaluated
+
+  def _write_best(self, step, writer):
+    """Logs the best checkpoint's mIoU and step so far at `step`."""
+    best_step, best_miou = self.checkpointer.best()
+    writer.write_scalars(step, {'eval/best_miou': best_miou,
+                                'eval/best_step': best_step})
 
   def _guarded(self, step, train_iter, what, fn):
     """`fn()`; when it fails, the steps trained so far (`step`) are saved
