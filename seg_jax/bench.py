@@ -248,7 +248,8 @@ def _minor_faults():
 
 def time_compiled(compiled, args, mode, steps, repeats, warmup):
   """(median seconds per step over `repeats` runs of `steps` steps, each
-  run's seconds per step, the process's page faults per timed step)."""
+  run's seconds per step, the process's page faults per timed step, the
+  cores it kept busy: its CPU time over the wall time of the timed runs)."""
   if mode == 'train':
     train_state, batch, rng = args
 
@@ -266,13 +267,14 @@ def time_compiled(compiled, args, mode, steps, repeats, warmup):
 
   run(warmup)
   times = []
-  faults = _minor_faults()
+  faults, cpu = _minor_faults(), time.process_time()
   for _ in range(repeats):
     t0 = time.perf_counter()
     run(steps)
     times.append((time.perf_counter() - t0) / steps)
   faults = (_minor_faults() - faults) / (repeats * steps)
-  return statistics.median(times), times, faults
+  busy = (time.process_time() - cpu) / (sum(times) * steps)
+  return statistics.median(times), times, faults, busy
 
 
 def time_loop(config, mesh, source_iter, steps, warmup):
@@ -433,8 +435,9 @@ def torch_twin(config):
 
 def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
   """{'eager': img/s, 'compile': img/s, 'flops': FLOPs per step, 'peak_gib',
-  'compile_s', 'eager_faults': page faults per eager step} of the
-  torchvision twin, or {'skipped': reason}."""
+  'compile_s', 'eager_faults': page faults per eager step, 'eager_busy':
+  cores kept busy in the eager steps} of the torchvision twin, or
+  {'skipped': reason}."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -471,12 +474,13 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
     return train_step if mode == 'train' else infer_step
 
   def measure(step):
-    """(images/s of the median run, page faults per timed step)."""
+    """(images/s of the median run, page faults per timed step, cores
+    kept busy)."""
     for _ in range(warmup):
       step()
     sync()
     times = []
-    faults = _minor_faults()
+    faults, cpu = _minor_faults(), time.process_time()
     for _ in range(repeats):
       t0 = time.perf_counter()
       for _ in range(steps):
@@ -484,11 +488,13 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
       sync()
       times.append((time.perf_counter() - t0) / steps)
     return (n / statistics.median(times),
-            (_minor_faults() - faults) / (repeats * steps))
+            (_minor_faults() - faults) / (repeats * steps),
+            (time.process_time() - cpu) / (sum(times) * steps))
 
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-  result['eager'], result['eager_faults'] = measure(make_step(model))
+  result['eager'], result['eager_faults'], result['eager_busy'] = measure(
+      make_step(model))
   if device == 'cuda':
     result['peak_gib'] = torch.cuda.max_memory_allocated() / 2**30
   if compile_too:
@@ -516,15 +522,15 @@ def benchmark(config, mode='train', steps=10, repeats=3, warmup=2):
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  seconds, runs, faults = time_compiled(compiled, args, mode, steps, repeats,
-                                        warmup)
+  seconds, runs, faults, busy = time_compiled(compiled, args, mode, steps,
+                                              repeats, warmup)
   peak, peak_source = peak_memory_gib(compiled)
   flops = step_flops(config, mesh, mode)
   dtype = jnp.bfloat16 if config.train.precision == 'bfloat16' else jnp.float32
   matmul = matmul_peak(dtype) * len(jax.devices())
   n = config.train.global_batch_size
   return {'images_per_sec': n / seconds, 'step_s': seconds, 'runs_s': runs,
-          'page_faults_per_step': faults,
+          'page_faults_per_step': faults, 'cores_busy': busy,
           'trace_s': t1 - t0, 'compile_s': t2 - t1, 'peak_gib': peak,
           'peak_source': peak_source, 'flops': flops,
           'matmul_peak': matmul, 'mfu': flops / seconds / matmul}
@@ -569,13 +575,15 @@ def main(argv):
         f'ms/step (runs: {", ".join(f"{t * 1e3:.1f}" for t in r["runs_s"])}'
         f' ms), peak {r["peak_gib"]:.2f} GiB ({r["peak_source"]}), '
         f'{r["page_faults_per_step"]:.0f} page faults/step (host memory: '
-        f'{host_memory.MODE})')
+        f'{host_memory.MODE}), {r["cores_busy"]:.2f} of '
+        f"{len(os.sched_getaffinity(0))} cores busy")
   print(f'FLOPs/step {r["flops"] / 1e12:.3f} T; matmul peak '
         f'{r["matmul_peak"] / 1e12:.2f} TFLOP/s; MFU {r["mfu"]:.1%}',
         flush=True)
   fields = {'images_per_sec': r['images_per_sec'], 'mfu': r['mfu'],
             'peak_gib': r['peak_gib'],
-            'page_faults_per_step': r['page_faults_per_step']}
+            'page_faults_per_step': r['page_faults_per_step'],
+            'cores_busy': r['cores_busy']}
   if FLAGS.vs_torch:
     t = torch_bench(config, FLAGS.mode, FLAGS.steps, FLAGS.repeats,
                     FLAGS.warmup, FLAGS.torch_compile)
@@ -583,7 +591,8 @@ def main(argv):
       print(f'torch: skipped: {t["skipped"]}')
     else:
       line = (f'torch eager: {t["eager"]:.2f} img/s, '
-              f'{t["eager_faults"]:.0f} page faults/step')
+              f'{t["eager_faults"]:.0f} page faults/step, '
+              f'{t["eager_busy"]:.2f} cores busy')
       if 'peak_gib' in t:
         line += f', peak {t["peak_gib"]:.2f} GiB'
       if 'flops' in t:

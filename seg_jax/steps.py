@@ -119,7 +119,8 @@ def make_train_step(model, tx, config, mesh, state_sharding=None):
         mesh, config.mesh.fsdp_min_size)
   return jax.jit(train_step,
                  in_shardings=(state_sharding, batch_sharding, repl),
-                 out_shardings=(state_sharding, repl), donate_argnums=0)
+                 out_shardings=(state_sharding, repl), donate_argnums=0,
+                 compiler_options=layers.compiler_options(train=True))
 
 
 def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):

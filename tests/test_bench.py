@@ -119,13 +119,18 @@ def test_bench_cli_reports_the_step_and_the_input_loop():
                              8 / values['step_s'], rtol=1e-4)
   assert 0 < values['mfu'] < 1 and values['peak_gib'] > 0
   assert values['compile_s'] > 0 and values['real_images_per_sec'] > 0
-  # The page faults of the timed steps, and the host memory setting the
-  # CLI started with (seg_jax.host_memory: huge pages on this kind of
-  # machine, kept memory where the kernel gives none).
+  # The page faults of the timed steps, the host memory setting the CLI
+  # started with (seg_jax.host_memory: huge pages on this kind of machine,
+  # kept memory where the kernel gives none) and the cores kept busy (CPU
+  # time over wall time: some of the cores this process may run on).
   step_line = next(l for l in lines if l.startswith('seg_jax: '))
-  mode = re.search(r', (\d+) page faults/step \(host memory: (.*)\)$',
-                   step_line)
+  mode = re.search(r', (\d+) page faults/step \(host memory: (.*)\), '
+                   r'([\d.]+) of (\d+) cores busy$', step_line)
   assert mode and int(mode.group(1)) == round(values['page_faults_per_step'])
+  cores = len(os.sched_getaffinity(0))
+  assert int(mode.group(4)) == cores
+  assert float(mode.group(3)) == round(values['cores_busy'], 2)
+  assert 0 < values['cores_busy'] <= cores + 0.1, step_line
   from seg_jax import host_memory  # pylint: disable=g-import-not-at-top
   version, thp = host_memory.glibc_version(), host_memory._thp_mode()  # pylint: disable=protected-access
   plan = host_memory.huge_pages_argv(os.environ, ['python'], 'python',

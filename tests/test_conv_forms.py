@@ -212,20 +212,46 @@ def test_batch_norm_folded_into_the_convolution_for_inference():
   assert not np.allclose(trained, folded, atol=1e-3)
 
 
+def _entry_ops(compiled):
+  """The kinds of operation the compiled module's entry computation runs."""
+  text = compiled.as_text()
+  entry = text[text.index('ENTRY'):]
+  return {kind for kind in ('convolution(', 'ynn_fusion', 'wrapped_reduce')
+          if kind in entry}
+
+
 def test_cpu_compiler_options_keep_the_results():
-  """The inference steps' XLA options (convolutions on XLA's own CPU
-  kernels) are known to this jaxlib, and a convolution compiled with them
-  gives what it gives without (float32 tolerance)."""
-  options = layers.compiler_options()
-  assert options == {'xla_cpu_experimental_ynn_fusion_type':
-                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+  """The steps' XLA options are known to this jaxlib: a convolution runs
+  on XLA's own CPU kernels (not in a YNNPACK fusion), its reduction on
+  YNNPACK's in a train step and on XLA's in an inference step, and both
+  give what the defaults give (float32 tolerance)."""
+  inference = layers.compiler_options()
+  train = layers.compiler_options(train=True)
+  assert inference == {'xla_cpu_experimental_ynn_fusion_type':
+                       'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+  assert train == {'xla_cpu_experimental_ynn_fusion_type':
+                   'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+                   'LIBRARY_FUSION_TYPE_REDUCE'}
   assert layers.compiler_options(xla_convolutions=False) == {}
   rng = np.random.default_rng(10)
-  x = jnp.asarray(rng.normal(size=(2, 9, 11, 8)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 8, 4)), jnp.float32)
-  conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  _close(jax.jit(conv, compiler_options=options)(x, w), jax.jit(conv)(x, w))
+  # Channels YNNPACK takes by default (64 -> 32 at 88x120 did).
+  x = jnp.asarray(rng.normal(size=(2, 12, 10, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 64, 32)), jnp.float32)
+
+  def conv(x, w):
+    y = jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y, y.sum((0, 1, 2))
+
+  default = jax.jit(conv).lower(x, w).compile()
+  assert _entry_ops(default) == {'ynn_fusion'}
+  expected = default(x, w)
+  for options, ops in ((inference, {'convolution(', 'wrapped_reduce'}),
+                       (train, {'convolution(', 'ynn_fusion'})):
+    compiled = jax.jit(conv, compiler_options=options).lower(x, w).compile()
+    assert _entry_ops(compiled) == ops
+    for got, want in zip(compiled(x, w), expected):
+      _close(got, want)
 
 
 @pytest.mark.parametrize('groups, features, kernel, stride, dilation, hw', [
@@ -408,14 +434,15 @@ def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
 
 
 def test_conv_runs_winograd_except_for_export_and_flops():
-  """`layers.Conv` takes the Winograd form for a 64-channel 3x3 on CPU: the
-  same values and gradients as nn.Conv; the exported programs (inside
+  """`layers.Conv` takes the Winograd form for a 256-channel 3x3 on CPU
+  (in a train step, and so under autodiff, from 256 channels): the same
+  values and gradients as nn.Conv; the exported programs (inside
   `direct_convolutions()`) and the FLOP count (`all_taps()`) see the
   convolution."""
-  x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 10, 12, 64)),
+  x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 10, 12, 256)),
                   jnp.float32)
-  ours = layers.Conv(64, 3, dilation=2)
-  ref = nn.Conv(64, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=2,
+  ours = layers.Conv(256, 3, dilation=2)
+  ref = nn.Conv(256, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=2,
                 use_bias=False)
   v = ours.init(jax.random.key(0), x)
   loss = lambda m, v: jnp.sum(jnp.sin(m.apply(v, x)))
@@ -428,43 +455,48 @@ def test_conv_runs_winograd_except_for_export_and_flops():
   with layers.all_taps():
     assert 'conv_general_dilated' in ops()
     assert flops.count_flops(lambda v: ours.apply(v, x), v) == (
-        2 * 2 * 10 * 12 * 64 * 64 * 9)
+        2 * 2 * 10 * 12 * 256 * 256 * 9)
 
 
-@pytest.mark.parametrize('shape, features, dilation, dtype, expected', [
-    ((4, 32, 32, 64), 64, 1, jnp.float32, True),  # ResNet layer1, 128 crop
-    ((4, 16, 16, 512), 512, 4, jnp.float32, True),  # layer4, dilated
-    ((4, 16, 16, 2048), 512, 1, jnp.float32, True),  # FCN's head
-    ((4, 64, 64, 2048), 256, 12, jnp.float32, False),  # ASPP: 8x in/out
-    ((8, 176, 240, 16), 16, 1, jnp.float32, False),  # U-Net's first stage
-    ((8, 88, 120, 32), 32, 1, jnp.float32, False),
-    ((4, 32, 32, 64), 64, 1, jnp.bfloat16, False),
-    ((4, 16, 16, 256), 256, 12, jnp.float32, False),  # tiles mostly padding
-    ((4, 65, 65, 256), 256, 2, jnp.float32, True),  # 68x68 of tiles: 9%
+@pytest.mark.parametrize('shape, features, dilation, dtype, train, infer', [
+    ((4, 32, 32, 64), 64, 1, jnp.float32, False, True),  # layer1, 128 crop
+    ((4, 16, 16, 512), 512, 4, jnp.float32, True, True),  # layer4, dilated
+    ((4, 16, 16, 2048), 512, 1, jnp.float32, True, True),  # FCN's head
+    ((4, 64, 64, 2048), 256, 12, jnp.float32, False, False),  # ASPP: 8x in
+    ((8, 176, 240, 16), 16, 1, jnp.float32, False, False),  # U-Net, level 0
+    ((8, 88, 120, 32), 32, 1, jnp.float32, False, False),
+    ((8, 44, 60, 128), 128, 1, jnp.float32, False, True),  # level 2
+    ((8, 11, 15, 256), 256, 1, jnp.float32, True, True),  # the bottom
+    ((4, 32, 32, 64), 64, 1, jnp.bfloat16, False, False),
+    ((4, 16, 16, 256), 256, 12, jnp.float32, False, False),  # mostly padding
+    ((4, 65, 65, 256), 256, 2, jnp.float32, True, True),  # 68x68 tiles: 9%
 ])
 def test_winograd_applies_where_measured_faster(shape, features, dilation,
-                                                dtype, expected):
-  assert layers.winograd_applies(shape, features, dilation,
-                                 dtype) is expected
+                                                dtype, train, infer):
+  """From 256 channels in a train step, from 64 in the inference forms."""
+  assert layers.winograd_applies(shape, features, dilation, dtype) is train
+  with layers.inference_forms():
+    assert layers.winograd_applies(shape, features, dilation,
+                                   dtype) is infer
   with layers.direct_convolutions():
     assert not layers.winograd_applies(shape, features, dilation, dtype)
 
 
 class _Net(nn.Module):
-  """Two 3x3 ConvBNs and a classifier: the second (64 channels in and out)
-  is a Winograd convolution in training, the first (3 in) is not."""
+  """Two 3x3 ConvBNs and a classifier: the second (256 channels in and
+  out) is a Winograd convolution in training, the first (3 in) is not."""
 
   @nn.compact
   def __call__(self, x, train):
-    x = layers.ConvBN(64, 3)(x, train)
-    x = layers.ConvBN(64, 3, dilation=2)(x, train)
+    x = layers.ConvBN(256, 3)(x, train)
+    x = layers.ConvBN(256, 3, dilation=2)(x, train)
     return layers.Conv(3, 1)(x)
 
 
 def test_inference_steps_trace_winograd_and_the_export_does_not(
     monkeypatch, tiny_config):
   """The predict step (predict, bench --mode=infer) and the evaluation step
-  run the Winograd form where the train step does (its one 64-channel
+  run the Winograd form where the train step does (its one 256-channel
   convolution); the exported function (StableHLO, ONNX) the convolution."""
   from seg_jax import export, inference, steps  # pylint: disable=g-import-not-at-top
   from seg_jax import sharding  # pylint: disable=g-import-not-at-top

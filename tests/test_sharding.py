@@ -34,10 +34,13 @@ def test_mesh_uses_all_eight_devices(tiny_config):
 
 @pytest.mark.parametrize('width', [4, 64])
 def test_sharded_step_matches_single_device(tiny_config, width, monkeypatch):
-  """Width 64: the 3x3 convolutions run as Winograd's F(2x2, 3x3), whose
-  products merge the batch (split over the devices) with the tiles."""
+  """Width 64: the 3x3 convolutions run as Winograd's F(2x2, 3x3) (in a
+  train step from `WINOGRAD_MIN_TRAIN_CHANNELS`, here lowered to 64),
+  whose products merge the batch (split over the devices) with the
+  tiles."""
   tiny_config.train.learning_rate = 0.05  # a visible update
   tiny_config.model.kwargs.width = width
+  monkeypatch.setattr(layers, 'WINOGRAD_MIN_TRAIN_CHANNELS', 64)
   calls = []
   real = layers.winograd_conv
   monkeypatch.setattr(layers, 'winograd_conv',

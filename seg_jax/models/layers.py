@@ -392,19 +392,28 @@ def direct_convolutions():
 
 
 # Winograd applies to a 3x3 convolution with at least this many input and
-# output channels. Measured on CPU, train steps: fcn_resnet50, batch 4,
-# 128x128, 1.04-1.09 -> 0.75-0.76 s; 256x256 4.56 -> 3.25-3.43 s;
-# deeplabv3_resnet50 0.94 -> 0.84 s and 4.10 -> 3.63 s. The U-Net's 16-
-# and 32-channel convolutions at 88x120-176x240 ran 3-5x slower as
-# Winograd (the transforms' memory traffic outweighs the products saved),
-# its 64-256-channel ones no faster (the step 0.69 s either way).
+# output channels: in the inference steps (`inference_forms()`) from 64,
+# in the train steps from 256. Measured on CPU, train steps with
+# YNNPACK's convolutions: fcn_resnet50, batch 4, 128x128, 1.04-1.09 ->
+# 0.75-0.76 s; 256x256 4.56 -> 3.25-3.43 s; deeplabv3_resnet50 0.94 ->
+# 0.84 s and 4.10 -> 3.63 s; the U-Net's 16- and 32-channel convolutions
+# at 88x120-176x240 3-5x slower as Winograd (the transforms' memory
+# traffic outweighs the products saved). Against XLA's own convolution
+# kernels (the train steps' since, `compiler_options`), A/B interleaved:
+# unet_camvid 473 / 554 ms a step from 64 channels, 428 / 434 from 256,
+# 425 / 430 without Winograd; fcn_resnet50 at 128x128 666 / 654 ms from
+# 64, 652 / 642 from 256, 831 / 772 without; at 256x256 2.46 / 2.37 s
+# from 64, 2.39 / 2.32 from 256 (deeplabv3_resnet50 2.50 / 2.47 and
+# 2.49 / 2.48).
 WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_TRAIN_CHANNELS = 256
 
 
 def winograd_applies(x_shape, features, dilation, dtype):
   """Whether a 3x3 stride-1 'same' convolution of this float input (NHWC)
   runs as `winograd_conv` on CPU: float32, at least
-  `WINOGRAD_MIN_CHANNELS` channels in and out, at most 4x as many in as
+  `WINOGRAD_MIN_CHANNELS` channels in and out (in a train step, outside
+  `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`), at most 4x as many in as
   out (DeepLab's ASPP, 2048 -> 256 channels, spends more on the input's
   transform than it saves), the tiles' padding at most 30% of the map
   (large dilations), outside `direct_convolutions()` and `all_taps()`."""
@@ -413,7 +422,9 @@ def winograd_applies(x_shape, features, dilation, dtype):
   area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
   return (cpu_forms() and dtype == jnp.float32 and _SKIP_PADDING_TAPS[-1] and
           not _DIRECT_CONVOLUTIONS[-1] and
-          min(c, features) >= WINOGRAD_MIN_CHANNELS and c <= 4 * features and
+          min(c, features) >= (WINOGRAD_MIN_CHANNELS if _INFERENCE_FORMS[-1]
+                               else WINOGRAD_MIN_TRAIN_CHANNELS) and
+          c <= 4 * features and
           area <= 1.3 * h * w)
 
 
@@ -423,38 +434,53 @@ def cpu_forms():
   return jax.default_backend() == 'cpu'
 
 
-# On CPU, XLA hands convolutions and matrix products to YNNPACK by default.
-# Measured (2026-11-30, this 2-core CPU; BENCHMARKS.md): XLA's own
-# convolution kernels are faster in every forward pass measured (single
-# convolutions in benchmarks/conv_micro.py, e.g. 3x3 64 channels at 64x64
-# 4.9 -> 3.1 ms; inference of fcn_resnet50 at 512x512 0.95 -> 0.77 s).
-# Train steps keep YNNPACK: the ResNet models' get slower without it
-# (fcn_resnet50 at 128x128: 1.09 -> 1.48 s, their BatchNorm reductions
-# then wait on the convolutions' threads), and the U-Net's, 11% faster,
-# then no longer matches itself across device counts to the float noise
-# the topology tests allow. YNNPACK's matrix products stay in every case.
+# On CPU, XLA hands convolutions, matrix products and reductions to
+# YNNPACK by default. Measured (2026-11-30/12-01, this 2-core CPU;
+# BENCHMARKS.md): YNNPACK runs many convolutions on one core (the process
+# busy 1.0 of 2 cores: the U-Net's 3x3s with 32-128 channels in at
+# 22x30-176x240, forward, input and weight gradients alike), XLA's own
+# (Eigen) convolution kernels keep both busy and are as fast or faster in
+# every pass measured (e.g. 64 -> 32 channels at 88x120, batch 8: 12.7 /
+# 12.5 / 26.6 -> 10.3 / 7.9 / 14.6 ms). So every step compiled here takes
+# XLA's own convolution kernels and keeps YNNPACK's matrix products. The
+# train steps keep YNNPACK's reductions too (the BatchNorm statistics:
+# without them the ResNet train steps were slower, fcn_resnet50 at 128x128
+# 1.09 -> 1.48 s); the inference steps, measured first, take XLA's
+# (YNNPACK's were within the noise there: fcn_resnet50 / deeplabv3_resnet50
+# / lraspp_mobilenet_v3_large predict steps 542-556 / 670-702 / 23-31 ms
+# against 546-560 / 658-669 / 29 ms). The train steps, A/B interleaved
+# (python -m seg_jax.bench): unet_camvid 505 / 501 -> 453 / 449 ms a step;
+# fcn_resnet50 and deeplabv3_resnet50 at 128x128 and 256x256 unchanged
+# within the noise (with Winograd from `WINOGRAD_MIN_TRAIN_CHANNELS`).
+_YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 _CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+    'inference': {_YNN_FUSION_TYPE: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
+    'train': {_YNN_FUSION_TYPE: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+                                'LIBRARY_FUSION_TYPE_REDUCE'},
+}
 
 
-def compiler_options(xla_convolutions=True):
-  """XLA options for an inference step (`jax.jit(...,
-  compiler_options=...)`): on CPU, convolutions on XLA's own kernels (see
-  above); none elsewhere, without `xla_convolutions`, or where this jaxlib
-  does not know the option."""
-  return _cpu_compiler_options() if xla_convolutions else {}
+def compiler_options(xla_convolutions=True, train=False):
+  """XLA options for a step (`jax.jit(..., compiler_options=...)`): on
+  CPU, convolutions on XLA's own kernels, reductions on YNNPACK's in a
+  train step (see above); none elsewhere, without `xla_convolutions`, or
+  where this jaxlib does not know the option."""
+  if not xla_convolutions:
+    return {}
+  return _cpu_compiler_options('train' if train else 'inference')
 
 
 @functools.cache
-def _cpu_compiler_options():
+def _cpu_compiler_options(kind):
   if not cpu_forms():
     return {}
+  options = _CPU_COMPILER_OPTIONS[kind]
   try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(
         jnp.zeros(1)).compile()
   except Exception:  # pylint: disable=broad-except
     return {}  # another jaxlib: its defaults
-  return dict(_CPU_COMPILER_OPTIONS)
+  return dict(options)
 
 
 class Conv(nn.Module):
