@@ -7,9 +7,11 @@ For each shape (batch, input size, channels, kernel, stride, dilation of a
 convolution fcn_resnet50 / deeplabv3_resnet50 run at 128x128 and 256x256
 with batch 4, and the unet_camvid recipe's at 8 x 176x240), times the
 forward pass, the input gradient and the weight gradient: XLA's
-convolution (`lax.conv_general_dilated`, jitted, NHWC/HWIO), seg_jax's
-`layers.Conv` (its CPU formulations), and with --torch torch's
-`conv2d` (channels-last, `torch.autograd.grad` of one operand at a time).
+convolution (`lax.conv_general_dilated`, jitted, NHWC/HWIO, XLA's
+default kernels), seg_jax's `layers.Conv` (its CPU formulations, compiled
+with the train steps' options, `layers.compiler_options(train=True)`),
+and with --torch torch's `conv2d` (channels-last, `torch.autograd.grad`
+of one operand at a time).
 Prints one row per shape and pass: milliseconds (median of --repeats),
 GFLOP/s (2 x multiply-adds of the valid output positions) and the ratio
 torch / seg_jax (> 1: seg_jax is faster). Threads: XLA's CPU backend uses
@@ -88,14 +90,16 @@ def _layers_conv(co, k, s, d):
   return conv
 
 
-def passes(conv, x, w):
-  """Jitted forward, input-gradient and weight-gradient functions."""
-  fwd = jax.jit(conv)
+def passes(conv, x, w, options=None):
+  """Jitted forward, input-gradient and weight-gradient functions, compiled
+  with `options` (XLA's compiler options)."""
+  jit = lambda f: jax.jit(f, compiler_options=options)
+  fwd = jit(conv)
   y = fwd(x, w)
   g = jnp.asarray(np.random.default_rng(2).normal(size=y.shape),
                   jnp.float32)
-  dgrad = jax.jit(lambda x, w, g: jax.vjp(lambda v: conv(v, w), x)[1](g)[0])
-  wgrad = jax.jit(lambda x, w, g: jax.vjp(lambda v: conv(x, v), w)[1](g)[0])
+  dgrad = jit(lambda x, w, g: jax.vjp(lambda v: conv(v, w), x)[1](g)[0])
+  wgrad = jit(lambda x, w, g: jax.vjp(lambda v: conv(x, v), w)[1](g)[0])
   return (('fwd', fwd, (x, w)), ('dgrad', dgrad, (x, w, g)),
           ('wgrad', wgrad, (x, w, g)))
 
@@ -157,7 +161,8 @@ def main():
     xla = {p: _time(f, a, args.repeats)
            for p, f, a in passes(_xla_conv(s, d, k), x, w)}
     seg = {p: _time(f, a, args.repeats)
-           for p, f, a in passes(_layers_conv(co, k, s, d), x, w)}
+           for p, f, a in passes(_layers_conv(co, k, s, d), x, w,
+                                 layers.compiler_options(train=True))}
     tor = ({p: median_seconds(f, args.repeats)
             for p, f in torch_passes(x, w, s, d, k).items()}
            if args.torch else {})

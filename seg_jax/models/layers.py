@@ -437,10 +437,10 @@ def cpu_forms():
 # On CPU, XLA hands convolutions, matrix products and reductions to
 # YNNPACK by default. Measured (2026-11-30/12-01, this 2-core CPU;
 # BENCHMARKS.md): YNNPACK runs many convolutions on one core (the process
-# busy 1.0 of 2 cores: the U-Net's 3x3s with 32-128 channels in at
-# 22x30-176x240, forward, input and weight gradients alike), XLA's own
-# (Eigen) convolution kernels keep both busy and are as fast or faster in
-# every pass measured (e.g. 64 -> 32 channels at 88x120, batch 8: 12.7 /
+# busy 1.0 of 2 cores: the U-Net's 3x3s from 16 -> 32 to 128 -> 64
+# channels at 44x60-176x240, forward, input and weight gradients alike),
+# XLA's own (Eigen) convolution kernels keep both busy and are as fast or
+# faster in every pass measured (e.g. 64 -> 32 channels at 88x120, batch 8: 12.7 /
 # 12.5 / 26.6 -> 10.3 / 7.9 / 14.6 ms). So every step compiled here takes
 # XLA's own convolution kernels and keeps YNNPACK's matrix products. The
 # train steps keep YNNPACK's reductions too (the BatchNorm statistics:
@@ -450,8 +450,10 @@ def cpu_forms():
 # / lraspp_mobilenet_v3_large predict steps 542-556 / 670-702 / 23-31 ms
 # against 546-560 / 658-669 / 29 ms). The train steps, A/B interleaved
 # (python -m seg_jax.bench): unet_camvid 505 / 501 -> 453 / 449 ms a step;
-# fcn_resnet50 and deeplabv3_resnet50 at 128x128 and 256x256 unchanged
-# within the noise (with Winograd from `WINOGRAD_MIN_TRAIN_CHANNELS`).
+# fcn_resnet50 and deeplabv3_resnet50 at 128x128 and 256x256 and the
+# MobileNetV3 models at 256x256 unchanged within the noise; with Winograd
+# from `WINOGRAD_MIN_TRAIN_CHANNELS` too, segnet_camvid at 128x128 1,021 /
+# 1,004 -> 792 / 833 ms, fcn8s_voc 26.9 / 25.8 -> 24.2 / 23.5 s.
 _YNN_FUSION_TYPE = 'xla_cpu_experimental_ynn_fusion_type'
 _CPU_COMPILER_OPTIONS = {
     'inference': {_YNN_FUSION_TYPE: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
