@@ -440,8 +440,8 @@ def cpu_forms():
 # busy 1.0 of 2 cores: the U-Net's 3x3s from 16 -> 32 to 128 -> 64
 # channels at 44x60-176x240, forward, input and weight gradients alike),
 # XLA's own (Eigen) convolution kernels keep both busy and are as fast or
-# faster in every pass measured (e.g. 64 -> 32 channels at 88x120, batch 8: 12.7 /
-# 12.5 / 26.6 -> 10.3 / 7.9 / 14.6 ms). So every step compiled here takes
+# faster in every pass measured (e.g. 64 -> 32 channels at 88x120, batch
+# 8: 12.7 / 12.5 / 26.6 -> 10.3 / 7.9 / 14.6 ms). So every step here takes
 # XLA's own convolution kernels and keeps YNNPACK's matrix products. The
 # train steps keep YNNPACK's reductions too (the BatchNorm statistics:
 # without them the ResNet train steps were slower, fcn_resnet50 at 128x128
