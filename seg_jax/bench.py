@@ -246,6 +246,20 @@ def _minor_faults():
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _usage():
+  """The process's (page faults, CPU seconds) so far."""
+  return _minor_faults(), time.process_time()
+
+
+def _usage_per_step(start, times, steps):
+  """(page faults per timed step, cores kept busy: CPU time over wall
+  time) since `start` (`_usage()`), over timed runs of `steps` steps
+  whose seconds per step are `times`."""
+  faults, cpu = _usage()
+  return ((faults - start[0]) / (len(times) * steps),
+          (cpu - start[1]) / (sum(times) * steps))
+
+
 def time_compiled(compiled, args, mode, steps, repeats, warmup):
   """(median seconds per step over `repeats` runs of `steps` steps, each
   run's seconds per step, the process's page faults per timed step, the
@@ -267,14 +281,13 @@ def time_compiled(compiled, args, mode, steps, repeats, warmup):
 
   run(warmup)
   times = []
-  faults, cpu = _minor_faults(), time.process_time()
+  start = _usage()
   for _ in range(repeats):
     t0 = time.perf_counter()
     run(steps)
     times.append((time.perf_counter() - t0) / steps)
-  faults = (_minor_faults() - faults) / (repeats * steps)
-  busy = (time.process_time() - cpu) / (sum(times) * steps)
-  return statistics.median(times), times, faults, busy
+  return (statistics.median(times), times,
+          *_usage_per_step(start, times, steps))
 
 
 def time_loop(config, mesh, source_iter, steps, warmup):
@@ -480,7 +493,7 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
       step()
     sync()
     times = []
-    faults, cpu = _minor_faults(), time.process_time()
+    start = _usage()
     for _ in range(repeats):
       t0 = time.perf_counter()
       for _ in range(steps):
@@ -488,8 +501,7 @@ def torch_bench(config, mode, steps, repeats, warmup, compile_too=True):
       sync()
       times.append((time.perf_counter() - t0) / steps)
     return (n / statistics.median(times),
-            (_minor_faults() - faults) / (repeats * steps),
-            (time.process_time() - cpu) / (sum(times) * steps))
+            *_usage_per_step(start, times, steps))
 
   if device == 'cuda':
     torch.cuda.reset_peak_memory_stats()
