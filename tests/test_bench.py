@@ -99,9 +99,9 @@ def test_bilinear_resizing_is_not_counted():
 
 
 def test_bench_cli_reports_the_step_and_the_input_loop():
-  """The tiny config on 8 devices, TensorFlow hidden; --vs-torch without a
-  twin (or without torch) says why it is skipped; the last line is
-  key=value."""
+  """The tiny config on 8 devices, TensorFlow hidden; --vs-torch without
+  torch says why it is skipped, with torch times the U-Net's twin
+  (benchmarks/torch_unet.py) beside it; the last line is key=value."""
   out = subprocess.run(
       [sys.executable, 'tests/no_tensorflow.py', '-m', 'seg_jax.bench',
        '--config=configs/unet_shapes_tiny.py', '--steps=2', '--repeats=2',
@@ -111,10 +111,19 @@ def test_bench_cli_reports_the_step_and_the_input_loop():
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith('unet train, batch 8, 32x32, float32, 8 x ')
-  assert any(l.startswith('torch: skipped: ') for l in lines), lines
   fields = dict(kv.split('=') for kv in lines[-1].split())
   assert list(fields)[:3] == ['images_per_sec', 'mfu', 'peak_gib']
   values = {k: float(v) for k, v in fields.items()}
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('torch') is None:
+    assert any(l.startswith('torch: skipped: ') for l in lines), lines
+  else:
+    eager = next(l for l in lines if l.startswith('torch eager: '))
+    busy = re.search(r', ([\d.]+) cores busy;', eager)
+    assert busy and float(busy.group(1)) > 0, eager
+    np.testing.assert_allclose(
+        values['ratio_eager'], values['images_per_sec'] /
+        values['torch_eager'], rtol=1e-4)
   np.testing.assert_allclose(values['images_per_sec'],
                              8 / values['step_s'], rtol=1e-4)
   assert 0 < values['mfu'] < 1 and values['peak_gib'] > 0
