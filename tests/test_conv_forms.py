@@ -617,3 +617,85 @@ def test_folded_scale_multiplies_the_output_on_cpu_and_the_kernel_in_exports():
     _close(bn.apply(v, x, train=False), on_output)
   with layers.unfolded_batch_norm():
     _close(bn.apply(v, x, train=False), on_output)
+
+
+def _plain_batch_norm(x, scale, bias, epsilon, relu):
+  """flax's train-mode BatchNorm math under plain autodiff: (y, mean, var)."""
+  mean = jnp.mean(x, (0, 1, 2))
+  var = jnp.maximum(0., jnp.mean(x * x, (0, 1, 2)) - mean * mean)
+  y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  return (jnp.maximum(y, 0.) if relu else y), mean, var
+
+
+@pytest.mark.parametrize('shape, offset', [((2, 5, 7, 3), 0.), ((3, 4, 4, 16), 0.),
+                                           ((1, 9, 6, 8), 20.)])
+@pytest.mark.parametrize('relu', [True, False])
+def test_batch_norm_train_vjp_equals_autodiff(shape, offset, relu):
+  """`batch_norm_train`'s own VJP: the values and the gradients of x, scale
+  and bias autodiff gives, cotangents on the statistics included, inputs
+  with a mean far from 0 too (the form's cancellation)."""
+  rng = np.random.default_rng(5)
+  c = shape[-1]
+  x = jnp.asarray(rng.normal(size=shape) * 2 + offset, jnp.float32)
+  scale = jnp.asarray(rng.normal(size=c), jnp.float32).at[0].set(0.)
+  bias = jnp.asarray(rng.normal(size=c), jnp.float32)
+  cts = (jnp.asarray(rng.normal(size=shape), jnp.float32),
+         jnp.asarray(rng.normal(size=c), jnp.float32),
+         jnp.asarray(rng.normal(size=c), jnp.float32))
+  ours, ours_vjp = jax.vjp(
+      lambda *a: layers.batch_norm_train(*a, 1e-5, relu), x, scale, bias)
+  ref, ref_vjp = jax.vjp(
+      lambda *a: _plain_batch_norm(*a, 1e-5, relu), x, scale, bias)
+  _close(ours, ref)
+  _close(ours_vjp(cts), ref_vjp(cts), 2e-5)
+  # The statistics' cotangents are not dropped: without them dx changes.
+  zero = (cts[0], jnp.zeros(c), jnp.zeros(c))
+  assert float(jnp.abs(ours_vjp(zero)[0] - ours_vjp(cts)[0]).max()) > 1e-3
+
+
+def _custom_vjps(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count('custom_vjp_call')
+
+
+@pytest.mark.parametrize('relu', [True, False])
+def test_batch_norm_module_equals_flax_in_train_and_inference(relu):
+  """`layers.BatchNorm` is flax's BatchNorm (+ ReLU): the same variables and
+  initial values, outputs, running averages and gradients in a train step
+  (where on CPU it runs `batch_norm_train`) and in inference; flax's own
+  code in bfloat16, and under `flax_batch_norm()`."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 6, 5, 8)) + 1., jnp.float32)
+  ours = layers.BatchNorm(use_running_average=False, momentum=0.8,
+                          epsilon=1e-3, relu=relu)
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.8, epsilon=1e-3)
+  act = nn.relu if relu else (lambda y: y)
+  v = ours.init(jax.random.key(0), x)
+  _close(v, ref.init(jax.random.key(0), x), 0)
+  v = {'params': {'scale': jnp.asarray(rng.normal(size=8), jnp.float32),
+                  'bias': jnp.asarray(rng.normal(size=8), jnp.float32)},
+       'batch_stats': {'mean': jnp.full(8, 0.5), 'var': jnp.full(8, 2.)}}
+
+  def step(mod, post, params, x):
+    y, new = mod.apply({**v, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(post(y))), new
+
+  def grads(mod, post):
+    (_, new), g = jax.value_and_grad(
+        lambda p, x: step(mod, post, p, x), (0, 1), has_aux=True)(
+            v['params'], x)
+    return post(mod.apply(v, x, mutable=['batch_stats'])[0]), new, g
+
+  assert _custom_vjps(lambda x: ours.apply(v, x, mutable=['batch_stats']),
+                      x) == 1
+  _close(grads(ours, lambda y: y), grads(ref, act))
+  with layers.flax_batch_norm():
+    assert _custom_vjps(lambda x: ours.apply(v, x, mutable=['batch_stats']),
+                        x) == 0
+    _close(grads(ours, lambda y: y), grads(ref, act))
+  half = layers.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  assert _custom_vjps(lambda x: half.apply(
+      v, x.astype(jnp.bfloat16), mutable=['batch_stats']), x) == 0
+  infer = ours.clone(use_running_average=True)
+  assert _custom_vjps(lambda x: infer.apply(v, x), x) == 0
+  _close(infer.apply(v, x),
+         act(ref.clone(use_running_average=True).apply(v, x)))

@@ -43,6 +43,6 @@ class SegNet(nn.Module):
   def _conv_bn(self, x, features, name, train):
     x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                 name=f'{name}_conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype, name=f'{name}_bn')(x)
-    return nn.relu(x)
+    return layers.BatchNorm(use_running_average=not train, momentum=0.9,
+                            epsilon=1e-5, dtype=self.dtype, relu=True,
+                            name=f'{name}_bn')(x)

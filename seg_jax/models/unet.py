@@ -55,9 +55,11 @@ class DoubleConv(nn.Module):
                       use_bias=not self.batch_norm, dtype=self.dtype,
                       name=f'Conv_{i}')(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                         dtype=self.dtype)(x)
-      x = nn.relu(x)
+        x = layers.BatchNorm(use_running_average=not train, momentum=0.9,
+                             dtype=self.dtype, relu=True,
+                             name=f'BatchNorm_{i}')(x)
+      else:
+        x = nn.relu(x)
     return x
 
 

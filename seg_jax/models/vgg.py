@@ -5,6 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seg_jax.models import layers
+
 # Channels of the five blocks; each block ends with 2x2 max-pooling.
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512),
                 (512, 512, 512))
@@ -45,10 +47,11 @@ class VGG16(nn.Module):
                     use_bias=True, dtype=self.dtype,
                     name=f'conv{b + 1}_{c + 1}')(x)
         if self.batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=self.dtype,
-                           name=f'bn{b + 1}_{c + 1}')(x)
-        x = nn.relu(x)
+          x = layers.BatchNorm(use_running_average=not train, momentum=0.9,
+                               epsilon=1e-5, dtype=self.dtype, relu=True,
+                               name=f'bn{b + 1}_{c + 1}')(x)
+        else:
+          x = nn.relu(x)
       feats[f'block{b + 1}'] = x
       x = self.pool(x) if self.pool else nn.max_pool(x, (2, 2), (2, 2))
       feats[f'pool{b + 1}'] = x
