@@ -271,3 +271,32 @@ def test_trunk_stages_prints_a_row_per_side_whose_stages_sum_to_its_total():
   for line in lines[2:]:
     values = [float(v) for v in line.split()[1:]]
     assert len(values) == 6 and abs(sum(values[:5]) - values[5]) <= 0.3
+
+
+def test_bench_table_rows_and_medians():
+  """benchmarks/bench_table.py: every row names a config that exists and
+  arguments `seg_jax.bench` defines; the table shows each figure's median
+  over the runs and the ratios' ranges."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  try:
+    import bench_table  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  with open(os.path.join(REPO, 'seg_jax', 'bench.py')) as f:
+    defined = set(re.findall(r"DEFINE_\w+\(\s*'(\w+)'", f.read()))
+  for _, mode, args in bench_table.ROWS:
+    config = [a for a in args if a.startswith('--config=')][0]
+    assert os.path.isfile(os.path.join(REPO, config.split('=', 1)[1]))
+    names = [a[2:].split('=')[0].replace('-', '_')
+             for a in args + bench_table.COMMON
+             if not a.startswith('--config')]
+    assert set(names) <= defined, set(names) - defined
+    assert ('--mode=infer' in args) == (mode == 'infer')
+  runs = [{'images_per_sec': v, 'torch_eager': 2.0, 'ratio_eager': v / 2,
+           'compile_s': 3.0, 'peak_gib': 0.5, 'cores_busy': 1.9}
+          for v in (3.0, 1.0, 2.0)]
+  text = bench_table.table({'fcn_resnet50': runs}, 'infer')
+  row = text.splitlines()[2]
+  assert row == ('| `fcn_resnet50` | 2 | 2 | - | **1.00x** (0.50-1.50) | - '
+                 '| 3 | 0.5 | 1.9 |'), row
+  assert bench_table.table({'fcn_resnet50': runs}, 'train').count('\n') == 1
