@@ -68,15 +68,19 @@ def bench(args, cwd=REPO, torch=True):
                      f'{out.stdout[-2000:]}\n{out.stderr[-2000:]}')
 
 
+def _values(runs, key):
+  return [r[key] for r in runs if key in r]
+
+
 def _cell(runs, key, digits=3):
-  values = [r[key] for r in runs if key in r]
+  values = _values(runs, key)
   if not values:
     return '-'
   return f'{statistics.median(values):.{digits}g}'
 
 
 def _ratio(runs, key):
-  values = [r[key] for r in runs if key in r]
+  values = _values(runs, key)
   if not values:
     return '-'
   return (f'**{statistics.median(values):.2f}x** '
