@@ -14,7 +14,7 @@ from PIL import Image
 
 from seg_jax import data
 
-from conftest import REPO
+from conftest import REPO, production_env
 from tb_events import images_by_tag, read_events, scalars_by_tag
 
 TINY = 'configs/unet_shapes_tiny.py'
@@ -36,10 +36,13 @@ def test_train_without_tensorflow_then_evaluate_in_a_fresh_process(
   """One training run serves every check (one pytest-xdist worker runs it):
   `main` with tensorflow not installed writes event files and progress;
   `evaluate` reproduces the mIoU `main` printed and writes its report; a
-  wrong checkpoint step or class count is refused with a clear message."""
+  wrong checkpoint step or class count is refused with a clear message.
+  Both CLIs compile with XLA's flags as users run them (not the tests'
+  faster-compiling ones)."""
   workdir = str(tmp_path)
   out = _run(['tests/no_tensorflow.py', '-m', 'seg_jax.main',
-              f'--config={TINY}', f'--workdir={workdir}'])
+              f'--config={TINY}', f'--workdir={workdir}'],
+             env=production_env())
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('Finished: step=6 ')
   miou = _miou(last)
@@ -82,7 +85,7 @@ def _check_events_and_progress(workdir, stderr, miou, config):
 
 def _check_evaluate(workdir, miou, config):
   out = _run(['-m', 'seg_jax.evaluate', f'--config={TINY}',
-              f'--workdir={workdir}', '--checkpoint=6'])
+              f'--workdir={workdir}', '--checkpoint=6'], env=production_env())
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('Evaluated: step=6 split=val evaluator=whole ')
   assert _miou(last) == pytest.approx(miou, abs=1e-4)
