@@ -450,6 +450,8 @@ def _flag_error(argv, error):
       not os.path.isfile(given.split(':', 1)[0])):
     return (f'--config={given}: no such file; give a config file '
             '(configs/<file>.py) or --workdir of a training run alone.')
+  if keys and not given:
+    return _no_config_to_override(keys[0], _flag_value(argv, 'workdir'))
   path, config = _config_of(argv)
   for key in keys if config is not None else ():
     node = config
@@ -464,6 +466,21 @@ def _flag_error(argv, error):
   if cause and path:
     return f'--config={path}: {cause}'
   return lines[0] if lines else type(error).__name__
+
+
+def _no_config_to_override(key, workdir):
+  """The error for a `--config.KEY` override with no config to apply it to
+  (no --config, and no run folder's config.json)."""
+  what = f'--config.{key} has no config to override'
+  if workdir and not os.path.isdir(workdir):
+    return (f'--workdir={workdir} does not exist, so {what}: give the '
+            f'folder of a training run (it holds {run_folder.CONFIG_FILE}), '
+            'or --config=configs/<file>.py.')
+  if workdir:
+    return (f'{what}: {workdir} holds no {run_folder.CONFIG_FILE} '
+            '(training writes one there); give --config=configs/<file>.py.')
+  return (f'{what}: give --config=configs/<file>.py (or --workdir of a '
+          'training run).')
 
 
 def run(main):

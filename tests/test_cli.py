@@ -185,6 +185,24 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
                              f'--workdir={tmp_path}/run/checkpoints/4'],
             rf'^error: --workdir={tmp_path}/run/checkpoints/4 is inside the '
             rf'checkpoints of the training run {tmp_path}/run; ')]
+  # A --config. override with no config to apply it to: no --config, and
+  # a mistyped --workdir, or one without config.json, or none at all.
+  (tmp_path / 'empty').mkdir()
+  runs += [('seg_jax.main', [f'--workdir={tmp_path}/mnie',
+                             '--config.train.num_steps=60'],
+            rf'^error: --workdir={tmp_path}/mnie does not exist, so '
+            r'--config.train.num_steps has no config to override: give the '
+            r'folder of a training run \(it holds config.json\), or '
+            r'--config=configs/<file>.py.$'),
+           ('seg_jax.evaluate', [f'--workdir={tmp_path}/empty',
+                                 '--config.eval.global_batch_size=8'],
+            r'^error: --config.eval.global_batch_size has no config to '
+            rf'override: {tmp_path}/empty holds no config.json \(training '
+            r'writes one there\); give --config=configs/<file>.py.$'),
+           ('seg_jax.data.check', ['--config.data.root=mydata'],
+            r'^error: --config.data.root has no config to override: give '
+            r'--config=configs/<file>.py \(or --workdir of a training '
+            r'run\).$')]
   _assert_one_line_errors(runs)
 
 
