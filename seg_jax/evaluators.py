@@ -136,9 +136,10 @@ class Evaluator:
     if refiner is not None:
       self.settings[refiner.name] = refiner.settings()
     self.num_classes = config.model.num_classes
-    self.global_batch = config.eval.global_batch_size
-    sharding.check_batch_size(self.global_batch, mesh,
+    sharding.check_batch_size(config.eval.global_batch_size, mesh,
                               'eval.global_batch_size')
+    self.global_batch = split_batch_size(config.eval.global_batch_size, mesh,
+                                         len(source))
     self.num_shown = min(num_shown, self.global_batch // jax.process_count())
     self.skips = skip_counter or pipeline.SkipCounter()
     self.refiner = refiner
@@ -168,13 +169,23 @@ class Evaluator:
     for i, batch in enumerate(ds):
       inputs = sharding.to_global(
           {k: batch[k] for k in ('image', 'label', 'size')}, self.mesh)
-      if self.refiner is None:
-        m, shown = self.eval_step(variables, inputs)
-        acc.add(m, pixels=batch['label'].size * jax.process_count())
-        shown = np.asarray(shown) if i == 0 else None
-      else:
-        _, _, logits = self.eval_step(variables, inputs)
-        shown = self._refine_and_count(batch, np.asarray(logits), acc)
+      try:
+        if self.refiner is None:
+          m, shown = self.eval_step(variables, inputs)
+          acc.add(m, pixels=batch['label'].size * jax.process_count())
+          shown = np.asarray(shown) if i == 0 else None
+        else:
+          _, _, logits = self.eval_step(variables, inputs)
+          shown = self._refine_and_count(batch, np.asarray(logits), acc)
+      except jax.errors.JaxRuntimeError as e:
+        if not out_of_memory(e):
+          raise
+        raise errors.ConfigError(
+            f'Evaluation {self.name} ran out of memory on a batch of '
+            f'{self.global_batch} images of {batch["image"].shape[1]}x'
+            f'{batch["image"].shape[2]} (HxW, data.eval_pad_size): lower '
+            f'--config.eval.global_batch_size (now '
+            f'{self.config.eval.global_batch_size}).') from e
       if i == 0 and self.num_shown:
         examples = _examples(batch, shown[:self.num_shown])
       if progress is not None:
@@ -201,6 +212,20 @@ class Evaluator:
                    -np.take_along_axis(log_q[valid], label[valid][:, None],
                                        -1).sum(), int(valid.sum()))
     return predictions
+
+
+def split_batch_size(global_batch_size, mesh, num_examples):
+  """`eval.global_batch_size`, or fewer when the split is smaller: the
+  least multiple of the devices and processes the batch is split over that
+  holds every example (a 5-image split on one device: 5, not 64 images of
+  padding)."""
+  unit = math.lcm(sharding.data_parallel_size(mesh), jax.process_count())
+  return min(global_batch_size, max(unit, -(-num_examples // unit) * unit))
+
+
+def out_of_memory(error):
+  """Whether a JAX runtime error is an allocation that failed."""
+  return 'RESOURCE_EXHAUSTED' in str(error)
 
 
 def _examples(batch, predictions):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seg_jax import data, evaluators, inference, sharding, state
+from seg_jax import data, errors, evaluators, inference, sharding, state
 from seg_jax.inference import InferenceSpec
 
 
@@ -229,6 +229,47 @@ def test_eight_devices_give_the_one_device_confusion_matrix(tiny_config,
     # The loss is a float sum: on CPU, XLA's convolution kernels (used for
     # inference, models/layers.py) order it by the per-device batch.
     np.testing.assert_allclose(eight.loss, one.loss, rtol=3e-5)
+
+
+def test_evaluation_batch_is_capped_at_the_split(tiny_config, tiny_model):
+  """A split smaller than eval.global_batch_size is one batch of the least
+  multiple of the devices that holds it (not 64 images of padding), with
+  the metrics of a small batch; running out of memory is one line naming
+  the setting."""
+  config = _eval_config(tiny_config, num_val=5)
+  config.eval.global_batch_size = 64
+  _, model, variables = tiny_model
+  source = data.create_source(config, 'val')
+  results = []
+  for devices, want in ((jax.devices()[:1], 5), (jax.devices(), 8)):
+    mesh = sharding.create_mesh(devices=devices)
+    placed = jax.device_put(variables, sharding.replicated(mesh))
+    evaluator = evaluators.Evaluator('whole', config, model, mesh, source)
+    assert evaluator.global_batch == want
+    results.append(evaluator.run(placed))
+  config.eval.global_batch_size = 2  # three batches
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])
+  placed = jax.device_put(variables, sharding.replicated(mesh))
+  evaluator = evaluators.Evaluator('whole', config, model, mesh, source)
+  assert evaluator.global_batch == 2
+  small = evaluator.run(placed)
+  for result in results:
+    np.testing.assert_array_equal(result.confusion, small.confusion)
+  mesh8 = sharding.create_mesh()
+  assert [evaluators.split_batch_size(b, mesh8, n) for b, n in
+          ((64, 13), (8, 13), (64, 1), (16, 16), (16, 17))] == [16, 8, 8, 16,
+                                                                 16]
+
+  def exhausted(*args):
+    del args
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory allocating 26945169168 bytes.')
+  evaluator.eval_step = exhausted
+  with pytest.raises(errors.ConfigError, match=r'^Evaluation whole ran out of '
+                     r'memory on a batch of 2 images of 32x32 \(HxW, '
+                     r'data.eval_pad_size\): lower '
+                     r'--config.eval.global_batch_size \(now 2\).$'):
+    evaluator.run(placed)
 
 
 def test_ignore_label_254_on_relabelled_data_gives_the_same_metrics(
