@@ -46,6 +46,11 @@ def user_error(error):
   return None
 
 
+def out_of_memory(error):
+  """Whether `error` (a JAX runtime error) is an allocation that failed."""
+  return 'RESOURCE_EXHAUSTED' in str(error)
+
+
 def config_int(config, key, minimum=1):
   """The integer at `key` ('a.b') of `config`; ConfigError naming the key
   unless it is an int >= `minimum`."""

@@ -178,7 +178,7 @@ class Evaluator:
           _, _, logits = self.eval_step(variables, inputs)
           shown = self._refine_and_count(batch, np.asarray(logits), acc)
       except jax.errors.JaxRuntimeError as e:
-        if not out_of_memory(e):
+        if not errors.out_of_memory(e):
           raise
         raise errors.ConfigError(
             f'Evaluation {self.name} ran out of memory on a batch of '
@@ -221,11 +221,6 @@ def split_batch_size(global_batch_size, mesh, num_examples):
   padding)."""
   unit = math.lcm(sharding.data_parallel_size(mesh), jax.process_count())
   return min(global_batch_size, max(unit, -(-num_examples // unit) * unit))
-
-
-def out_of_memory(error):
-  """Whether a JAX runtime error is an allocation that failed."""
-  return 'RESOURCE_EXHAUSTED' in str(error)
 
 
 def _examples(batch, predictions):

@@ -25,6 +25,10 @@ import sys
 import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What a loop inside `deferred()` does on a first signal, and what a second
+# one (which stops at once) keeps: the training loop's by default.
+TRAINING = ('finishing the step, saving a checkpoint, then stopping',
+            'the checkpoints saved so far are kept')
 
 
 class _Stop:
@@ -36,6 +40,8 @@ class _Stop:
     self.deferring = False
     self.received = None  # the first signal's name while deferring
     self.context = 'nothing was running that could be saved'
+    self.finishing = TRAINING[0]  # what `deferred()` does on a first signal
+    self.kept = TRAINING[1]  # ... and what a second one keeps
 
 
 _STOP = _Stop()
@@ -92,12 +98,11 @@ def _on_signal(signum):
   if _STOP.deferring and _STOP.received is None:
     _STOP.received = name
     logging.getLogger('absl').warning(
-        '%s received: finishing the step, saving a checkpoint, then stopping '
-        '(send it again to stop at once).', name)
+        '%s received: %s (send it again to stop at once).', name,
+        _STOP.finishing)
     return
   if _STOP.deferring:
-    _exit(signum, f'Stopped at once by a second {name}: the checkpoints '
-          'saved so far are kept.')
+    _exit(signum, f'Stopped at once by a second {name}: {_STOP.kept}.')
   _exit(signum, f'Stopped by {name}: {_STOP.context}.')
 
 
@@ -117,8 +122,11 @@ def received():
 
 
 @contextlib.contextmanager
-def deferred(enabled=True):
+def deferred(enabled=True, what=TRAINING):
   """Inside: the first stop signal is recorded (`received()`), not acted on.
+
+  `what`: (what the loop does on a first signal, what a second one keeps),
+  as the log and exit lines say them (default: training's).
 
   With `install()` done, the watcher records it; without (seg_jax used as a
   library) Python handlers do, for the duration only. `enabled=False`
@@ -127,6 +135,7 @@ def deferred(enabled=True):
   forgotten on leaving: read `received()` inside.
   """
   _STOP.received = None
+  _STOP.finishing, _STOP.kept = what
   try:
     if not enabled:
       yield
@@ -145,6 +154,7 @@ def deferred(enabled=True):
           signal.signal(sig, handler)
   finally:
     _STOP.received = None
+    _STOP.finishing, _STOP.kept = TRAINING
 
 
 def _record(signum, frame):
@@ -155,5 +165,5 @@ def _record(signum, frame):
     raise KeyboardInterrupt(f'second {name}')
   _STOP.received = name
   logging.getLogger('absl').warning(
-      '%s received: finishing the step, saving a checkpoint, then stopping '
-      '(send it again to stop at once).', name)
+      '%s received: %s (send it again to stop at once).', name,
+      _STOP.finishing)

@@ -209,12 +209,24 @@ class Predictor:
     from seg_jax import inference  # pylint: disable=g-import-not-at-top
     from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
     self.variables, self.batch_size = variables, batch_size
+    self.spec = spec
     self.size_multiple = size_multiple
     self.refiner = refiner
     self.channels = config.data.channels
     self.fill = transforms.fill_value(config.data.mean)
     self.step = inference.make_predict_step(
         model, config, spec, with_logits=refiner is not None)
+
+  def out_of_memory(self, canvas):
+    """What to say when a batch of `canvas`-sized images did not fit."""
+    hints = ([f'a smaller --batch_size (now {self.batch_size})']
+             if self.batch_size > 1 else [])
+    if self.spec.mode == 'whole':
+      hints.append('--evaluator=slide (windows of the training crop)')
+    return (f'out of memory predicting {canvas[0]}x{canvas[1]} (HxW) images '
+            f'{self.batch_size} at a time; '
+            + (f'use {" or ".join(hints)}.' if hints else
+               'too large for this machine.'))
 
   def canvas(self, image):
     """The batch canvas of an image: its size rounded up to the multiple."""
@@ -347,20 +359,37 @@ def predict_video(path, name, predictor, outputs, progress=None):
   return count
 
 
+# Images held waiting for a full batch of their canvas size, at most this
+# many batches' worth: past it the fullest queue goes as a partial batch
+# (a folder of many sizes is then predicted as it is read, not at the end).
+HELD_BATCHES = 4
+
+
 def predict_images(items, predictor, outputs, progress=None):
   """Writes the outputs of every readable image; returns (images written,
-  failures). After a stop signal (`interrupt.deferred`) the images already
-  read are finished and no more are read.
+  failures). A batch that runs out of memory fails its images (with what
+  to change) and the others go on. After a stop signal
+  (`interrupt.deferred`) the batch in progress is finished and nothing
+  more is read or predicted.
 
-  Images wait in one queue per canvas size until a batch is full, so at
-  most (canvas sizes x batch size) images are held at a time.
+  Images wait in one queue per canvas size until a batch is full; at most
+  `HELD_BATCHES` batches' worth are held, past which the fullest queue is
+  predicted as it is.
   """
   from seg_jax.data import files  # pylint: disable=g-import-not-at-top
   failures, queues, written = [], {}, 0
 
   def flush(queue):
     nonlocal written
-    for (name, image), label in zip(queue, predictor([q[1] for q in queue])):
+    try:
+      labels = predictor([image for _, _, image in queue])
+    except Exception as e:  # pylint: disable=broad-except
+      if not errors.out_of_memory(e):
+        raise
+      reason = predictor.out_of_memory(predictor.canvas(queue[0][2]))
+      failures.extend((path, f'{path}: {reason}') for path, _, _ in queue)
+      labels = None
+    for (_, name, image), label in zip(queue, labels or ()):
       outputs.write_image(name, image, label)
       written += 1
     if progress is not None:
@@ -368,8 +397,8 @@ def predict_images(items, predictor, outputs, progress=None):
     queue.clear()
 
   for path, name in items:
-    if interrupt.received():  # stop: the images read so far are finished
-      break
+    if interrupt.received():  # stop: nothing more is read
+      return written, failures
     try:
       image = files.read_image(path, predictor.channels)
     except (files.BadSampleError, OSError) as e:
@@ -378,11 +407,14 @@ def predict_images(items, predictor, outputs, progress=None):
         progress(1)
       continue
     queue = queues.setdefault(predictor.canvas(image), [])
-    queue.append((name, image))
+    queue.append((path, name, image))
     if len(queue) == predictor.batch_size:
       flush(queue)
+    elif (sum(map(len, queues.values())) >
+          HELD_BATCHES * predictor.batch_size):
+      flush(max(queues.values(), key=len))
   for queue in queues.values():
-    if queue:
+    if queue and not interrupt.received():
       flush(queue)
   return written, failures
 
@@ -478,7 +510,10 @@ def main(argv):
                         if FLAGS.crf else None, FLAGS.size_multiple)
   # A stop signal finishes the batch in progress and closes the files being
   # written (a video stopped midway ends at its last frame, playable).
-  with interrupt.deferred():
+  with interrupt.deferred(what=(
+      'finishing the batch in progress, then stopping',
+      'the outputs written so far are kept, the one being written may be '
+      'cut short')):
     done, frames, failures = run(
         inputs, predictor, Outputs(FLAGS.out, palette, keep, FLAGS.alpha),
         found)

@@ -397,6 +397,79 @@ def test_evaluation_with_crf_counts_the_refined_predictions(run,
   np.testing.assert_array_equal(result.confusion, confusion)
 
 
+class _Recorder:
+  """The fixture's predictor, recording each batch's size and running out
+  of memory (a real `JaxRuntimeError`, as XLA raises it) on one canvas."""
+
+  def __init__(self, predictor, out_of_memory_on=None):
+    self.predictor, self.batches = predictor, []
+    self.out_of_memory_on = out_of_memory_on
+
+  def __getattr__(self, name):
+    return getattr(self.predictor, name)
+
+  def __call__(self, images):
+    self.batches.append(len(images))
+    if self.predictor.canvas(images[0]) == self.out_of_memory_on:
+      raise jax.errors.JaxRuntimeError(
+          'RESOURCE_EXHAUSTED: Out of memory allocating 27648828496 bytes.')
+    return self.predictor(images)
+
+
+def test_many_sizes_partial_batches_stop_and_out_of_memory(run, tmp_path,
+                                                           monkeypatch):
+  """Eight images of eight canvas sizes (batch 4): past the held limit the
+  fullest queue is predicted at once, each with the labels it gets alone;
+  Ctrl-C after the first batch writes nothing more; a batch that runs out
+  of memory fails its images with what to change, and the rest go on."""
+  config, _, predictor = run
+  monkeypatch.setattr(predict, 'HELD_BATCHES', 1)  # at most 4 images held
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  items = []
+  for k in range(8):
+    path = folder / f'{k}.png'
+    Image.fromarray(_image(8 + 8 * k, 24, k)).save(path)
+    items.append((str(path), str(k)))
+  outputs = predict.Outputs(str(tmp_path / 'out'), np.zeros((5, 3), np.uint8),
+                            [], 0.5)
+  recorder = _Recorder(predictor)
+  written, failures = predict.predict_images(items, recorder, outputs)
+  assert (written, failures) == (8, [])
+  # From the 5th image read, 5 are held: one goes (each queue holds one).
+  assert recorder.batches == [1] * 8
+  for k in range(8):
+    with Image.open(tmp_path / 'out' / f'{k}.png') as im:
+      label = np.asarray(im)
+    expected, = predictor([np.asarray(Image.open(folder / f'{k}.png'))])
+    np.testing.assert_array_equal(label, expected)
+
+  import signal  # pylint: disable=g-import-not-at-top
+  from seg_jax import interrupt  # pylint: disable=g-import-not-at-top
+  recorder = _Recorder(predictor)
+  with interrupt.deferred():
+    written, failures = predict.predict_images(
+        items, recorder, predict.Outputs(str(tmp_path / 'cut'),
+                                         np.zeros((5, 3), np.uint8), [], 0.5),
+        lambda n: os.kill(os.getpid(), signal.SIGINT))
+    assert interrupt.received() == 'SIGINT'
+  assert (written, failures, recorder.batches) == (1, [], [1])
+  assert sorted(os.listdir(tmp_path / 'cut')) == ['0.png', '0_overlay.jpg']
+
+  monkeypatch.setattr(predict, 'HELD_BATCHES', 4)
+  big = predictor.canvas(np.zeros((8 + 8 * 3, 24)))
+  recorder = _Recorder(predictor, out_of_memory_on=big)
+  written, failures = predict.predict_images(
+      items, recorder, predict.Outputs(str(tmp_path / 'oom'),
+                                       np.zeros((5, 3), np.uint8), [], 0.5))
+  assert written == 7
+  assert failures == [(items[3][0], f'{items[3][0]}: out of memory '
+                       'predicting 32x24 (HxW) images 4 at a time; use a '
+                       'smaller --batch_size (now 4) or --evaluator=slide '
+                       '(windows of the training crop).')]
+  assert not (tmp_path / 'oom' / '3.png').exists()
+
+
 def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):
   """The real-time video model end to end on a 360x480 clip: the overlay
   video has the input's frames, rate and size (the frame rate itself is
