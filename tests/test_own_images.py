@@ -67,6 +67,18 @@ def test_16bit_and_float_images_read_as_their_8bit_version(tmp_path):
     image, notes = files.read_image_notes(str(tmp_path / name))
     np.testing.assert_array_equal(image, want)
     assert 'scaled to 8 bits' in notes[0]
+    assert len(notes) == 1  # the whole 16-bit range is used: no warning
+  # A 12-bit camera's values stored as they came read nearly black: said.
+  twelve = (grey.astype(np.uint16) * 16) | 15  # up to 4095
+  Image.fromarray(twelve).save(tmp_path / 'twelve.png')
+  for channels in (3, 1):
+    image, notes = files.read_image_notes(str(tmp_path / 'twelve.png'),
+                                          channels)
+    assert image.max() == (int(twelve.max()) * 255 + 32767) // 65535 <= 16
+    assert notes[1:] == [
+        '16-bit image using only 12 of its bits (values up to 4095): read as '
+        '0..65535, it becomes at most 0..16 of 0..255, nearly black; rescale '
+        'such images to the 16-bit range (x 16) or save them as 8-bit']
   Image.fromarray(grey.astype(np.float32)).save(tmp_path / 'raw.tif')
   with pytest.raises(files.BadSampleError,
                      match=r'raw.tif: float image holds values .* as 0..1'):

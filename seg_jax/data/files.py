@@ -155,9 +155,11 @@ def read_image_notes(path, channels=3):
   if im.mode == 'RGB':
     return np.asarray(im), notes
   if im.mode in HIGH_BIT_MODES or im.mode == 'F':
-    grey = _grey_to_uint8(np.asarray(im), im.mode, path)
+    raw = np.asarray(im)
+    grey = _grey_to_uint8(raw, im.mode, path)
     notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): scaled to '
                  '8 bits and repeated to 3 channels')
+    notes += _few_bits_note(raw, im.mode)
     return np.repeat(grey[..., None], 3, -1), notes
   if im.mode not in _RGB_CONVERTIBLE:
     raise BadSampleError(f'{path}: image has PIL mode {im.mode!r}, which '
@@ -181,9 +183,11 @@ def _read_channels(path, channels):
   notes = ([f'EXIF orientation {orientation} applied (the image is read '
             'upright, as viewers show it)'] if orientation != 1 else [])
   if channels == 1 and im.mode in HIGH_BIT_MODES + ('F',):
+    raw = np.asarray(im)
     notes.append(f'{_MODE_NAMES.get(im.mode, im.mode)} ({im.mode}): scaled to '
                  '8 bits')
-    return _grey_to_uint8(np.asarray(im), im.mode, path)[..., None], notes
+    notes += _few_bits_note(raw, im.mode)
+    return _grey_to_uint8(raw, im.mode, path)[..., None], notes
   if channels == 1 and im.mode in ('L', '1'):
     return np.asarray(im.convert('L'))[..., None], notes
   if channels == 4 and im.mode == 'RGBA':
@@ -240,6 +244,24 @@ _MODE_NAMES = {'L': 'grayscale', 'LA': 'grayscale with alpha',
                'CMYK': 'CMYK image', 'I': '16-bit grayscale',
                'F': '32-bit float grayscale'}
 _MODE_NAMES.update({m: '16-bit grayscale' for m in HIGH_BIT_MODES[:4]})
+
+
+def _few_bits_note(raw, mode):
+  """[a note] when a 16-bit image uses at most 12 of its bits (a 10- or
+  12-bit camera's values stored as they came): scaled from 0..65535, it
+  reads nearly black."""
+  if mode not in HIGH_BIT_MODES or not raw.size:
+    return []
+  top = int(raw.max())
+  if not 255 < top < 4096:
+    return []
+  bits = top.bit_length()
+  most = 2 ** bits - 1
+  return [f'16-bit image using only {bits} of its bits (values up to '
+          f'{most}): read as 0..65535, it becomes at most 0..'
+          f'{(most * 255 + 32767) // 65535} of 0..255, nearly black; rescale '
+          f'such images to the 16-bit range (x {2 ** (16 - bits)}) or save '
+          'them as 8-bit']
 
 
 def _grey_to_uint8(raw, mode, path):
