@@ -327,6 +327,12 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
   (tmp_path / 'classes.txt').write_bytes('road\ncar\nsky\n'.encode(
       'utf-8-sig'))
   assert data.class_info(config)[0] == ('road', 'car', 'sky')
+  # On the command line, --config.data.class_names=bg,lane,sky arrives as
+  # one string in a tuple: its names are the comma-separated ones.
+  config.data.class_names = ('bg, lane,sky',)
+  assert data.class_info(config)[0] == ('bg', 'lane', 'sky')
+  assert data.create_source(config, 'train').class_names == ('bg', 'lane',
+                                                             'sky')
 
 
 def test_data_root_unset_or_one_level_too_deep_is_named(tmp_path):

@@ -43,13 +43,23 @@ def _folder(config, split, strict=True):
                         channels=config.data.channels)
 
 
+def names_setting(value):
+  """A class-names setting as a tuple of names: ('bg', 'road') as given,
+  and a comma-separated string too (`--config.data.class_names=bg,road`,
+  which the command line gives as ('bg,road',))."""
+  if isinstance(value, str):
+    value = (value,)
+  return tuple(name.strip() for v in value for name in str(v).split(',')
+               if name.strip())
+
+
 def _tfds(config, split, strict=True):
   del strict  # records hold both
   c = config.data.tfds
   if not c.name:
     raise errors.ConfigError("data.name='tfds' needs data.tfds.name, e.g. "
                              "'oxford_iiit_pet'.")
-  names = tuple(c.class_names) or tuple(
+  names = names_setting(c.class_names) or tuple(
       f'class_{i}' for i in range(config.model.num_classes))
   return sources.TfdsSource(
       c.name, split, data_dir=c.data_dir, image_key=c.image_key,
@@ -93,14 +103,15 @@ def class_info(config):
   names, palette = _CLASSES.get(config.data.name, ((), None))
   origin = f'data.name={config.data.name!r} has'
   if config.data.name == 'tfds':
-    names = tuple(config.data.tfds.class_names)
+    names = names_setting(config.data.tfds.class_names)
     origin = 'data.tfds.class_names names'
   listed = os.path.join(config.data.root or '', 'classes.txt')
   if config.data.name == 'folder' and os.path.isfile(listed):
     names = tuple(files.read_class_names(listed))
     origin = f'{listed} names'
   if config.data.class_names:
-    names, origin = tuple(config.data.class_names), 'data.class_names names'
+    names = names_setting(config.data.class_names)
+    origin = 'data.class_names names'
   names = names or tuple(f'class_{i}' for i in range(num))
   if len(names) != num:
     raise errors.ConfigError(
@@ -203,7 +214,7 @@ def create_source(config, split, strict=True):
   source = DATASETS[name](config, split, strict=strict)
   num = config.model.num_classes
   if config.data.class_names:
-    source.class_names = tuple(config.data.class_names)
+    source.class_names = names_setting(config.data.class_names)
   if config.data.palette:
     source.palette = check_palette(config.data.palette, num)
   if len(source.class_names) != num:
