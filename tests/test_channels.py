@@ -32,6 +32,13 @@ def test_files_are_read_with_the_configured_channel_count(tmp_path):
     files.read_image(str(tmp_path / 'rgb.png'), 1)
   with pytest.raises(files.BadSampleError, match=r'but data.channels=4'):
     files.read_image(str(tmp_path / 'rgb.png'), 4)
+  # One band, but not grey values: a palette image is not read as grey.
+  Image.fromarray(grey).convert('P').save(tmp_path / 'palette.png')
+  with pytest.raises(files.BadSampleError,
+                     match=r"^.*palette.png: a palette image \(PIL mode 'P'\) "
+                           r'is not read as data.channels=1 \(grayscale: 8, '
+                           r'16-bit or float\); convert the image to that.$'):
+    files.read_image(str(tmp_path / 'palette.png'), 1)
 
 
 def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):

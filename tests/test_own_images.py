@@ -109,8 +109,8 @@ def test_exif_rotated_photo_is_read_upright_and_aligned(tmp_path):
       ud.save_mask(str(mask_path), np.zeros(size[::-1], np.uint8))
       _, problem = files.header_check(str(image_path), str(mask_path))
       assert problem == (
-          f'{mask_path}: mask is 24x32 (WxH) but its image {image_path} is '
-          '32x24 as shown upright (EXIF orientation 6): the mask matches the '
+          f'{mask_path}: mask is 32x24 (HxW) but its image {image_path} is '
+          '24x32 as shown upright (EXIF orientation 6): the mask matches the '
           'stored, sideways pixels; rotate the mask to match the upright '
           'image, or save the image without its EXIF orientation.')
 
@@ -481,8 +481,8 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
 @pytest.mark.parametrize('fault, code, pattern', [
     ('suffix', 2, r"no image has a mask: .*mask_suffix='_mask'"),
     ('empty', 1, r'img_003.png: cannot read it \(the file is empty\)'),
-    ('size', 1, r'img_002.png: mask is 16x16 \(WxH\) but its image .* is '
-                r'32x24'),
+    ('size', 1, r'img_002.png: mask is 16x16 \(HxW\) but its image .* is '
+                r'24x32'),
     ('class', 1, r'Reading the batch of step 1 failed: .*img_00\d.png: mask '
                  r'values \[3\].*data.check` lists every bad file.*no step '
                  r'had been trained'),

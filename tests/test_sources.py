@@ -361,7 +361,7 @@ def test_each_bad_file_raises_naming_it(tmp_path):
   stems = [os.path.splitext(os.path.basename(p[0]))[0] for p in src.pairs]
   expect = {'truncated': 'corrupt or truncated',
             'garbage': 'corrupt or truncated',
-            'size': r'mask is 7x6 \(WxH\) but its image .*bad_size.jpg is 8x6',
+            'size': r'mask is 6x7 \(HxW\) but its image .*bad_size.jpg is 6x8',
             'range': r'mask values \[7\] are not labels'}
   for kind, message in expect.items():
     with pytest.raises(files.BadSampleError) as e:

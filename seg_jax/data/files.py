@@ -192,6 +192,12 @@ def _read_channels(path, channels):
     return np.asarray(im.convert('L'))[..., None], notes
   if channels == 4 and im.mode == 'RGBA':
     return np.asarray(im), notes
+  if len(im.getbands()) == channels:  # e.g. a palette image as grayscale
+    raise BadSampleError(
+        f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
+        f'{im.mode!r}) is not read as data.channels={channels} '
+        f'({"grayscale: 8, 16-bit or float" if channels == 1 else "RGBA"}); '
+        'convert the image to that.')
   raise BadSampleError(
       f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
       f'{im.mode!r}) but data.channels={channels}: set data.channels to the '
@@ -399,8 +405,8 @@ def size_mismatch(mask_name, mask_hw, image_name, image_hw):
   """The message of a mask whose size differs from its image's (saying so
   when the image is turned by its EXIF orientation and the mask fits its
   stored pixels)."""
-  message = (f'{mask_name}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its '
-             f'image {image_name} is {image_hw[1]}x{image_hw[0]}')
+  message = (f'{mask_name}: mask is {mask_hw[0]}x{mask_hw[1]} (HxW) but its '
+             f'image {image_name} is {image_hw[0]}x{image_hw[1]}')
   if tuple(mask_hw[:2]) == tuple(image_hw[:2])[::-1]:
     try:
       with Image.open(image_name) as im:
