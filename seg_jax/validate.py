@@ -35,6 +35,9 @@ def check_workdir(workdir):
   if not workdir:
     raise errors.ConfigError('--workdir is empty: name a folder for '
                              'checkpoints and logs.')
+  if os.path.isfile(workdir):
+    raise errors.ConfigError(f'--workdir={workdir} is a file, not a folder: '
+                             'name a folder for checkpoints and logs.')
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):

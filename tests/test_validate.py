@@ -96,6 +96,10 @@ def test_unwritable_workdir(tiny_config, tmp_path):
                      match=r'--workdir=.*file/run is not writable \(Not a '
                      r'directory\): choose a folder you can write to.$'):
     validate.check_config(tiny_config, str(tmp_path / 'file' / 'run'))
+  with pytest.raises(errors.ConfigError,
+                     match=r'^--workdir=.*file is a file, not a folder: name a '
+                     r'folder for checkpoints and logs.$'):
+    validate.check_config(tiny_config, str(tmp_path / 'file'))
   validate.check_config(tiny_config, str(tmp_path / 'ok'))
   assert os.path.isdir(tmp_path / 'ok')
 
@@ -219,3 +223,10 @@ def test_missing_dataset_root_is_a_user_error(tiny_config, tmp_path):
                      r'masks/.$') as e:
     data.create_source(tiny_config, 'train')
   assert isinstance(e.value, FileNotFoundError) and e.value.exit_code == 2
+  (tmp_path / 'a_file').write_text('x')
+  tiny_config.data.root = str(tmp_path / 'a_file')
+  with pytest.raises(errors.MissingFileError,
+                     match=rf"^folder: dataset folder data.root='{tmp_path}/"
+                     r"a_file' is a file, not a folder; it must hold images/ "
+                     r'and masks/.$'):
+    data.create_source(tiny_config, 'train')
