@@ -468,6 +468,18 @@ def _flag_error(argv, error):
   return lines[0] if lines else type(error).__name__
 
 
+# Path flags and config keys whose '~' is the home folder: the shell leaves
+# a '~' after '=' as it is (--config.data.root=~/data).
+_PATH_FLAGS = ('--workdir=', '--out=', '--config=', '--config.data.root=',
+               '--config.model.init_from=', '--config.data.tfds.data_dir=')
+
+
+def _expand_home(argv):
+  """`argv` with a leading '~' of each path flag's value expanded."""
+  return [a.split('=', 1)[0] + '=' + os.path.expanduser(a.split('=', 1)[1])
+          if a.startswith(_PATH_FLAGS) and '=~' in a else a for a in argv]
+
+
 def _no_config_to_override(key, workdir):
   """The error for a `--config.KEY` override with no config to apply it to
   (no --config, and no run folder's config.json)."""
@@ -494,8 +506,8 @@ def run(main):
   """
   GIVEN_ARGV[:] = sys.argv
   # ml_collections reads its overrides from sys.argv itself.
-  sys.argv = _with_new_model_kwargs(stored_config_argv(
-      ['--help' if a == '-h' else a for a in sys.argv]))
+  sys.argv = _with_new_model_kwargs(stored_config_argv(_expand_home(
+      ['--help' if a == '-h' else a for a in sys.argv])))
   wants_help = any(a in _HELP_FLAGS for a in sys.argv[1:])
   quiet_library_logs()
   try:

@@ -307,3 +307,18 @@ def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
        r'^error: flag --num_images=-2: -2 is not a positive integer$'),
   ]
   _assert_one_line_errors(runs)
+
+
+def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
+  """The shell leaves '~' after '=' as it is; the CLIs expand it for path
+  flags and config keys only."""
+  from seg_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', '/home/me')
+  assert cli._expand_home([  # pylint: disable=protected-access
+      'prog', '--workdir=~/runs/a', '--config.data.root=~/data',
+      '--out=~', '--config=~/c.py', '--config.model.init_from=~/w',
+      '--config.data.class_names=~a', 'x~/y', '--workdir=a~']) == [
+          'prog', '--workdir=/home/me/runs/a', '--config.data.root=/home/me/data',
+          '--out=/home/me', '--config=/home/me/c.py',
+          '--config.model.init_from=/home/me/w', '--config.data.class_names=~a',
+          'x~/y', '--workdir=a~']
