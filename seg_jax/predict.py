@@ -77,10 +77,14 @@ def find_inputs(paths):
 
 
 def check_found(paths, found):
-  """Raises `ConfigError` for a given folder in which `find_inputs` found
-  no image or video (a wrong path, or files of another type): nothing would
-  be predicted for it, silently."""
+  """Raises `ConfigError` for a given path that does not exist (a typo,
+  found before the checkpoint is read) and for a given folder in which
+  `find_inputs` found no image or video (a wrong path, or files of another
+  type): nothing would be predicted for it, silently."""
   for path in paths:
+    if not os.path.exists(path):
+      raise errors.ConfigError(f'{path} does not exist: check the path (give '
+                               'images, videos or folders of them).')
     if not os.path.isdir(path):
       continue
     folder = os.path.abspath(path)

@@ -235,6 +235,11 @@ def test_a_folder_with_nothing_to_predict_is_refused_by_name(tmp_path):
       predict.check_found(inputs, predict.find_inputs(inputs))
   inputs = [str(tmp_path / 'shots'), str(tmp_path / 'shots' / 'sub' / 'c.jpg')]
   predict.check_found(inputs, predict.find_inputs(inputs))  # no error
+  inputs = [str(tmp_path / 'shots'), str(tmp_path / 'shtos')]  # a typo
+  with pytest.raises(errors.ConfigError, match=rf'^{tmp_path}/shtos does not '
+                     r'exist: check the path \(give images, videos or '
+                     r'folders of them\).$'):
+    predict.check_found(inputs, predict.find_inputs(inputs))
 
 
 def test_inputs_follow_linked_folders_once(tmp_path):
