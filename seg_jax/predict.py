@@ -1,7 +1,8 @@
 """Apply a trained model to images, folders and videos.
 
     python -m seg_jax.predict --config=configs/x.py --workdir=DIR --out=OUT \\
-        INPUT... [--checkpoint=latest|best|STEP] [--keep=CLASS,...] [--crf] [--tta]
+        INPUT... [--checkpoint=latest|best|STEP] [--keep=CLASS,...] \\
+        [--crf] [--tta]
 
 For every image, OUT gets `<name>.png`, the label map as an indexed PNG with
 the dataset's palette (it opens as colours and reads back as class ids),
