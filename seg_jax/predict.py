@@ -493,11 +493,11 @@ def main(argv):
     raise errors.ConfigError('predict runs in one process; drop '
                              '--distributed.')
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
+  cli.check_not_in_checkpoints(FLAGS.workdir)
+  cli.check_run_config(cli.require_config(), FLAGS.workdir)
   found = find_inputs(inputs)
   check_found(inputs, found)
   check_out(FLAGS.out, inputs, found)
-  cli.check_not_in_checkpoints(FLAGS.workdir)
-  cli.check_run_config(cli.require_config(), FLAGS.workdir)
   cli.make_folder(FLAGS.out)
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
