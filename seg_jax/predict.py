@@ -222,14 +222,16 @@ class Predictor:
     self.step = inference.make_predict_step(
         model, config, spec, with_logits=refiner is not None)
 
-  def out_of_memory(self, canvas):
-    """What to say when a batch of `canvas`-sized images did not fit."""
+  def out_of_memory(self, canvas=None):
+    """What to say when a batch of `canvas`-sized images (None: a video's
+    frames) did not fit."""
     hints = ([f'a smaller --batch_size (now {self.batch_size})']
              if self.batch_size > 1 else [])
     if self.spec.mode == 'whole':
       hints.append('--evaluator=slide (windows of the training crop)')
-    return (f'out of memory predicting {canvas[0]}x{canvas[1]} (HxW) images '
-            f'{self.batch_size} at a time; '
+    what = (f'{canvas[0]}x{canvas[1]} (HxW) images' if canvas else
+            'its frames')
+    return (f'out of memory predicting {what} {self.batch_size} at a time; '
             + (f'use {" or ".join(hints)}.' if hints else
                'too large for this machine.'))
 
@@ -453,6 +455,10 @@ def run(inputs, predictor, outputs, found=None):
                                 lambda n, total, b=bar: _advance(b, n, total))
     except Exception as e:  # pylint: disable=broad-except
       # PyAV raises many types for a bad file; the other inputs go on.
+      if errors.out_of_memory(e):
+        failures.append((path, f'{path}: the frames before the batch are '
+                               f'written; {predictor.out_of_memory()}'))
+        continue
       reason = getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'
       failures.append((path, f'{path}: cannot be read as a video ({reason}).'))
   return done, frames, failures

@@ -473,6 +473,23 @@ def test_many_sizes_partial_batches_stop_and_out_of_memory(run, tmp_path,
                        'smaller --batch_size (now 4) or --evaluator=slide '
                        '(windows of the training crop).')]
   assert not (tmp_path / 'oom' / '3.png').exists()
+  # A video whose frames do not fit: named as such, not as unreadable.
+  import av  # pylint: disable=g-import-not-at-top
+  video = str(tmp_path / 'clip.mp4')
+  with av.open(video, 'w') as out:
+    stream = out.add_stream('libx264', rate=10)
+    stream.width, stream.height, stream.pix_fmt = 48, 32, 'yuv420p'
+    for k in range(3):
+      for packet in stream.encode(av.VideoFrame.from_ndarray(
+          _image(32, 48, k), format='rgb24')):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  recorder = _Recorder(predictor, out_of_memory_on=(32, 48))
+  assert predict.run([video], recorder, outputs) == (0, 0, [(
+      video, f'{video}: the frames before the batch are written; out of '
+      'memory predicting its frames 4 at a time; use a smaller --batch_size '
+      '(now 4) or --evaluator=slide (windows of the training crop).')])
 
 
 def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):
