@@ -326,8 +326,10 @@ def require_config():
   if flags.FLAGS.config is None:
     workdir = flags.FLAGS.workdir
     if workdir and not os.path.isdir(workdir):
+      what = ('is a file, not a folder' if os.path.isfile(workdir) else
+              'does not exist')
       raise errors.ConfigError(
-          f'--workdir={workdir} does not exist; give the folder of a '
+          f'--workdir={workdir} {what}; give the folder of a '
           f'training run (it holds {run_folder.CONFIG_FILE}), or '
           '--config=configs/<file>.py.')
     check_not_in_checkpoints(workdir)
@@ -485,14 +487,15 @@ def _no_config_to_override(key, workdir):
   (no --config, and no run folder's config.json)."""
   what = f'--config.{key} has no config to override'
   if workdir and not os.path.isdir(workdir):
-    return (f'--workdir={workdir} does not exist, so {what}: give the '
-            f'folder of a training run (it holds {run_folder.CONFIG_FILE}), '
-            'or --config=configs/<file>.py.')
+    state = ('is a file, not a folder' if os.path.isfile(workdir) else
+             'does not exist')
+    return (f'--workdir={workdir} {state}, so {what}: give the folder of a '
+            f'training run (it holds {run_folder.CONFIG_FILE}), or '
+            '--config=configs/<file>.py.')
   if workdir:
     return (f'{what}: {workdir} holds no {run_folder.CONFIG_FILE} '
             '(training writes one there); give --config=configs/<file>.py.')
-  return (f'{what}: give --config=configs/<file>.py (or --workdir of a '
-          'training run).')
+  return f'{what}: give --config=configs/<file>.py.'
 
 
 def run(main):

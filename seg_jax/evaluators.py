@@ -180,12 +180,7 @@ class Evaluator:
       except jax.errors.JaxRuntimeError as e:
         if not errors.out_of_memory(e):
           raise
-        raise errors.ConfigError(
-            f'Evaluation {self.name} ran out of memory on a batch of '
-            f'{self.global_batch} images of {batch["image"].shape[1]}x'
-            f'{batch["image"].shape[2]} (HxW, data.eval_pad_size): lower '
-            f'--config.eval.global_batch_size (now '
-            f'{self.config.eval.global_batch_size}).') from e
+        raise errors.ConfigError(self._out_of_memory(batch)) from e
       if i == 0 and self.num_shown:
         examples = _examples(batch, shown[:self.num_shown])
       if progress is not None:
@@ -194,6 +189,20 @@ class Evaluator:
     return EvalResult(self.name, confusion, loss,
                       metrics.scores_from_confusion(confusion), examples,
                       self.settings)
+
+  def _out_of_memory(self, batch):
+    """What to say when a batch did not fit: a smaller batch, or where the
+    batch is already one image a device, smaller images."""
+    size = f'{batch["image"].shape[1]}x{batch["image"].shape[2]}'
+    unit = math.lcm(sharding.data_parallel_size(self.mesh),
+                    jax.process_count())
+    fix = (f'set --config.eval.global_batch_size below {self.global_batch} '
+           f'(a multiple of {unit})' if self.global_batch > unit else
+           'the batch is one image a device already: evaluate in windows '
+           "(the 'slide' evaluator: --evaluator=slide, in training "
+           '--config.eval.in_training=slide)')
+    return (f'Evaluation {self.name} ran out of memory on a batch of '
+            f'{self.global_batch} images of {size} (HxW): {fix}.')
 
   def _refine_and_count(self, batch, logits, acc):
     """Refines each example's logits and adds its confusion matrix and

@@ -135,6 +135,7 @@ def deferred(enabled=True, what=TRAINING):
   forgotten on leaving: read `received()` inside.
   """
   _STOP.received = None
+  previous_what = _STOP.finishing, _STOP.kept
   _STOP.finishing, _STOP.kept = what
   try:
     if not enabled:
@@ -154,7 +155,7 @@ def deferred(enabled=True, what=TRAINING):
           signal.signal(sig, handler)
   finally:
     _STOP.received = None
-    _STOP.finishing, _STOP.kept = TRAINING
+    _STOP.finishing, _STOP.kept = previous_what
 
 
 def _record(signum, frame):

@@ -201,8 +201,11 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
             r'writes one there\); give --config=configs/<file>.py.$'),
            ('seg_jax.data.check', ['--config.data.root=mydata'],
             r'^error: --config.data.root has no config to override: give '
-            r'--config=configs/<file>.py \(or --workdir of a training '
-            r'run\).$')]
+            r'--config=configs/<file>.py.$'),
+           ('seg_jax.predict', [f'--workdir={tmp_path}/run/config.json',
+                                f'--out={tmp_path}/o', 'x.png'],
+            rf'^error: --workdir={tmp_path}/run/config.json is a file, not a '
+            r'folder; give the folder of a training run')]
   _assert_one_line_errors(runs)
 
 

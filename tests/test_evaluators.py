@@ -266,9 +266,20 @@ def test_evaluation_batch_is_capped_at_the_split(tiny_config, tiny_model):
         'RESOURCE_EXHAUSTED: Out of memory allocating 26945169168 bytes.')
   evaluator.eval_step = exhausted
   with pytest.raises(errors.ConfigError, match=r'^Evaluation whole ran out of '
-                     r'memory on a batch of 2 images of 32x32 \(HxW, '
-                     r'data.eval_pad_size\): lower '
-                     r'--config.eval.global_batch_size \(now 2\).$'):
+                     r'memory on a batch of 2 images of 32x32 \(HxW\): set '
+                     r'--config.eval.global_batch_size below 2 \(a multiple '
+                     r'of 1\).$'):
+    evaluator.run(placed)
+  config.eval.global_batch_size = 64
+  mesh = sharding.create_mesh()  # 5 images on 8 devices: one image each
+  placed = jax.device_put(variables, sharding.replicated(mesh))
+  evaluator = evaluators.Evaluator('whole', config, model, mesh, source)
+  evaluator.eval_step = exhausted
+  with pytest.raises(errors.ConfigError, match=r'^Evaluation whole ran out of '
+                     r'memory on a batch of 8 images of 32x32 \(HxW\): the '
+                     r'batch is one image a device already: evaluate in '
+                     r"windows \(the 'slide' evaluator: --evaluator=slide, "
+                     r'in training --config.eval.in_training=slide\).$'):
     evaluator.run(placed)
 
 

@@ -333,6 +333,14 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
   assert data.class_info(config)[0] == ('bg', 'lane', 'sky')
   assert data.create_source(config, 'train').class_names == ('bg', 'lane',
                                                              'sky')
+  # A name with a comma (classes.txt, or a tuple) is one name, also read
+  # back from the run folder's config.
+  config.data.class_names = ()
+  (tmp_path / 'classes.txt').write_text('bg\nbuilding, edifice\nsky\n')
+  resolved = data.resolved_config(config, data.create_source(config,
+                                                             'train'))
+  assert resolved.data.class_names == ('bg', 'building, edifice', 'sky')
+  assert data.class_info(resolved)[0] == ('bg', 'building, edifice', 'sky')
 
 
 def test_data_root_unset_or_one_level_too_deep_is_named(tmp_path):

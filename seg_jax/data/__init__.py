@@ -44,13 +44,16 @@ def _folder(config, split, strict=True):
 
 
 def names_setting(value):
-  """A class-names setting as a tuple of names: ('bg', 'road') as given,
-  and a comma-separated string too (`--config.data.class_names=bg,road`,
-  which the command line gives as ('bg,road',))."""
+  """A class-names setting as a tuple of names: ('bg', 'road') as given
+  (a name may hold a comma), and a comma-separated string, alone or as
+  the one element the command line gives (`--config.data.class_names=
+  bg,road` arrives as ('bg,road',))."""
   if isinstance(value, str):
     value = (value,)
-  return tuple(name.strip() for v in value for name in str(v).split(',')
-               if name.strip())
+  value = tuple(str(v) for v in value)
+  if len(value) != 1:
+    return value
+  return tuple(name.strip() for name in value[0].split(',') if name.strip())
 
 
 def _tfds(config, split, strict=True):

@@ -192,12 +192,11 @@ def _read_channels(path, channels):
     return np.asarray(im.convert('L'))[..., None], notes
   if channels == 4 and im.mode == 'RGBA':
     return np.asarray(im), notes
-  if len(im.getbands()) == channels:  # e.g. a palette image as grayscale
+  if channels == 1 and len(im.getbands()) == 1:  # e.g. a palette image
     raise BadSampleError(
         f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
-        f'{im.mode!r}) is not read as data.channels={channels} '
-        f'({"grayscale: 8, 16-bit or float" if channels == 1 else "RGBA"}); '
-        'convert the image to that.')
+        f'{im.mode!r}) is not read as data.channels=1 (grayscale: 8, 16-bit '
+        'or float); convert the image to that.')
   raise BadSampleError(
       f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
       f'{im.mode!r}) but data.channels={channels}: set data.channels to the '
@@ -254,12 +253,12 @@ _MODE_NAMES.update({m: '16-bit grayscale' for m in HIGH_BIT_MODES[:4]})
 
 def _few_bits_note(raw, mode):
   """[a note] when a 16-bit image uses at most 12 of its bits (a 10- or
-  12-bit camera's values stored as they came): scaled from 0..65535, it
-  reads nearly black."""
+  12-bit camera's values, or 8-bit ones, stored as they came): scaled from
+  0..65535, it reads nearly black."""
   if mode not in HIGH_BIT_MODES or not raw.size:
     return []
   top = int(raw.max())
-  if not 255 < top < 4096:
+  if not 0 < top < 4096:
     return []
   bits = top.bit_length()
   most = 2 ** bits - 1
