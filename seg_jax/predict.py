@@ -504,7 +504,6 @@ def main(argv):
   found = find_inputs(inputs)
   check_found(inputs, found)
   check_out(FLAGS.out, inputs, found)
-  cli.make_folder(FLAGS.out)
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
                        sharding)
@@ -519,6 +518,9 @@ def main(argv):
   predictor = Predictor(config, model, variables, spec, FLAGS.batch_size,
                         crf.Refiner(crf.CRFParams.from_config(config))
                         if FLAGS.crf else None, FLAGS.size_multiple)
+  # Made (and checked writable) once the checkpoint is read, before any
+  # image is: a run refused earlier leaves no empty folder behind.
+  cli.make_folder(FLAGS.out)
   # A stop signal finishes the batch in progress and closes the files being
   # written (a video stopped midway ends at its last frame, playable).
   with interrupt.deferred(what=(

@@ -205,8 +205,13 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
            ('seg_jax.predict', [f'--workdir={tmp_path}/run/config.json',
                                 f'--out={tmp_path}/o', 'x.png'],
             rf'^error: --workdir={tmp_path}/run/config.json is a file, not a '
-            r'folder; give the folder of a training run')]
+            r'folder; give the folder of a training run'),
+           ('seg_jax.predict', [f'--config={TINY}', f'--workdir={tmp_path}/empty',
+                                f'--out={tmp_path}/never', 'README.md'],
+            rf'^error: No checkpoints: {tmp_path}/empty/checkpoints does not '
+            r'exist; train first or check --workdir.$')]
   _assert_one_line_errors(runs)
+  assert not (tmp_path / 'never').exists()  # a refused run makes no --out
 
 
 def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
