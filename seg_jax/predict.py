@@ -408,6 +408,13 @@ def predict_images(items, predictor, outputs, progress=None):
       return written, failures
     try:
       image = files.read_image(path, predictor.channels)
+    except files.ChannelCountError as e:  # the model's count is fixed
+      failures.append((path, f'{e.found}, but the model was trained on '
+                             f'data.channels={predictor.channels}: convert '
+                             'the image.'))
+      if progress is not None:
+        progress(1)
+      continue
     except (files.BadSampleError, OSError) as e:
       failures.append((path, str(e)))
       if progress is not None:

@@ -213,6 +213,15 @@ def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
     assert im.size == (ud.SIZE[1], ud.SIZE[0])
   with Image.open(tmp_path / 'out' / 'val' / 'img_000_overlay.jpg') as im:
     assert im.mode == 'RGB'
+  # An RGB photo given to the trained model: convert it (the model's count
+  # is fixed), not "set data.channels".
+  photo = tmp_path / 'photo.png'
+  Image.fromarray(ud.example(0)[0]).save(photo)
+  assert predict.predict_images([(str(photo), 'photo')], predictor,
+                                outputs) == (0, [(str(photo), (
+      f"{photo}: the image has 3 channel(s) (PIL mode 'RGB'), but the "
+      f'model was trained on data.channels={channels}: convert the '
+      'image.'))])
   # Grey files are read as RGB for 3 channels (documented); RGBA files for
   # 1 channel, or grey files for 4, are refused naming file and setting.
   wrong = ud.folder_config(root, **{'data.channels': 4 if channels == 1

@@ -49,6 +49,16 @@ def walk(folder):
 BadSampleError = errors.BadSampleError
 
 
+class ChannelCountError(BadSampleError):
+  """An image whose channel count is not `data.channels`; `found` says
+  what the file holds (its path first), for callers whose advice differs
+  (a trained model's channel count cannot change)."""
+
+  def __init__(self, found, channels, advice):
+    super().__init__(f'{found} but data.channels={channels}: {advice}')
+    self.found = found
+
+
 def check_on_bad_sample(value):
   if value not in ON_BAD_SAMPLE:
     raise errors.ConfigError(f"data.on_bad_sample={value!r}; use 'raise' or "
@@ -197,11 +207,11 @@ def _read_channels(path, channels):
         f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
         f'{im.mode!r}) is not read as data.channels=1 (grayscale: 8, 16-bit '
         'or float); convert the image to that.')
-  raise BadSampleError(
+  raise ChannelCountError(
       f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
-      f'{im.mode!r}) but data.channels={channels}: set data.channels to the '
-      "images' count (1: grayscale, 3: RGB, 4: RGBA or 4-channel TIFF, "
-      'more: multi-channel TIFF), or convert the images.')
+      f'{im.mode!r})', channels, "set data.channels to the images' count "
+      '(1: grayscale, 3: RGB, 4: RGBA or 4-channel TIFF, more: '
+      'multi-channel TIFF), or convert the images.')
 
 
 def _read_tiff(path, channels):
@@ -224,10 +234,10 @@ def _read_tiff(path, channels):
   if raw.ndim == 3 and raw.shape[0] == channels and raw.shape[-1] != channels:
     raw = np.moveaxis(raw, 0, -1)  # planar (C, H, W)
   if raw.ndim != 3 or raw.shape[-1] != channels:
-    raise BadSampleError(
-        f'{path}: the TIFF holds an array of shape {raw.shape} but '
-        f'data.channels={channels}: give (H, W, {channels}) or '
-        f'({channels}, H, W) images, or set data.channels to their count.')
+    raise ChannelCountError(
+        f'{path}: the TIFF holds an array of shape {raw.shape}', channels,
+        f'give (H, W, {channels}) or ({channels}, H, W) images, or set '
+        'data.channels to their count.')
   if raw.dtype == np.uint8:
     return raw
   if raw.dtype.kind == 'f':
