@@ -40,6 +40,9 @@ def get_config():
   # Eval images/labels padded to (h, w); (): the crop, or for file datasets
   # the largest validation image rounded up to a multiple of 32.
   c.data.eval_pad_size = ()
+  # Written by training into a run folder's config.json: the eval_pad_size
+  # it fitted (not given), which evaluating another split fits again.
+  c.data.eval_pad_size_fitted = ()
   c.data.ignore_label = 255  # label excluded from loss and metrics
   # data.name='folder': {mask value: class id}, e.g. {255: 1} for 0/255
   # binary masks; entries replace reading values as class ids.

@@ -2,6 +2,7 @@
 before training, never losing trained steps, and a run folder that
 remembers its config."""
 
+import copy
 import io
 import json
 import logging
@@ -393,6 +394,22 @@ def test_validation_sizes_are_fitted_or_refused_at_startup(tmp_path):
   val_src, sizes = data.open_split(config, 'val')
   resolved = data.resolved_config(config, train_src, val_src, sizes)
   assert resolved.data.eval_pad_size == (64, 32)
+  # The run folder's config says the value was fitted: another split (or
+  # larger images later) is fitted again, not refused; one given by hand
+  # is kept and checked.
+  assert resolved.data.eval_pad_size_fitted == (64, 32)
+  assert data.fit_eval_pad_size(resolved, val_src, [(100, 20)] * 2) == (
+      128, 32)
+  assert data.resolved_config(resolved, train_src, val_src, [(
+      100, 20)] * 2).data.eval_pad_size_fitted == (128, 32)
+  by_hand = copy.deepcopy(resolved)
+  by_hand.data.eval_pad_size = (64, 64)
+  assert data.fit_eval_pad_size(by_hand, val_src, sizes) == (64, 64)
+  with pytest.raises(errors.ConfigError, match=r'is 100x20 \(HxW\), larger '
+                     r'than data.eval_pad_size=\(64, 64\)'):
+    data.fit_eval_pad_size(by_hand, val_src, [(100, 20)] * 2)
+  assert data.resolved_config(by_hand, train_src, val_src,
+                              sizes).data.eval_pad_size_fitted == ()
   relative = ud.folder_config(os.path.relpath(tmp_path))  # stored absolute
   assert data.resolved_config(relative, train_src).data.root == str(tmp_path)
   assert resolved.data.class_names == ('class_0', 'class_1', 'class_2')

@@ -284,22 +284,35 @@ def describe(source, sizes=None):
           f'{shown}')
 
 
+def given_eval_pad_size(config):
+  """`data.eval_pad_size` as set by hand, or () when unset or when it is
+  the value a run fitted (`data.eval_pad_size_fitted`, in a run folder's
+  config), which evaluating another split, or the same split with other
+  files, fits again."""
+  set_to = tuple(config.data.eval_pad_size or ())
+  if set_to == tuple(config.data.get('eval_pad_size_fitted', ()) or ()):
+    return ()
+  return set_to
+
+
 def fit_eval_pad_size(config, source, sizes):
   """The `data.eval_pad_size` that evaluating `source` needs.
 
   Set: returned as it is, after checking that every image fits
   (ConfigError naming the largest image and the setting otherwise).
-  Empty: the training crop, or when an image is larger, the largest
-  image's size rounded up to a multiple of 32 (per side).
+  Empty, or the value a run fitted before (`data.eval_pad_size_fitted`,
+  in a run folder's config): the training crop, or when an image is
+  larger, the largest image's size rounded up to a multiple of 32 (per
+  side).
 
   Args:
     sizes: (height, width) of each of `source.pairs`, or None (unknown:
       the setting is returned as it is).
   """
   crop = transforms.pair(config.data.crop_size)
-  set_to = tuple(config.data.eval_pad_size or ())
   if not sizes:
-    return set_to
+    return tuple(config.data.eval_pad_size or ())
+  set_to = given_eval_pad_size(config)
   heights, widths = np.asarray(sizes).T
   largest = (int(heights.max()), int(widths.max()))
   if not set_to:
@@ -336,9 +349,12 @@ def resolved_config(config, train_source, val_source=None, val_sizes=None):
                                 for colour in train_source.palette)
   if val_source is not None:
     pad = fit_eval_pad_size(config, val_source, val_sizes)
-    if (pad and not config.data.eval_pad_size and
+    fitted = bool(val_sizes) and not given_eval_pad_size(config)
+    if (pad and fitted and
         tuple(pad) != transforms.pair(config.data.crop_size)):
       logging.info('data.eval_pad_size=%s: the largest validation image '
                    'padded to a multiple of 32.', tuple(pad))
     resolved.data.eval_pad_size = tuple(pad)
+    with resolved.unlocked():  # a run folder's config from before the key
+      resolved.data.eval_pad_size_fitted = tuple(pad) if fitted else ()
   return resolved

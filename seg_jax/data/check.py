@@ -130,8 +130,8 @@ def check_split(config, split, threads=4):
   report.errors += list(getattr(source, 'skipped_at_build', ()))
   if getattr(source, 'pairing', None) is not None:
     report.errors += _pairing_errors(source.pairing)
-  pad = (transforms.pair(config.data.eval_pad_size)
-         if split == 'val' and config.data.eval_pad_size else None)
+  given = data.given_eval_pad_size(config)
+  pad = transforms.pair(given) if split == 'val' and given else None
   if isinstance(source, files.FileSource):
     _check_files(source, report, pad, num, ignore, threads)
   else:
