@@ -152,7 +152,7 @@ def check_config(c):
   crop = transforms.pair(c.data.crop_size, 'data.crop_size')
   if c.data.eval_pad_size not in ((), None):
     pad = transforms.pair(c.data.eval_pad_size, 'data.eval_pad_size')
-    if pad[0] < crop[0] or pad[1] < crop[1]:
+    if given_eval_pad_size(c) and (pad[0] < crop[0] or pad[1] < crop[1]):
       raise errors.ConfigError(
           f'data.crop_size={crop} is larger than data.eval_pad_size={pad}: '
           'evaluation pads images to at least the crop size; raise '
