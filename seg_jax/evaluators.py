@@ -194,8 +194,7 @@ class Evaluator:
     """What to say when a batch did not fit: a smaller batch, or where the
     batch is already one image a device, smaller images."""
     size = f'{batch["image"].shape[1]}x{batch["image"].shape[2]}'
-    unit = math.lcm(sharding.data_parallel_size(self.mesh),
-                    jax.process_count())
+    unit = sharding.batch_unit(self.mesh)
     fix = (f'set --config.eval.global_batch_size below {self.global_batch} '
            f'(a multiple of {unit})' if self.global_batch > unit else
            'the batch is one image a device already: evaluate in windows '
@@ -228,7 +227,7 @@ def split_batch_size(global_batch_size, mesh, num_examples):
   least multiple of the devices and processes the batch is split over that
   holds every example (a 5-image split on one device: 5, not 64 images of
   padding)."""
-  unit = math.lcm(sharding.data_parallel_size(mesh), jax.process_count())
+  unit = sharding.batch_unit(mesh)
   return min(global_batch_size, max(unit, -(-num_examples // unit) * unit))
 
 

@@ -145,15 +145,21 @@ def check_train_batch(config):
                    create_mesh(config.mesh.shape, config.mesh.axes))
 
 
+def batch_unit(mesh):
+  """The least global batch that splits evenly over the processes and the
+  mesh's batch axes: every global batch is a multiple of it."""
+  return math.lcm(data_parallel_size(mesh), jax.process_count())
+
+
 def check_batch_size(global_batch_size, mesh, key='train.global_batch_size'):
   """Raises unless the batch splits evenly over processes and the batch
   axes; returns the per-process batch size."""
   n_data = data_parallel_size(mesh)
   n_proc = jax.process_count()
-  if global_batch_size % n_data or global_batch_size % n_proc:
+  if global_batch_size % batch_unit(mesh):
     axes = ' x '.join(f'{a}={mesh.shape[a]}' for a in batch_axes(mesh))
     raise ValueError(f'{key}={global_batch_size} must be divisible by the '
                      f'{n_data} devices the batch is split over ({axes}) and '
                      f'by the {n_proc} processes; use a multiple of '
-                     f'{math.lcm(n_data, n_proc)}.')
+                     f'{batch_unit(mesh)}.')
   return global_batch_size // n_proc
