@@ -390,7 +390,7 @@ def predict_images(items, predictor, outputs, progress=None):
     nonlocal written
     try:
       labels = predictor([image for _, _, image in queue])
-    except Exception as e:  # pylint: disable=broad-except
+    except jax.errors.JaxRuntimeError as e:
       if not errors.out_of_memory(e):
         raise
       reason = predictor.out_of_memory(predictor.canvas(queue[0][2]))
@@ -408,15 +408,12 @@ def predict_images(items, predictor, outputs, progress=None):
       return written, failures
     try:
       image = files.read_image(path, predictor.channels)
-    except files.ChannelCountError as e:  # the model's count is fixed
-      failures.append((path, f'{e.found}, but the model was trained on '
-                             f'data.channels={predictor.channels}: convert '
-                             'the image.'))
-      if progress is not None:
-        progress(1)
-      continue
     except (files.BadSampleError, OSError) as e:
-      failures.append((path, str(e)))
+      reason = str(e)
+      if isinstance(e, files.ChannelCountError):  # the model's is fixed
+        reason = (f'{e.found}, but the model was trained on '
+                  f'data.channels={predictor.channels}: convert the image.')
+      failures.append((path, reason))
       if progress is not None:
         progress(1)
       continue
