@@ -4,6 +4,7 @@ process per row and run, the rows one after the other, then again), and
 with --baseline the U-Net step A/B interleaved against another checkout.
 
     python benchmarks/bench_table.py [--runs=3] [--only=SUBSTR]
+        [--mode=train|infer]
         [--baseline=/path/to/old/checkout] [--ab-pairs=2]
 
 Run it with an interpreter that has torch and torchvision (the rows are
@@ -109,11 +110,14 @@ def main():
   parser.add_argument('--runs', type=int, default=3)
   parser.add_argument('--only', default='',
                       help='only the rows whose label contains this')
+  parser.add_argument('--mode', default='', choices=('', 'train', 'infer'),
+                      help='only the rows of this mode')
   parser.add_argument('--baseline', default='',
                       help='a checkout to time the U-Net step against')
   parser.add_argument('--ab-pairs', type=int, default=2)
   args = parser.parse_args()
-  rows = [r for r in ROWS if args.only in r[0]]
+  rows = [r for r in ROWS
+          if args.only in r[0] and args.mode in ('', r[1])]
   results = {}
   start = time.time()
   for run in range(args.runs):

@@ -167,6 +167,14 @@ def test_train_step_flops_match_torch_flop_counter(config_name):
   theirs = bench.torch_flops(model.train(), images, labels, loss_fn)
   assert theirs > 1e10
   np.testing.assert_allclose(ours, theirs, rtol=0.05)
+  # Inference: the twin drops the aux head that torchvision runs in eval
+  # mode, as seg_jax's predict step computes the main head alone.
+  assert model.aux_classifier is not None
+  ours = bench.step_flops(config, sharding.create_mesh(), 'infer')
+  model, images = bench.torch_twin(config, 'infer')[:2]
+  assert model.aux_classifier is None
+  theirs = bench.torch_infer_flops(model.eval(), images)
+  np.testing.assert_allclose(ours, theirs, rtol=0.005)
 
 
 @pytest.mark.parametrize('config_name', ['deeplabv3_mobilenet_v3_large_voc',
@@ -195,9 +203,8 @@ def test_mobilenet_flops_match_torch_flop_counter(config_name):
     loss_fn(model(images), labels).backward()
   assert uncorrected.get_total_flops() > 3 * theirs  # the overcount fixed
 
-  config.model.kwargs = {}  # no aux head
-  ours = bench.step_flops(config, mesh, 'infer')
-  model = bench.torch_twin(config)[0].eval()
-  with torch.no_grad(), FlopCounterMode(display=False) as counter:
-    model(images)
-  np.testing.assert_allclose(ours, counter.get_total_flops(), rtol=0.01)
+  ours = bench.step_flops(config, mesh, 'infer')  # without the aux head
+  model = bench.torch_twin(config, 'infer')[0]
+  assert getattr(model, 'aux_classifier', None) is None
+  np.testing.assert_allclose(
+      ours, bench.torch_infer_flops(model.eval(), images), rtol=0.01)
