@@ -453,18 +453,22 @@ def run(inputs, predictor, outputs, found=None):
       failures.append((path, f'{path}: videos are RGB but the model takes '
                              f'data.channels={predictor.channels}.'))
       continue
+    written = []  # frames per batch written, counted if the video fails
     try:
       with _bar(None, 'frame', os.path.basename(path)) as bar:
-        frames += predict_video(path, name, predictor, outputs,
-                                lambda n, total, b=bar: _advance(b, n, total))
+        predict_video(path, name, predictor, outputs,
+                      lambda n, total, b=bar: (written.append(n),
+                                               _advance(b, n, total)))
     except Exception as e:  # pylint: disable=broad-except
       # PyAV raises many types for a bad file; the other inputs go on.
       if errors.out_of_memory(e):
-        failures.append((path, f'{path}: the frames before the batch are '
+        failures.append((path, f'{path}: the first {sum(written)} frames are '
                                f'written; {predictor.out_of_memory()}'))
-        continue
-      reason = getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'
-      failures.append((path, f'{path}: cannot be read as a video ({reason}).'))
+      else:
+        reason = getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'
+        failures.append((path,
+                         f'{path}: cannot be read as a video ({reason}).'))
+    frames += sum(written)
   return done, frames, failures
 
 

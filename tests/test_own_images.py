@@ -126,6 +126,20 @@ def test_grey_mask_saved_as_rgb_is_read_and_colour_masks_are_refused(
   Image.fromarray(colour).save(tmp_path / 'c.png')
   with pytest.raises(files.BadSampleError, match=r"c.png: mask has mode 'RGB'"):
     files.read_mask(str(tmp_path / 'c.png'))
+  # With an opaque alpha channel, grey RGBA and LA masks read the same.
+  opaque = np.full_like(mask, 255)
+  Image.fromarray(np.stack([mask] * 3 + [opaque], -1), 'RGBA').save(
+      tmp_path / 'rgba.png')
+  Image.fromarray(np.stack([mask, opaque], -1), 'LA').save(tmp_path / 'la.png')
+  for name in ('rgba.png', 'la.png'):
+    np.testing.assert_array_equal(files.read_mask(str(tmp_path / name)), mask)
+  # A transparent pixel is refused, naming the file and the mode.
+  opaque[0, 0] = 0
+  Image.fromarray(np.stack([mask, opaque], -1), 'LA').save(tmp_path / 'la.png')
+  with pytest.raises(files.BadSampleError, match=(
+      r"la.png: mask has mode 'LA' with transparent pixels; save it as a "
+      r'single-channel')):
+    files.read_mask(str(tmp_path / 'la.png'))
 
 
 # --- Pairing images and masks ---------------------------------------------
@@ -658,6 +672,20 @@ def test_check_lists_every_faulty_file_and_exits_1(tmp_path):
   assert re.search(r'NOTE 1 image\(s\): 16-bit grayscale .*img_009.png',
                    stdout)
   assert f'{len(faults)} problem(s) found' in stdout
+  # The class table counts the masks that were read, and says so.
+  assert '  classes of the 5 of 13 masks read:' in stdout, stdout
+
+
+def test_check_has_no_class_table_when_no_mask_is_read(tmp_path):
+  ud.write_folder(tmp_path, n=2)
+  for name in os.listdir(tmp_path / 'masks' / 'train'):
+    (tmp_path / 'masks' / 'train' / name).write_bytes(b'')
+  report = check.check_split(ud.folder_config(tmp_path), 'train')
+  assert report.examples == 2 and report.counted == 0
+  lines = check.format_report(report, ['a', 'b', 'c'])
+  assert lines[-1] == '  no mask could be read: no class table', lines
+  assert len([l for l in lines
+              if l.startswith('  ERROR ') and 'cannot decode mask' in l]) == 2
 
 
 def test_check_prints_the_class_table_of_a_clean_dataset(tmp_path):

@@ -406,16 +406,17 @@ class _Recorder:
   """The fixture's predictor, recording each batch's size and running out
   of memory (a real `JaxRuntimeError`, as XLA raises it) on one canvas."""
 
-  def __init__(self, predictor, out_of_memory_on=None):
+  def __init__(self, predictor, out_of_memory_on=None, from_batch=0):
     self.predictor, self.batches = predictor, []
-    self.out_of_memory_on = out_of_memory_on
+    self.out_of_memory_on, self.from_batch = out_of_memory_on, from_batch
 
   def __getattr__(self, name):
     return getattr(self.predictor, name)
 
   def __call__(self, images):
     self.batches.append(len(images))
-    if self.predictor.canvas(images[0]) == self.out_of_memory_on:
+    if (self.predictor.canvas(images[0]) == self.out_of_memory_on and
+        len(self.batches) > self.from_batch):
       raise jax.errors.JaxRuntimeError(
           'RESOURCE_EXHAUSTED: Out of memory allocating 27648828496 bytes.')
     return self.predictor(images)
@@ -473,23 +474,27 @@ def test_many_sizes_partial_batches_stop_and_out_of_memory(run, tmp_path,
                        'smaller --batch_size (now 4) or --evaluator=slide '
                        '(windows of the training crop).')]
   assert not (tmp_path / 'oom' / '3.png').exists()
-  # A video whose frames do not fit: named as such, not as unreadable.
+  # A video whose frames do not fit from its second batch: named as such,
+  # not as unreadable; the first batch's frames are written and counted.
   import av  # pylint: disable=g-import-not-at-top
   video = str(tmp_path / 'clip.mp4')
   with av.open(video, 'w') as out:
     stream = out.add_stream('libx264', rate=10)
     stream.width, stream.height, stream.pix_fmt = 48, 32, 'yuv420p'
-    for k in range(3):
+    for k in range(6):
       for packet in stream.encode(av.VideoFrame.from_ndarray(
           _image(32, 48, k), format='rgb24')):
         out.mux(packet)
     for packet in stream.encode():
       out.mux(packet)
-  recorder = _Recorder(predictor, out_of_memory_on=(32, 48))
-  assert predict.run([video], recorder, outputs) == (0, 0, [(
-      video, f'{video}: the frames before the batch are written; out of '
+  recorder = _Recorder(predictor, out_of_memory_on=(32, 48), from_batch=1)
+  assert predict.run([video], recorder, outputs) == (0, 4, [(
+      video, f'{video}: the first 4 frames are written; out of '
       'memory predicting its frames 4 at a time; use a smaller --batch_size '
       '(now 4) or --evaluator=slide (windows of the training crop).')])
+  assert recorder.batches == [4, 2]
+  with av.open(str(tmp_path / 'out' / 'clip_overlay.mp4')) as written:
+    assert sum(1 for _ in written.decode(video=0)) == 4
 
 
 def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):

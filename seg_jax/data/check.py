@@ -52,6 +52,7 @@ class SplitReport:
     pixels: (num_classes + 1,) labelled pixels per class; the last entry
       counts ignored pixels.
     images: (num_classes,) examples in which each class appears.
+    counted: masks read and counted in `pixels` and `images`.
     sizes: (height, width) of each readable image.
   """
   split: str
@@ -61,6 +62,7 @@ class SplitReport:
   notes: dict = dataclasses.field(default_factory=dict)
   pixels: np.ndarray = None
   images: np.ndarray = None
+  counted: int = 0
   sizes: list = dataclasses.field(default_factory=list)
 
 
@@ -112,6 +114,7 @@ def _count(report, label, num_classes, ignore):
   report.pixels[:num_classes] += counts[:num_classes]
   report.pixels[num_classes] += counts[ignore]
   report.images += counts[:num_classes] > 0
+  report.counted += 1
 
 
 def check_split(config, split, threads=4):
@@ -179,7 +182,13 @@ def format_report(report, class_names):
     shown = ', '.join(paths[:3]) + (', ...' if len(paths) > 3 else '')
     lines.append(f'  NOTE {len(paths)} image(s): {note}: {shown}')
   if report.examples and report.pixels is not None:
-    lines += _class_table(report, class_names)
+    if not report.counted:
+      lines.append('  no mask could be read: no class table')
+    else:
+      if report.counted < report.examples:
+        lines.append(f'  classes of the {report.counted} of '
+                     f'{report.examples} masks read:')
+      lines += _class_table(report, class_names)
   return lines
 
 

@@ -299,9 +299,11 @@ def _grey_to_uint8(raw, mode, path):
 def read_mask(path):
   """Raw mask values (H, W) uint8: palette PNGs give indices, not colours.
 
-  An RGB(A) mask whose three channels are equal everywhere (a grayscale
-  mask saved as RGB) is read as that grayscale mask; any other colour mask
-  is an error. The EXIF orientation is applied, as to images.
+  An RGB mask whose three channels are equal everywhere (a grayscale mask
+  saved as RGB) is read as that grayscale mask, and so are RGBA and
+  grayscale-with-alpha (LA) masks whose alpha is opaque everywhere; any
+  other colour mask, or a mask with transparent pixels, is an error. The
+  EXIF orientation is applied, as to images.
   """
   im, _ = _open(path, 'mask')
   if im.format == 'JPEG':
@@ -318,11 +320,16 @@ def read_mask(path):
           f'{path}: mask holds values up to {raw.max()}; seg_jax reads '
           'class ids and the ignore label (0..255) from 8-bit masks.')
     return raw.astype(np.uint8)
-  if im.mode in ('RGB', 'RGBA'):
-    rgb = np.asarray(im)
-    grey = rgb[..., 0]
-    if (np.array_equal(grey, rgb[..., 1]) and np.array_equal(grey, rgb[..., 2])
-        and (im.mode == 'RGB' or np.all(rgb[..., 3] == 255))):
+  if im.mode in ('RGB', 'RGBA', 'LA'):
+    pixels = np.asarray(im)
+    grey = pixels[..., 0]
+    if im.mode.endswith('A') and not np.all(pixels[..., -1] == 255):
+      raise BadSampleError(
+          f'{path}: mask has mode {im.mode!r} with transparent pixels; save '
+          'it as a single-channel (8-bit or palette) PNG of class ids '
+          '(transparency carries no class).')
+    if im.mode == 'LA' or (np.array_equal(grey, pixels[..., 1]) and
+                           np.array_equal(grey, pixels[..., 2])):
       return np.ascontiguousarray(grey)
   raise BadSampleError(
       f'{path}: mask has mode {im.mode!r}; masks must be single-channel '
