@@ -339,6 +339,15 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
   with pytest.raises(errors.ConfigError, match=rf'^{tmp_path}/classes.txt: '
                      r"the class name 'road' is given twice"):
     data.class_info(config)
+  # Training applies the same rules in the same words (one home).
+  with pytest.raises(errors.ConfigError, match=r"^data.name='folder': the "
+                     r"class name 'road' is given twice"):
+    data.create_source(config, 'train')
+  config.data.class_names = ('a', 'b')
+  with pytest.raises(errors.ConfigError, match=r'^data.class_names names 2 '
+                     r'classes but model.num_classes=3'):
+    data.create_source(config, 'train')
+  config.data.class_names = ()
   (tmp_path / 'classes.txt').write_bytes('road\ncar\nsky\n'.encode(
       'utf-8-sig'))
   assert data.class_info(config)[0] == ('road', 'car', 'sky')

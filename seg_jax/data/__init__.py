@@ -112,10 +112,18 @@ def class_info(config):
   if config.data.name == 'folder' and os.path.isfile(listed):
     names = tuple(files.read_class_names(listed))
     origin = f'{listed} names'
+  return _configured(config, names, palette, origin)
+
+
+def _configured(config, names, palette, origin):
+  """The dataset's (names, (C, 3) uint8 palette) with `data.class_names`
+  and `data.palette` applied when set, checked against model.num_classes;
+  `origin` says where `names` came from, for the errors."""
+  num = config.model.num_classes
   if config.data.class_names:
     names = names_setting(config.data.class_names)
     origin = 'data.class_names names'
-  names = names or tuple(f'class_{i}' for i in range(num))
+  names = tuple(names) or tuple(f'class_{i}' for i in range(num))
   if len(names) != num:
     raise errors.ConfigError(
         f'{origin} {len(names)} classes but model.num_classes={num}; make '
@@ -130,7 +138,7 @@ def class_info(config):
     palette = check_palette(config.data.palette, num)
   elif palette is None or len(palette) != num:
     palette = labels.color_map(num)
-  return tuple(names), np.asarray(palette, np.uint8)
+  return names, np.asarray(palette, np.uint8)
 
 
 def check_config(c):
@@ -215,15 +223,9 @@ def create_source(config, split, strict=True):
     split = {'train': config.data.train_split,
              'val': config.data.val_split}.get(split, split)
   source = DATASETS[name](config, split, strict=strict)
-  num = config.model.num_classes
-  if config.data.class_names:
-    source.class_names = names_setting(config.data.class_names)
-  if config.data.palette:
-    source.palette = check_palette(config.data.palette, num)
-  if len(source.class_names) != num:
-    raise errors.ConfigError(
-        f'data.name={name!r} has {len(source.class_names)} classes but '
-        f'model.num_classes={num}; make them equal.')
+  source.class_names, source.palette = _configured(
+      config, source.class_names, getattr(source, 'palette', None),
+      f'data.name={name!r} has')
   dropped = getattr(source, 'skipped_at_build', ())
   if dropped:
     logging.warning('%s: skipped %d list entries with missing files '
