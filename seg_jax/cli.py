@@ -320,12 +320,6 @@ def check_not_in_checkpoints(workdir):
         f'{run}; give --workdir={run} (and --checkpoint=STEP for a step).')
 
 
-def _not_a_folder(path):
-  """Why `path`, which is no folder, is not one: for a one-line error."""
-  return 'is a file, not a folder' if os.path.isfile(path) else (
-      'does not exist')
-
-
 def require_config():
   """FLAGS.config; a one-line error when neither --config nor the run
   folder's config.json gives one."""
@@ -333,8 +327,8 @@ def require_config():
     workdir = flags.FLAGS.workdir
     if workdir and not os.path.isdir(workdir):
       raise errors.ConfigError(
-          f'--workdir={workdir} {_not_a_folder(workdir)}; give the folder of a '
-          f'training run (it holds {run_folder.CONFIG_FILE}), or '
+          f'--workdir={workdir} {errors.not_a_folder(workdir)}; give the '
+          f'folder of a training run (it holds {run_folder.CONFIG_FILE}), or '
           '--config=configs/<file>.py.')
     check_not_in_checkpoints(workdir)
     raise errors.ConfigError(
@@ -491,8 +485,8 @@ def _no_config_to_override(key, workdir):
   (no --config, and no run folder's config.json)."""
   what = f'--config.{key} has no config to override'
   if workdir and not os.path.isdir(workdir):
-    return (f'--workdir={workdir} {_not_a_folder(workdir)}, so {what}: give '
-            f'the folder of a training run (it holds '
+    return (f'--workdir={workdir} {errors.not_a_folder(workdir)}, so '
+            f'{what}: give the folder of a training run (it holds '
             f'{run_folder.CONFIG_FILE}), or --config=configs/<file>.py.')
   if workdir:
     return (f'{what}: {workdir} holds no {run_folder.CONFIG_FILE} '

@@ -4,6 +4,8 @@ The CLIs print a `UserError` as one line, without a traceback, and exit with
 its `exit_code`.
 """
 
+import os
+
 
 class UserError(Exception):
   """An error the user can fix; the CLIs print its one-line message (no
@@ -44,6 +46,12 @@ def user_error(error):
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
+
+
+def not_a_folder(path):
+  """Why `path`, which is no folder, is not one: for a one-line error."""
+  return 'is a file, not a folder' if os.path.isfile(path) else (
+      'does not exist')
 
 
 def out_of_memory(error):

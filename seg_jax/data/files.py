@@ -495,11 +495,9 @@ def check_root(root, name, hint=''):
         f'{name}: data.root is not set; give --config.data.root=<the '
         f'dataset folder>{" (" + hint + ")" if hint else ""}.')
   if not os.path.isdir(root):
-    what = 'is a file, not a folder' if os.path.isfile(root) else (
-        'does not exist')
     raise errors.MissingFileError(
-        f'{name}: dataset folder data.root={root!r} {what}'
-        f'{"; " + hint if hint else ""}.')
+        f'{name}: dataset folder data.root={root!r} '
+        f'{errors.not_a_folder(root)}{"; " + hint if hint else ""}.')
   return root
 
 
