@@ -428,14 +428,18 @@ def _direct(x, k, dilation):
 def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
   """Winograd's F(2x2, 3x3): the direct convolution's values, input and
   kernel gradients (float32 tolerance), for odd sizes, dilations that
-  leave partial tiles and single pixels."""
+  leave partial tiles and single pixels; the values both as inference
+  computes them (one array per transformed plane) and as the train steps'
+  forward pass does (the planes stacked, kept for the backward pass)."""
   rng = np.random.default_rng(12)
   x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, dilation)))
-  _close((layers.winograd_conv(x, k, dilation),
+  trained, _ = jax.vjp(lambda x, k: layers.winograd_conv(x, k, dilation), x, k)
+  want = _direct(x, k, dilation)
+  _close((layers.winograd_conv(x, k, dilation), trained,
           jax.grad(loss(layers.winograd_conv), (0, 1))(x, k)),
-         (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)))
+         (want, want, jax.grad(loss(_direct), (0, 1))(x, k)))
 
 
 def test_conv_runs_winograd_except_for_export_and_flops():
@@ -467,7 +471,7 @@ def test_conv_runs_winograd_except_for_export_and_flops():
     ((4, 32, 32, 64), 64, 1, jnp.float32, False, True),  # layer1, 128 crop
     ((4, 16, 16, 512), 512, 4, jnp.float32, True, True),  # layer4, dilated
     ((4, 16, 16, 2048), 512, 1, jnp.float32, True, True),  # FCN's head
-    ((4, 64, 64, 2048), 256, 12, jnp.float32, False, False),  # ASPP: 8x in
+    ((4, 64, 64, 2048), 256, 12, jnp.float32, False, True),  # ASPP: 8x in
     ((8, 176, 240, 16), 16, 1, jnp.float32, False, False),  # U-Net, level 0
     ((8, 88, 120, 32), 32, 1, jnp.float32, False, False),
     ((8, 44, 60, 128), 128, 1, jnp.float32, False, True),  # level 2
