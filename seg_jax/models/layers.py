@@ -469,14 +469,15 @@ def winograd_applies(x_shape, features, dilation, dtype):
   """Whether a 3x3 stride-1 'same' convolution of this float input (NHWC)
   runs as `winograd_conv` on CPU: float32, at least
   `WINOGRAD_MIN_CHANNELS` channels in and out (in a train step, outside
-  `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`, and at most 4x as
-  many in as out), the tiles' padding at most 30% of the map (large
-  dilations), outside `direct_convolutions()` and `all_taps()`. In the
-  inference forms DeepLab's ASPP at rate 12 on a 64x64 map (2048 -> 256
-  channels, a 512x512 image) takes it since each transformed plane is
-  written on its own (`_planes`): 160 -> 140 ms against the cropped taps
-  (`benchmarks/aspp_forms.py`, two runs; before, 106 against 76); the
-  train steps' backward pass through it is not measured."""
+  `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`), at most 4x as many
+  in as out, the tiles' padding at most 30% of the map (large dilations),
+  outside `direct_convolutions()` and `all_taps()`. DeepLab's ASPP at rate
+  12 on a 64x64 map (2048 -> 256 channels, a 512x512 image) is faster
+  alone as `_winograd_planes` than as the cropped taps (140 against 160 ms,
+  `benchmarks/aspp_forms.py`, two runs) but made the predict step slower
+  (A/B, three pairs: 1.37 / 1.39 / 1.43 against 1.36 / 1.30 / 1.27 s; its
+  transformed input, 162 MiB, took the step's peak from 0.39 to 0.56
+  GiB), so the rule keeps it out."""
   _, h, w, th, tw = _winograd_tiles(x_shape, dilation)
   c = x_shape[-1]
   area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
@@ -484,7 +485,7 @@ def winograd_applies(x_shape, features, dilation, dtype):
           not _DIRECT_CONVOLUTIONS[-1] and
           min(c, features) >= (WINOGRAD_MIN_CHANNELS if _INFERENCE_FORMS[-1]
                                else WINOGRAD_MIN_TRAIN_CHANNELS) and
-          (_INFERENCE_FORMS[-1] or c <= 4 * features) and
+          c <= 4 * features and
           area <= 1.3 * h * w)
 
 
