@@ -258,25 +258,15 @@ channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
 # 2 x 2 tile of outputs from a 4 x 4 tile of inputs through 16 independent
 # channel products instead of 36, with the input transform B^T, the kernel
 # transform G and the output transform A^T (interpolation points 0, +-1 and
-# infinity; every coefficient 0, +-1 or +-1/2): the train steps' form. The
-# code takes any F(m x m, 3 x 3) table. F(4 x 4, 3 x 3) (36 products per
-# 4 x 4 tile; points 0, +-1, +-2 and infinity) was measured no faster in
-# the ResNet train steps (fcn_resnet50, batch 4, 256x256: 3.31-3.38 s a
-# step against F(2 x 2)'s 3.25-3.43 s), slower on small maps, and is 10x
-# less accurate in float32 (about 1e-5 of the output's scale); the
-# inference steps take it (`_winograd_planes`).
+# infinity; every coefficient 0, +-1 or +-1/2). The code takes any
+# F(m x m, 3 x 3) table: F(4 x 4, 3 x 3) (36 products per 4 x 4 tile) was
+# measured no faster in the ResNet train steps (fcn_resnet50, batch 4,
+# 256x256: 3.31-3.38 s a step against F(2 x 2)'s 3.25-3.43 s), slower on
+# small maps and 10x less accurate in float32.
 _WINOGRAD_M = 2
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-_WINOGRAD4_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0),
-                 (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
-                 (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
-_WINOGRAD4_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6),
-                (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
-                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
-_WINOGRAD4_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0),
-                 (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
 def _combine(mat, parts, axis=0):
@@ -303,23 +293,35 @@ def _overlap_add(parts, m, axis):
   return _combine(onehot, parts, axis)
 
 
-def _lin(coefs, parts):
-  """sum_i coefs[i] * parts[i] (zero coefficients skipped), one elementwise
-  pass and its own array."""
-  out = None
-  for coef, part in zip(np.asarray(coefs, np.float64), parts):
-    if coef == 0:
-      continue
-    term = (part if coef == 1 else -part if coef == -1 else
-            part * jnp.asarray(coef, part.dtype))
-    out = term if out is None else out + term
+def _planes(rows, cols, part):
+  """The 2-D transform rows (x) cols of a tile given part-wise: for each
+  (a, b) (flat index a * len(cols) + b), sum_{i,j} rows[a, i] cols[b, j]
+  part(i, j), its own array, each one elementwise pass over the parts it
+  needs."""
+  rows, cols = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
+  cache = {}
+  out = []
+  for a in range(rows.shape[0]):
+    for b in range(cols.shape[0]):
+      acc = None
+      for i in np.flatnonzero(rows[a]):
+        for j in np.flatnonzero(cols[b]):
+          if (i, j) not in cache:
+            cache[i, j] = part(i, j)
+          term, coef = cache[i, j], rows[a, i] * cols[b, j]
+          if coef == -1:
+            term = -term
+          elif coef != 1:
+            term = term * jnp.asarray(coef, term.dtype)
+          acc = term if acc is None else acc + term
+      out.append(acc)
   return out
 
 
-def _winograd_tiles(x_shape, d, m=_WINOGRAD_M):
-  """(n, h, w, tiles down, tiles across) of a dilation-d convolution whose
-  tiles are m x m outputs."""
+def _winograd_tiles(x_shape, d):
+  """(n, h, w, tiles down, tiles across) of a dilation-d convolution."""
   n, h, w, _ = x_shape
+  m = _WINOGRAD_M
   return n, h, w, -(-h // (m * d)), -(-w // (m * d))
 
 
@@ -353,42 +355,32 @@ def _winograd_forward(x, k, d):
 
 
 def _winograd_planes(x, k, d):
-  """`_winograd_forward`'s convolution as the inference steps run it
-  (`winograd_conv` outside autodiff): F(4 x 4, 3 x 3), each of the 36
-  transformed planes its own array and its own product ((tiles, c) x
-  (c, f)), the input's and the output's transforms one axis at a time
-  (rows, then columns), every intermediate its own array too. XLA's CPU
-  loop wrote the planes stacked on one axis at a third of the rate of
-  separate arrays (F(2 x 2)'s input transform of a 64x64x2048 map 52 -> 26
-  ms, this CPU). One convolution alone, 512x512 image, two runs, ms:
-  F(2 x 2) stacked / as planes / F(4 x 4) as planes -- layer3's (256
-  channels, rate 2) 17.0 / 12.8-17.3 / 10.5-12.5, layer4's (512, rate 4)
-  58-80 / 48-53 / 40-44, FCN's head (2048 -> 512) 236-247 / 213-219 /
-  156-172."""
-  bt, g, at = (np.asarray(t, np.float64) for t in (
-      _WINOGRAD4_BT, _WINOGRAD4_G, _WINOGRAD4_AT))
-  m, alpha = at.shape
-  n, h, w, th, tw = _winograd_tiles(x.shape, d, m)
+  """`_winograd_forward`'s output with each of the alpha^2 transformed
+  planes its own array and its own product ((tiles, c) x (c, f)), the
+  kernel's and the output's transforms likewise: what the inference steps
+  run (`winograd_conv` outside autodiff). XLA's CPU loop wrote the 16
+  planes stacked on one axis at a third of the rate of separate arrays
+  (the input transform of a 64x64x2048 map 52 -> 26 ms); one convolution
+  alone 13-23% faster (layer3's, layer4's and FCN's head at 512x512,
+  DeepLab's ASPP at rate 12). The train steps keep the stacked form,
+  whose gradients they were measured and tested with."""
+  m, alpha = _WINOGRAD_M, _WINOGRAD_M + 2
+  n, h, w, th, tw = _winograd_tiles(x.shape, d)
   c, f = k.shape[2:]
   xp = jnp.pad(x, ((0, 0), (d, (th + 1) * m * d - h - d),
                    (d, (tw + 1) * m * d - w - d), (0, 0)))
   xr = xp.reshape(n, th + 1, m * d, tw + 1, m * d, c)
-  rows = [_lin(bt[a], [xr[:, i // m:i // m + th, i % m * d:(i % m + 1) * d]
-                       for i in range(alpha)]) for a in range(alpha)]
-  v = [_lin(bt[b], [r[:, :, :, j // m:j // m + tw, j % m * d:(j % m + 1) * d]
-                    for j in range(alpha)])
-       for r in rows for b in range(alpha)]
-  taps = [k[i, j] for i in range(3) for j in range(3)]
-  u = [_lin(np.outer(g[a], g[b]).ravel(), taps)
-       for a in range(alpha) for b in range(alpha)]
+  v = _planes(_WINOGRAD_BT, _WINOGRAD_BT,
+              lambda i, j: xr[:, i // m:i // m + th, i % m * d:(i % m + 1) * d,
+                              j // m:j // m + tw, j % m * d:(j % m + 1) * d])
+  u = _planes(_WINOGRAD_G, _WINOGRAD_G, lambda i, j: k[i, j])
   prod = [jnp.dot(vp.reshape(-1, c), up).reshape(n, th, d, tw, d, f)
           for vp, up in zip(v, u)]
-  down = [[_lin(at[r], prod[b::alpha]) for b in range(alpha)]
-          for r in range(m)]
+  y = _planes(_WINOGRAD_AT, _WINOGRAD_AT, lambda a, b: prod[a * alpha + b])
   # Output (r, s) of each tile at place r down, s across: stacked into
   # (n, th, m, d, tw, m, d, f), which is (n, th m d, tw m d, f).
-  y = jnp.stack([jnp.stack([_lin(at[s], down[r]) for s in range(m)], axis=4)
-                 for r in range(m)], axis=2)
+  y = jnp.stack([jnp.stack(y[r * m:(r + 1) * m], axis=4) for r in range(m)],
+                axis=2)
   return y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
 
 
@@ -398,9 +390,8 @@ def winograd_conv(x, k, dilation):
   Winograd's F(2 x 2, 3 x 3): the direct convolution's function in exact
   arithmetic, in float32 within about 1e-6 of the output's scale. The
   gradients are the transposed transforms around the backward pass's two
-  products (a custom VJP: autodiff of the forward pass was slower). The
-  forward pass alone (inference) is `_winograd_planes`'s F(4 x 4, 3 x 3),
-  within about 2e-5 of the output's scale."""
+  products (a custom VJP: autodiff of the forward pass was slower); the
+  forward pass alone (inference) is `_winograd_planes`."""
   return _winograd_planes(x, k, dilation)
 
 
@@ -482,15 +473,14 @@ def winograd_applies(x_shape, features, dilation, dtype):
   in as out, the tiles' padding at most 30% of the map (large dilations),
   outside `direct_convolutions()` and `all_taps()`. DeepLab's ASPP at rate
   12 on a 64x64 map (2048 -> 256 channels, a 512x512 image) is faster
-  alone as F(2 x 2)'s separate planes than as the cropped taps (140 against 160 ms,
+  alone as `_winograd_planes` than as the cropped taps (140 against 160 ms,
   `benchmarks/aspp_forms.py`, two runs) but made the predict step slower
   (A/B, three pairs: 1.37 / 1.39 / 1.43 against 1.36 / 1.30 / 1.27 s; its
   transformed input, 162 MiB, took the step's peak from 0.39 to 0.56
   GiB), so the rule keeps it out."""
-  m = len(_WINOGRAD4_AT) if _INFERENCE_FORMS[-1] else _WINOGRAD_M
-  _, h, w, th, tw = _winograd_tiles(x_shape, dilation, m)
+  _, h, w, th, tw = _winograd_tiles(x_shape, dilation)
   c = x_shape[-1]
-  area = (th * m * dilation) * (tw * m * dilation)
+  area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
   return (cpu_forms() and dtype == jnp.float32 and _SKIP_PADDING_TAPS[-1] and
           not _DIRECT_CONVOLUTIONS[-1] and
           min(c, features) >= (WINOGRAD_MIN_CHANNELS if _INFERENCE_FORMS[-1]
