@@ -293,31 +293,6 @@ def _overlap_add(parts, m, axis):
   return _combine(onehot, parts, axis)
 
 
-def _planes(rows, cols, part):
-  """The 2-D transform rows (x) cols of a tile given part-wise: for each
-  (a, b) (flat index a * len(cols) + b), sum_{i,j} rows[a, i] cols[b, j]
-  part(i, j), its own array, each one elementwise pass over the parts it
-  needs."""
-  rows, cols = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
-  cache = {}
-  out = []
-  for a in range(rows.shape[0]):
-    for b in range(cols.shape[0]):
-      acc = None
-      for i in np.flatnonzero(rows[a]):
-        for j in np.flatnonzero(cols[b]):
-          if (i, j) not in cache:
-            cache[i, j] = part(i, j)
-          term, coef = cache[i, j], rows[a, i] * cols[b, j]
-          if coef == -1:
-            term = -term
-          elif coef != 1:
-            term = term * jnp.asarray(coef, term.dtype)
-          acc = term if acc is None else acc + term
-      out.append(acc)
-  return out
-
-
 def _winograd_tiles(x_shape, d):
   """(n, h, w, tiles down, tiles across) of a dilation-d convolution."""
   n, h, w, _ = x_shape
@@ -354,45 +329,14 @@ def _winograd_forward(x, k, d):
   return y, v, u
 
 
-def _winograd_planes(x, k, d):
-  """`_winograd_forward`'s output with each of the alpha^2 transformed
-  planes its own array and its own product ((tiles, c) x (c, f)), the
-  kernel's and the output's transforms likewise: what the inference steps
-  run (`winograd_conv` outside autodiff). XLA's CPU loop wrote the 16
-  planes stacked on one axis at a third of the rate of separate arrays
-  (the input transform of a 64x64x2048 map 52 -> 26 ms); one convolution
-  alone 13-23% faster (layer3's, layer4's and FCN's head at 512x512,
-  DeepLab's ASPP at rate 12). The train steps keep the stacked form,
-  whose gradients they were measured and tested with."""
-  m, alpha = _WINOGRAD_M, _WINOGRAD_M + 2
-  n, h, w, th, tw = _winograd_tiles(x.shape, d)
-  c, f = k.shape[2:]
-  xp = jnp.pad(x, ((0, 0), (d, (th + 1) * m * d - h - d),
-                   (d, (tw + 1) * m * d - w - d), (0, 0)))
-  xr = xp.reshape(n, th + 1, m * d, tw + 1, m * d, c)
-  v = _planes(_WINOGRAD_BT, _WINOGRAD_BT,
-              lambda i, j: xr[:, i // m:i // m + th, i % m * d:(i % m + 1) * d,
-                              j // m:j // m + tw, j % m * d:(j % m + 1) * d])
-  u = _planes(_WINOGRAD_G, _WINOGRAD_G, lambda i, j: k[i, j])
-  prod = [jnp.dot(vp.reshape(-1, c), up).reshape(n, th, d, tw, d, f)
-          for vp, up in zip(v, u)]
-  y = _planes(_WINOGRAD_AT, _WINOGRAD_AT, lambda a, b: prod[a * alpha + b])
-  # Output (r, s) of each tile at place r down, s across: stacked into
-  # (n, th, m, d, tw, m, d, f), which is (n, th m d, tw m d, f).
-  y = jnp.stack([jnp.stack(y[r * m:(r + 1) * m], axis=4) for r in range(m)],
-                axis=2)
-  return y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def winograd_conv(x, k, dilation):
   """3x3 stride-1 'same' convolution (x NHWC, k HWIO) of this dilation by
   Winograd's F(2 x 2, 3 x 3): the direct convolution's function in exact
   arithmetic, in float32 within about 1e-6 of the output's scale. The
   gradients are the transposed transforms around the backward pass's two
-  products (a custom VJP: autodiff of the forward pass was slower); the
-  forward pass alone (inference) is `_winograd_planes`."""
-  return _winograd_planes(x, k, dilation)
+  products (a custom VJP: autodiff of the forward pass was slower)."""
+  return _winograd_forward(x, k, dilation)[0]
 
 
 def _winograd_fwd(x, k, dilation):
@@ -469,15 +413,10 @@ def winograd_applies(x_shape, features, dilation, dtype):
   """Whether a 3x3 stride-1 'same' convolution of this float input (NHWC)
   runs as `winograd_conv` on CPU: float32, at least
   `WINOGRAD_MIN_CHANNELS` channels in and out (in a train step, outside
-  `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`), at most 4x as many
-  in as out, the tiles' padding at most 30% of the map (large dilations),
-  outside `direct_convolutions()` and `all_taps()`. DeepLab's ASPP at rate
-  12 on a 64x64 map (2048 -> 256 channels, a 512x512 image) is faster
-  alone as `_winograd_planes` than as the cropped taps (140 against 160 ms,
-  `benchmarks/aspp_forms.py`, two runs) but made the predict step slower
-  (A/B, three pairs: 1.37 / 1.39 / 1.43 against 1.36 / 1.30 / 1.27 s; its
-  transformed input, 162 MiB, took the step's peak from 0.39 to 0.56
-  GiB), so the rule keeps it out."""
+  `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`), at most 4x as many in as
+  out (DeepLab's ASPP, 2048 -> 256 channels, spends more on the input's
+  transform than it saves), the tiles' padding at most 30% of the map
+  (large dilations), outside `direct_convolutions()` and `all_taps()`."""
   _, h, w, th, tw = _winograd_tiles(x_shape, dilation)
   c = x_shape[-1]
   area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
