@@ -24,7 +24,6 @@ ort = pytest.importorskip('onnxruntime', reason='needs the [onnx] extra: '
 from configs import default
 from seg_jax import errors, export, inference, models, predict, to_onnx
 from seg_jax.data import shapes, transforms
-from seg_jax.models import layers
 
 SIZE = (200, 264)  # the export's input size
 IMAGES = ((187, 251), (199, 229))  # odd sizes, padded to SIZE
@@ -128,9 +127,8 @@ def test_onnx_runtime_gives_predicts_labels(name, kwargs, evaluators,
     # each a tie of the top two logits to float rounding (gap < 1e-7).
     assert differ.mean() <= 1e-3, (evaluator, differ.mean())
     if differ.any():  # the predict step's own logits
-      logits = np.asarray(jax.jit(inference.make_predict_fn(
-          model, config, spec, with_logits=True),
-          compiler_options=layers.compiler_options())(
+      logits = np.asarray(inference.make_predict_step(
+          model, config, spec, with_logits=True)(
               variables, images,
               np.array([SIZE] * len(images), np.int32))[1])
       top2 = np.sort(logits, -1)[..., -2:]
