@@ -3,6 +3,8 @@ values and gradients (float32 tolerance), odd sizes and edge cases, the
 same parameters and FLOP count; the U-Net built on them keeps the
 parameter names and initial values flax's own layers gave it."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -436,6 +438,26 @@ def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
   _close((layers.winograd_conv(x, k, dilation),
           jax.grad(loss(layers.winograd_conv), (0, 1))(x, k)),
          (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)))
+  # The inference steps' F(4x4, 3x3) as separate planes: the same values
+  # to F(4x4)'s float32 accuracy (about 2e-5 of the output's scale).
+  _close(layers.winograd_planes(x, k, dilation), _direct(x, k, dilation),
+         tol=1e-4)
+  with layers.inference_forms():
+    assert layers.winograd_form(x.shape, dilation) is (
+        layers.winograd_planes if -(-hw[0] // (4 * dilation)) *
+        -(-hw[1] // (4 * dilation)) * 16 * dilation ** 2 <= 1.3 * hw[0] *
+        hw[1] else layers.winograd_conv)
+  assert layers.winograd_form(x.shape, dilation) is layers.winograd_conv
+
+
+def test_winograd_planes_at_the_zoo_scale():
+  """F(4x4, 3x3) as planes on a 256-channel dilated map with partial
+  tiles (layer3 of a 520x520 image, 65x65 at rate 2): the direct
+  convolution's values, within 1e-4 of the output's scale."""
+  rng = np.random.default_rng(14)
+  x = jnp.asarray(rng.normal(size=(1, 65, 65, 256)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 256, 64)) / 48, jnp.float32)
+  _close(layers.winograd_planes(x, k, 2), _direct(x, k, 2), tol=1e-4)
 
 
 def test_conv_runs_winograd_except_for_export_and_flops():
@@ -506,9 +528,10 @@ def test_inference_steps_trace_winograd_and_the_export_does_not(
   from seg_jax import export, inference, steps  # pylint: disable=g-import-not-at-top
   from seg_jax import sharding  # pylint: disable=g-import-not-at-top
   calls = []
-  real = layers.winograd_conv
-  monkeypatch.setattr(layers, 'winograd_conv',
-                      lambda *a: calls.append(1) or real(*a))
+  for name in ('winograd_conv', 'winograd_planes'):
+    real = getattr(layers, name)
+    monkeypatch.setattr(layers, name, functools.partial(
+        lambda real, name, *a: calls.append(name) or real(*a), real, name))
   model = _Net()
   x = jnp.zeros((1, 16, 16, 3), jnp.float32)
   v = model.init(jax.random.key(0), x, train=False)
@@ -524,9 +547,11 @@ def test_inference_steps_trace_winograd_and_the_export_does_not(
 
   assert traced(lambda v: model.apply(
       v, x, train=True, mutable=['batch_stats']), v) == 1
+  assert calls == ['winograd_conv']
   predict = inference.make_predict_fn(model, tiny_config, spec,
                                       with_logits=True)
   assert traced(predict, v, images, sizes) == 1
+  assert calls == ['winograd_planes']
   evaluate = steps.make_eval_step(model, tiny_config,
                                   sharding.create_mesh((1,), ('data',),
                                                        jax.devices()[:1]),
@@ -534,14 +559,14 @@ def test_inference_steps_trace_winograd_and_the_export_does_not(
   calls.clear()
   evaluate.trace(v, {'image': images[:1], 'size': sizes[:1],
                      'label': jnp.zeros((1, 16, 16), jnp.uint8)})
-  assert len(calls) == 1
+  assert calls == ['winograd_planes']
   exported = export.make_export_fn(model, tiny_config, spec, v, 16, 16)
   assert traced(exported, images) == 0
   # Both forms, one function: the same logits to float32 tolerance.
   want = predict(v, images, sizes)[1]
   with layers.direct_convolutions():
     direct = predict(v, images, sizes)[1]
-  np.testing.assert_allclose(want, direct, rtol=1e-5, atol=1e-5)
+  _close(want, direct, tol=1e-4)
 
 
 @pytest.mark.parametrize('hw, dilation', [

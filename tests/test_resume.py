@@ -20,7 +20,7 @@ from seg_jax.data import pipeline
 
 from conftest import REPO
 
-NUM_STEPS = 150
+NUM_STEPS = 90
 EVERY = 10
 ARGS = [
     '--config=configs/unet_shapes_tiny.py',
@@ -97,7 +97,7 @@ def _losses(out):
 
 
 def test_random_sigkills_end_bit_identical(tmp_path):
-  """Fault injection: SIGKILL at 5 moments (3 random, 2 aimed at a
+  """Fault injection: SIGKILL at 3 moments (1 random, 2 aimed at a
   checkpoint write, at least one of which must cut one short), restarting
   each time. Each restart resumes from the newest
   complete checkpoint; every step trained (some twice) saw the same data
@@ -107,8 +107,8 @@ def test_random_sigkills_end_bit_identical(tmp_path):
   ref_dir, cut_dir = str(tmp_path / 'ref'), str(tmp_path / 'cut')
   ref = _main(ref_dir)
   outputs, cut_mid_save = [], 0
-  for i in range(5):
-    out, half_written = _kill_once(cut_dir, rng, mid_save=i in (1, 3))
+  for i in range(3):
+    out, half_written = _kill_once(cut_dir, rng, mid_save=i > 0)
     outputs.append(out)
     cut_mid_save += half_written
   assert cut_mid_save >= 1, 'no kill landed during a checkpoint write'

@@ -258,15 +258,25 @@ channel_dot.defvjp(_channel_dot_fwd, _channel_dot_bwd)
 # 2 x 2 tile of outputs from a 4 x 4 tile of inputs through 16 independent
 # channel products instead of 36, with the input transform B^T, the kernel
 # transform G and the output transform A^T (interpolation points 0, +-1 and
-# infinity; every coefficient 0, +-1 or +-1/2). The code takes any
-# F(m x m, 3 x 3) table: F(4 x 4, 3 x 3) (36 products per 4 x 4 tile) was
-# measured no faster in the ResNet train steps (fcn_resnet50, batch 4,
-# 256x256: 3.31-3.38 s a step against F(2 x 2)'s 3.25-3.43 s), slower on
-# small maps and 10x less accurate in float32.
+# infinity; every coefficient 0, +-1 or +-1/2): the train steps' form. The
+# code takes any F(m x m, 3 x 3) table. F(4 x 4, 3 x 3) (36 products per
+# 4 x 4 tile; points 0, +-1, +-2 and infinity) was measured no faster in
+# the ResNet train steps (fcn_resnet50, batch 4, 256x256: 3.31-3.38 s a
+# step against F(2 x 2)'s 3.25-3.43 s), slower on small maps, and is 10x
+# less accurate in float32 (about 2e-5 of the output's scale); the
+# inference steps take it (`winograd_planes`).
 _WINOGRAD_M = 2
 _WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _WINOGRAD_G = ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1))
 _WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+_WINOGRAD4_BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0),
+                 (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+                 (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
+_WINOGRAD4_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6),
+                (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+                (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+_WINOGRAD4_AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0),
+                 (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
 def _combine(mat, parts, axis=0):
@@ -293,10 +303,23 @@ def _overlap_add(parts, m, axis):
   return _combine(onehot, parts, axis)
 
 
-def _winograd_tiles(x_shape, d):
-  """(n, h, w, tiles down, tiles across) of a dilation-d convolution."""
+def _lin(coefs, parts):
+  """sum_i coefs[i] * parts[i] (zero coefficients skipped), one elementwise
+  pass and its own array."""
+  out = None
+  for coef, part in zip(np.asarray(coefs, np.float64), parts):
+    if coef == 0:
+      continue
+    term = (part if coef == 1 else -part if coef == -1 else
+            part * jnp.asarray(coef, part.dtype))
+    out = term if out is None else out + term
+  return out
+
+
+def _winograd_tiles(x_shape, d, m=_WINOGRAD_M):
+  """(n, h, w, tiles down, tiles across) of a dilation-d convolution whose
+  tiles are m x m outputs."""
   n, h, w, _ = x_shape
-  m = _WINOGRAD_M
   return n, h, w, -(-h // (m * d)), -(-w // (m * d))
 
 
@@ -327,6 +350,49 @@ def _winograd_forward(x, k, d):
   y = _combine(_WINOGRAD_AT, [y[b] for b in range(alpha)], axis=5)
   y = y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
   return y, v, u
+
+
+def winograd_planes(x, k, d):
+  """`winograd_conv`'s convolution as the inference steps run it (inside
+  `inference_forms()`; no custom gradient, none is taken there):
+  F(4 x 4, 3 x 3), each of the 36 transformed planes its own array and its
+  own product ((tiles, c) x (c, f)), the input's and the output's
+  transforms one axis at a time (rows, then columns), every intermediate
+  its own array too; within about 2e-5 of the output's scale in float32.
+  XLA's CPU loop wrote the planes stacked on one axis at a third of the
+  rate of separate arrays (F(2 x 2)'s input transform of a 64x64x2048 map
+  52 -> 26 ms, this CPU). One convolution alone, 512x512 image, two runs,
+  ms: F(2 x 2) stacked / as planes / F(4 x 4) as planes -- layer3's (256
+  channels, rate 2) 17.0 / 12.8-17.3 / 10.5-12.5, layer4's (512, rate 4)
+  58-80 / 48-53 / 40-44, FCN's head (2048 -> 512) 236-247 / 213-219 /
+  156-172. The train steps keep F(2 x 2) stacked (`winograd_conv`): as
+  planes, its backward pass differed across device counts by 11x the
+  sharded-step test's tolerance."""
+  bt, g, at = (np.asarray(t, np.float64) for t in (
+      _WINOGRAD4_BT, _WINOGRAD4_G, _WINOGRAD4_AT))
+  m, alpha = at.shape
+  n, h, w, th, tw = _winograd_tiles(x.shape, d, m)
+  c, f = k.shape[2:]
+  xp = jnp.pad(x, ((0, 0), (d, (th + 1) * m * d - h - d),
+                   (d, (tw + 1) * m * d - w - d), (0, 0)))
+  xr = xp.reshape(n, th + 1, m * d, tw + 1, m * d, c)
+  rows = [_lin(bt[a], [xr[:, i // m:i // m + th, i % m * d:(i % m + 1) * d]
+                       for i in range(alpha)]) for a in range(alpha)]
+  v = [_lin(bt[b], [r[:, :, :, j // m:j // m + tw, j % m * d:(j % m + 1) * d]
+                    for j in range(alpha)])
+       for r in rows for b in range(alpha)]
+  taps = [k[i, j] for i in range(3) for j in range(3)]
+  u = [_lin(np.outer(g[a], g[b]).ravel(), taps)
+       for a in range(alpha) for b in range(alpha)]
+  prod = [jnp.dot(vp.reshape(-1, c), up).reshape(n, th, d, tw, d, f)
+          for vp, up in zip(v, u)]
+  down = [[_lin(at[r], prod[b::alpha]) for b in range(alpha)]
+          for r in range(m)]
+  # Output (r, s) of each tile at place r down, s across: stacked into
+  # (n, th, m, d, tw, m, d, f), which is (n, th m d, tw m d, f).
+  y = jnp.stack([jnp.stack([_lin(at[s], down[r]) for s in range(m)], axis=4)
+                 for r in range(m)], axis=2)
+  return y.reshape(n, th * m * d, tw * m * d, f)[:, :h, :w]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -416,16 +482,32 @@ def winograd_applies(x_shape, features, dilation, dtype):
   `inference_forms()`, `WINOGRAD_MIN_TRAIN_CHANNELS`), at most 4x as many in as
   out (DeepLab's ASPP, 2048 -> 256 channels, spends more on the input's
   transform than it saves), the tiles' padding at most 30% of the map
-  (large dilations), outside `direct_convolutions()` and `all_taps()`."""
-  _, h, w, th, tw = _winograd_tiles(x_shape, dilation)
+  (large dilations), outside `direct_convolutions()` and `all_taps()`.
+  Inside `inference_forms()` it runs as `winograd_planes` where that
+  form's 4x4 tiles pad the map by at most 30% too (`winograd_form`)."""
   c = x_shape[-1]
-  area = (th * _WINOGRAD_M * dilation) * (tw * _WINOGRAD_M * dilation)
   return (cpu_forms() and dtype == jnp.float32 and _SKIP_PADDING_TAPS[-1] and
           not _DIRECT_CONVOLUTIONS[-1] and
           min(c, features) >= (WINOGRAD_MIN_CHANNELS if _INFERENCE_FORMS[-1]
                                else WINOGRAD_MIN_TRAIN_CHANNELS) and
           c <= 4 * features and
-          area <= 1.3 * h * w)
+          _tiles_fit(x_shape, dilation, _WINOGRAD_M))
+
+
+def _tiles_fit(x_shape, d, m):
+  """Whether m x m output tiles at dilation d pad the map by <= 30%."""
+  _, h, w, th, tw = _winograd_tiles(x_shape, d, m)
+  return (th * m * d) * (tw * m * d) <= 1.3 * h * w
+
+
+def winograd_form(x_shape, dilation):
+  """The Winograd function a convolution `winograd_applies` to runs:
+  `winograd_planes` inside `inference_forms()` where its tiles fit,
+  otherwise `winograd_conv`."""
+  if _INFERENCE_FORMS[-1] and _tiles_fit(x_shape, dilation,
+                                         len(_WINOGRAD4_AT)):
+    return winograd_planes
+  return winograd_conv
 
 
 def cpu_forms():
@@ -568,7 +650,7 @@ class Conv(nn.Module):
       return channel_dot(x, k[0, 0])
     if (k.shape[:2] == (3, 3) and self.stride == 1 and not grouped and
         winograd_applies(x.shape, self.features, self.dilation, x.dtype)):
-      return winograd_conv(x, k, self.dilation)
+      return winograd_form(x.shape, self.dilation)(x, k, self.dilation)
     pad = [(self.dilation * (n - 1) // 2,) * 2 for n in k.shape[:2]]
     if (grouped and k.shape[2] == 1 and k.shape[3] == x.shape[-1] and
         cpu_forms() and _SKIP_PADDING_TAPS[-1]):
