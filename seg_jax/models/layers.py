@@ -95,7 +95,8 @@ def inference_forms():
   `compiler_options()` (XLA's own kernels): what `inference.infer_logits`
   traces. Spatial means become products (`spatial_mean`), dilated
   convolutions outside Winograd sums of cropped 1x1 convolutions
-  (`Conv`)."""
+  (`Conv`), Winograd from 64 channels and as F(4x4, 3x3) in separate
+  planes where its tiles fit (`winograd_form`)."""
   return _flag_set(_INFERENCE_FORMS, True)
 
 
