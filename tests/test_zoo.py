@@ -126,7 +126,7 @@ SMALL = {
 # head with deeplabv3_resnet50 (measured on this loaded 2-core machine,
 # nice 19: 39 s, lraspp 33 s, deeplabv3_resnet50 28 s).
 # lraspp_mobilenet_v3_large runs bfloat16 alone by default (its float32
-# step, 20 s here, with `-m slow`): the precision whose depthwise
+# step, 15 s here alone, with `-m slow`): the precision whose depthwise
 # gradients could go wrong.
 SLOW_TRAIN = ('fcn16s', 'fcn8s', 'fcn_resnet50', 'deeplabv3plus_resnet50',
               'deeplabv3_mobilenet_v3_large')
