@@ -2,12 +2,14 @@
 
 Mean-field inference over every pair of pixels with two Gaussian kernels, a
 spatial one (smoothness) and a bilateral one over position and colour
-(appearance), and the Potts compatibility. No N^2 pairwise matrix is formed:
+(appearance: the image's channels, RGB or however many `data.channels`
+gives), and the Potts compatibility. No N^2 pairwise matrix is formed:
 
 - the spatial kernel is an exact separable Gaussian blur on the pixel grid;
 - the bilateral kernel is filtered on a permutohedral lattice (Adams, Baek
   and Davis 2010): values are splatted onto the vertices of the simplices
-  that enclose each pixel's (x, y, r, g, b) point, blurred along the
+  that enclose each pixel's (x, y, r, g, b) point (x, y, v for a grey
+  image, one coordinate per channel in general), blurred along the
   lattice's d + 1 axes, and sliced back, in O(N d) per filtering.
 
 The lattice depends only on the image, so it is built once per image on the
@@ -34,7 +36,7 @@ class CRFParams:
     gaussian_sxy: spatial kernel's standard deviation in pixels.
     gaussian_weight: its weight.
     bilateral_sxy: bilateral kernel's spatial standard deviation.
-    bilateral_srgb: its colour standard deviation.
+    bilateral_srgb: its colour standard deviation (in every channel).
     bilateral_weight: its weight.
   """
   iterations: int = 5
@@ -225,7 +227,8 @@ def refine(image, logits, params):
   """CRF-refined log-probabilities of one image.
 
   Args:
-    image: (H, W, 3) uint8 RGB.
+    image: (H, W, K) uint8, K = 3 for RGB; the bilateral kernel compares
+      pixels over all K channels (grey: K = 1).
     logits: (H, W, C) unary logits (the model's, at the image's size).
     params: `CRFParams`.
 
@@ -236,7 +239,8 @@ def refine(image, logits, params):
   y, x = np.mgrid[0:h, 0:w]
   features = np.concatenate([
       np.stack([x, y], -1).reshape(-1, 2) / params.bilateral_sxy,
-      image.reshape(-1, 3).astype(np.float64) / params.bilateral_srgb], 1)
+      image.reshape(h * w, -1).astype(np.float64) / params.bilateral_srgb],
+                            1)
   lattice = build_lattice(features)
   m = _bucket(lattice.num_vertices)
   # Vertices beyond the real ones are zero dummies: pointing every padded

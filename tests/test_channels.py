@@ -39,6 +39,13 @@ def test_files_are_read_with_the_configured_channel_count(tmp_path):
                            r'is not read as data.channels=1 \(grayscale: 8, '
                            r'16-bit or float\); convert the image to that.$'):
     files.read_image(str(tmp_path / 'palette.png'), 1)
+  # Four bands, but not RGBA: a CMYK JPEG is not read as 4 channels.
+  Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg')
+  with pytest.raises(files.BadSampleError,
+                     match=r"^.*cmyk.jpg: a CMYK image \(PIL mode 'CMYK'\) is "
+                           r'not read as data.channels=4 \(RGBA, or a '
+                           r'4-channel TIFF\); convert the image to that.$'):
+    files.read_image(str(tmp_path / 'cmyk.jpg'), 4)
 
 
 def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):
@@ -185,7 +192,7 @@ def test_to_folder_copies_a_six_channel_tiff_dataset_exactly(tmp_path):
 @pytest.mark.parametrize('channels', [1, 4])
 def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
     tmp_path, channels):
-  from seg_jax import checkpoint, inference, predict, sharding  # pylint: disable=g-import-not-at-top
+  from seg_jax import checkpoint, crf, inference, predict, sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'data'
   _write(root, channels, 10, 'train')
@@ -211,6 +218,20 @@ def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
   assert predict.predict_images(items, predictor, outputs) == (len(items), [])
   with Image.open(tmp_path / 'out' / 'val' / 'img_000.png') as im:
     assert im.size == (ud.SIZE[1], ud.SIZE[0])
+    labels = np.asarray(im)
+  # The dense CRF builds its lattice over the image's channels; with both
+  # kernel weights 0 it keeps the model's labels, and so its score.
+  config.crf.gaussian_weight = config.crf.bilateral_weight = 0.0
+  (_, crf_report), = evaluate.evaluate(config, run, use_crf=True)
+  assert crf_report['mIoU'] == pytest.approx(report['mIoU'], abs=1e-6)
+  refined = predict.Predictor(config, model, variables,
+                              inference.spec_from_config(config, 'whole'), 2,
+                              refiner=crf.Refiner(
+                                  crf.CRFParams.from_config(config)))
+  with Image.open(root / 'images' / 'val' / 'img_000.png') as im:
+    image = np.asarray(im)
+  np.testing.assert_array_equal(refined([image.reshape(
+      image.shape[:2] + (channels,))])[0], labels)
   with Image.open(tmp_path / 'out' / 'val' / 'img_000_overlay.jpg') as im:
     assert im.mode == 'RGB'
   # An RGB photo given to the trained model: convert it (the model's count

@@ -33,17 +33,22 @@ from seg_jax import crf
 SEEDS = (0, 1, 2)
 
 
-def _scene(seed, h=12, w=14):
+RGB = ((200, 60, 60), (60, 60, 200), (60, 200, 60))
+
+
+def _scene(seed, h=12, w=14, colours=RGB):
   """Three colour regions (two halves and a disc) with colour noise, and
   noisy logits of the region labels: the unary is wrong on 15-27% of the
-  pixels (seeds 0-2), which the pairwise terms mostly fix."""
+  pixels (seeds 0-2), which the pairwise terms mostly fix. `colours`: each
+  region's colour, in as many channels as the image has."""
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:h, 0:w]
   mask = np.zeros((h, w), int)
   mask[:, w // 2:] = 1
   mask[(yy - h / 2) ** 2 + (xx - w / 4) ** 2 < (h / 4) ** 2] = 2
-  colours = np.array([[200, 60, 60], [60, 60, 200], [60, 200, 60]])
-  image = np.clip(colours[mask] + rng.normal(0, 8, (h, w, 3)), 0, 255)
+  colours = np.array(colours)
+  image = np.clip(colours[mask] + rng.normal(0, 8, (h, w, colours.shape[1])),
+                  0, 255)
   logits = 1.5 * np.eye(3)[mask] + rng.normal(0, 1, (h, w, 3))
   return image.astype(np.uint8), logits.astype(np.float32)
 
@@ -58,7 +63,7 @@ def _mean_field_reference(image, logits, params):
   h, w, c = logits.shape
   y, x = np.mgrid[0:h, 0:w]
   pos = np.stack([x, y], -1).reshape(-1, 2).astype(np.float64)
-  rgb = image.reshape(-1, 3).astype(np.float64)
+  rgb = image.reshape(h * w, -1).astype(np.float64)
   d_pos = ((pos[:, None] - pos[None]) ** 2).sum(-1)  # (N, N)
   d_rgb = ((rgb[:, None] - rgb[None]) ** 2).sum(-1)
   kernels = [
@@ -79,9 +84,9 @@ def _mean_field_reference(image, logits, params):
   return np.log(q).reshape(h, w, c)
 
 
-def _compare(params, seed):
+def _compare(params, seed, colours=RGB):
   """(crf.refine's log marginals, the reference's, the unary's labels)."""
-  image, logits = _scene(seed)
+  image, logits = _scene(seed, colours=colours)
   got = np.asarray(crf.refine(image, logits, params), np.float64)
   assert got.shape == logits.shape and np.all(np.isfinite(got))
   return got, _mean_field_reference(image, logits, params), logits.argmax(-1)
@@ -142,3 +147,27 @@ def test_bilateral_mean_field_within_lattice_error(seed):
   assert agree >= 0.98, f'labels agree on {agree:.1%}'
   dp = np.mean(np.abs(np.exp(got) - np.exp(ref)))
   assert dp < 3e-3, f'mean |dp| {dp:.3g}'
+
+
+@pytest.mark.parametrize('colours,bound', [
+    (((40,), (128,), (216,)), 1e-3),
+    # Regions 0 and 1 differ in the fourth channel alone: refining without
+    # it agrees with the reference on 81-94% of the labels (seeds 0-2),
+    # mean |dp| 5-13e-2.
+    (((100, 100, 100, 30), (100, 100, 100, 220), (60, 200, 60, 120)), 8e-3)])
+def test_bilateral_kernel_reads_every_channel_of_a_grey_or_4_channel_image(
+    colours, bound):
+  """The bilateral kernel over however many channels the image has
+  (`data.channels`): measured over 60 scenes, labels agree on >= 99.4%
+  and mean |dp| <= 3.2e-4 (grey) and 2.7e-3 (4 channels); the bounds are
+  3x those."""
+  params = crf.CRFParams(iterations=5, gaussian_sxy=3, gaussian_weight=3,
+                         bilateral_sxy=6, bilateral_srgb=15,
+                         bilateral_weight=5)
+  for seed in SEEDS:
+    got, ref, unary = _compare(params, seed, colours)
+    assert np.mean(ref.argmax(-1) != unary) > 0.1
+    agree = np.mean(got.argmax(-1) == ref.argmax(-1))
+    assert agree >= 0.98, f'seed {seed}: labels agree on {agree:.1%}'
+    dp = np.mean(np.abs(np.exp(got) - np.exp(ref)))
+    assert dp < bound, f'seed {seed}: mean |dp| {dp:.3g}'

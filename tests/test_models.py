@@ -1,5 +1,7 @@
 """Models: parameter counts, output sizes, options."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,3 +67,27 @@ def test_pixel_classifier_sees_one_pixel():
   grad = jax.grad(lambda x: model.apply(variables, x)[0, 3, 5].sum())(x)
   nonzero = np.abs(grad[0]).sum(-1) > 0
   assert nonzero[3, 5] and nonzero.sum() == 1
+
+
+@pytest.mark.parametrize('name,kwargs,message', [
+    ('unet', {'width': 0},
+     r'^unet: model.kwargs.width=0; give an integer >= 1.$'),
+    ('unet', {'depth': 0},
+     r'^unet: model.kwargs.depth=0; give an integer >= 1.$'),
+    ('unet', {'width': 2.5},
+     r'^unet: model.kwargs.width=2.5; give an integer >= 1.$'),
+    ('lraspp_mobilenet_v3_large', {'width': 0},
+     r'^model.kwargs.width=0: the MobileNetV3 width multiplier must be > 0 '),
+    ('deeplabv3_mobilenet_v3_large', {'width': -1.0},
+     r'^model.kwargs.width=-1.0: the MobileNetV3 width multiplier must be'),
+])
+def test_a_width_or_depth_that_builds_no_model_is_refused(name, kwargs,
+                                                         message):
+  """Not a model of a handful of parameters (MobileNetV3's channel rounding
+  made width=0 one of 20,594): a one-line error naming the option."""
+  from seg_jax import errors  # pylint: disable=g-import-not-at-top
+  model = models.create_model(name, 3, **kwargs)
+  with pytest.raises(errors.ConfigError) as e:
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  # (jax appends a note on its filtered traceback after the first line)
+  assert re.match(message, str(e.value).splitlines()[0])

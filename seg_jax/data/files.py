@@ -207,6 +207,11 @@ def _read_channels(path, channels):
         f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
         f'{im.mode!r}) is not read as data.channels=1 (grayscale: 8, 16-bit '
         'or float); convert the image to that.')
+  if channels == 4 and len(im.getbands()) == 4:  # e.g. a CMYK JPEG
+    raise BadSampleError(
+        f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
+        f'{im.mode!r}) is not read as data.channels=4 (RGBA, or a '
+        '4-channel TIFF); convert the image to that.')
   raise ChannelCountError(
       f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
       f'{im.mode!r})', channels, "set data.channels to the images' count "

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax import errors
 from seg_jax.models.layers import Conv, ConvBN, spatial_mean
 
 BN_EPSILON = 1e-3
@@ -70,6 +71,11 @@ def make_divisible(value, divisor=8, min_value=None):
 def block_configs(width=1.0, dilated=True):
   """The fifteen `BlockConfig`s of MobileNetV3-Large at width multiplier
   `width` (torchvision's `width_mult`), as `_mobilenet_v3_conf` makes them."""
+  if isinstance(width, bool) or not isinstance(width, (int, float)) or not (
+      width > 0):
+    raise errors.ConfigError(
+        f'model.kwargs.width={width!r}: the MobileNetV3 width multiplier '
+        "must be > 0 (1.0 is torchvision's model).")
   configs = []
   for i, (cin, k, exp, cout, se, hs, stride) in enumerate(LARGE, 1):
     dilation = 2 if dilated and i >= DILATED_FROM else 1

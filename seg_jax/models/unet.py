@@ -90,6 +90,11 @@ class UNet(nn.Module):
     if self.padding not in ('SAME', 'VALID'):
       raise errors.ConfigError(f'unet: model.kwargs.padding={self.padding!r}; '
                                "use 'SAME' or 'VALID'.")
+    for key in ('width', 'depth'):
+      value = getattr(self, key)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise errors.ConfigError(f'unet: model.kwargs.{key}={value!r}; give '
+                                 'an integer >= 1.')
     if self.upsample not in ('transpose', 'bilinear'):
       raise errors.ConfigError(
           f'unet: model.kwargs.upsample={self.upsample!r}; use '
