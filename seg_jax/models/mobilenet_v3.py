@@ -10,6 +10,7 @@ momentum 0.01 (flax's 0.99). `dilated` replaces the stride of the last
 stage (blocks 13-15) by dilation 2: output stride 16 instead of 32.
 """
 
+import numbers
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -71,7 +72,7 @@ def make_divisible(value, divisor=8, min_value=None):
 def block_configs(width=1.0, dilated=True):
   """The fifteen `BlockConfig`s of MobileNetV3-Large at width multiplier
   `width` (torchvision's `width_mult`), as `_mobilenet_v3_conf` makes them."""
-  if isinstance(width, bool) or not isinstance(width, (int, float)) or not (
+  if isinstance(width, bool) or not isinstance(width, numbers.Real) or not (
       width > 0):
     raise errors.ConfigError(
         f'model.kwargs.width={width!r}: the MobileNetV3 width multiplier '

@@ -1,6 +1,7 @@
 """U-Net after Ronneberger et al. 2015, with the common modern variants."""
 
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -92,7 +93,8 @@ class UNet(nn.Module):
                                "use 'SAME' or 'VALID'.")
     for key in ('width', 'depth'):
       value = getattr(self, key)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+          or value < 1):
         raise errors.ConfigError(f'unet: model.kwargs.{key}={value!r}; give '
                                  'an integer >= 1.')
     if self.upsample not in ('transpose', 'bilinear'):
