@@ -26,9 +26,9 @@ torch installed, `--vs-torch` runs the torchvision twin of `fcn_resnet50/101`,
 channels-last; bf16 autocast on GPU) eagerly and with `torch.compile`, in
 this process, and prints both ratios and torch's own FLOP count.
 
-`--input=real` times the training loop fed by the config's input pipeline
-(as `main` runs it) instead; `both` times it beside the same loop on the
-synthetic batch.
+`--input=real` (train mode) times the training loop fed by the config's
+input pipeline (as `main` runs it) instead; `both` times it beside the
+same loop on the synthetic batch.
 
 The last line is machine-readable:
 `images_per_sec=<f> mfu=<f> peak_gib=<f> [torch_eager=<f> torch_compile=<f>
@@ -564,8 +564,19 @@ def benchmark(config, mode='train', steps=10, repeats=3, warmup=2):
           'matmul_peak': matmul, 'mfu': flops / seconds / matmul}
 
 
+def check_input_mode(mode, input_kind):
+  """`--input=real|both` times the training loop: refused with another
+  --mode, whose step it would not time."""
+  if input_kind != 'synthetic' and mode != 'train':
+    raise errors.ConfigError(
+        f'--input={input_kind} times the training loop fed by the input '
+        f'pipeline, not the {mode} step: give it with --mode=train (the '
+        'default), or leave --input out.')
+
+
 def main(argv):
   del argv
+  check_input_mode(FLAGS.mode, FLAGS.input)
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   config = configure(FLAGS.config, FLAGS.batch, FLAGS.crop, FLAGS.precision)
   from seg_jax import validate  # pylint: disable=g-import-not-at-top

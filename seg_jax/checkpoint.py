@@ -419,6 +419,13 @@ def initial_weights_fn(config):
   directory, step, run = found
 
   def init_fn(variables):
+    if step != 'latest' and not os.path.isdir(os.path.join(directory,
+                                                          str(step))):
+      held = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+      raise errors.ConfigError(
+          f'model.init_from={path}: {directory} holds no step {step} (steps '
+          f'{held}); name one of them, or the run folder {run} for its '
+          'latest.')
     try:
       stored, read = restore(directory, step,
                              fields=('params', 'batch_stats', 'ema'))

@@ -14,8 +14,10 @@ def check_config(config):
     raise errors.ConfigError(f'train.learning_rate={c.learning_rate!r}: give '
                              'a positive rate.')
   if c.warmup_steps >= c.num_steps:
-    raise errors.ConfigError(f'train.warmup_steps={c.warmup_steps} is not '
-                             f'below train.num_steps={c.num_steps}.')
+    raise errors.ConfigError(
+        f'train.warmup_steps={c.warmup_steps} is not below train.num_steps='
+        f'{c.num_steps}: for a short run lower it too, e.g. '
+        f'--config.train.warmup_steps={c.num_steps // 10}.')
   for key in ('weight_decay', 'grad_clip_norm'):
     if c[key] < 0:
       raise errors.ConfigError(f'train.{key}={c[key]!r}: give a value >= 0.')

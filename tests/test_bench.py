@@ -300,3 +300,15 @@ def test_bench_table_rows_and_medians():
   assert row == ('| `fcn_resnet50` | 2 | 2 | - | **1.00x** (0.50-1.50) | - '
                  '| 3 | 0.5 | 1.9 |'), row
   assert bench_table.table({'fcn_resnet50': runs}, 'train').count('\n') == 1
+
+
+def test_the_real_input_loop_is_a_train_mode_option():
+  from seg_jax import bench, errors  # pylint: disable=g-import-not-at-top
+  bench.check_input_mode('train', 'both')
+  bench.check_input_mode('infer', 'synthetic')
+  for kind in ('real', 'both'):
+    with pytest.raises(errors.ConfigError, match=(
+        rf'^--input={kind} times the training loop fed by the input pipeline, '
+        r'not the infer step: give it with --mode=train \(the default\), or '
+        r'leave --input out.$')):
+      bench.check_input_mode('infer', kind)

@@ -45,7 +45,8 @@ def _set(config, key, value):
     ('data.scale_range', (2.0, 1.0),
      r'^data.scale_range=\(2.0, 1.0\): give 0 < low <= high.$'),
     ('train.warmup_steps', 6,
-     r'^train.warmup_steps=6 is not below train.num_steps=6.$'),
+     r'^train.warmup_steps=6 is not below train.num_steps=6: for a short '
+     r'run lower it too, e.g. --config.train.warmup_steps=0.$'),
     ('train.learning_rate', -0.1, r'^train.learning_rate=-0.1: give a '),
     ('eval.in_training', ('whole', 'nope'),
      r"^Unknown evaluator 'nope': config.eval.evaluators defines"),
@@ -195,8 +196,9 @@ def _check_init_from_a_run(run):
   c.model.kwargs = unet_shapes_tiny.get_config().model.kwargs
   start(run / 'checkpoints')  # the latest step
   with pytest.raises(errors.ConfigError, match=rf'^model.init_from={run}/'
-                     r'checkpoints/99: --checkpoint=99: .* holds steps '
-                     r'\[3\]'):
+                     rf'checkpoints/99: {run}/checkpoints holds no step 99 '
+                     rf'\(steps \[3\]\); name one of them, or the run '
+                     rf'folder {run} for its latest.$'):
     start(run / 'checkpoints' / '99')
   # Only a new run reads them: a resume (or an evaluation) of a run that
   # started from weights no longer there is not refused, and the resume

@@ -3,6 +3,7 @@
 import io
 import json
 import pickle
+import re
 import struct
 import zipfile
 
@@ -74,6 +75,59 @@ def test_init_from_problems_are_config_errors_naming_the_key(tiny_config,
   with pytest.raises(errors.ConfigError, match=r'^model.init_from=.*notes.pth '
                      r'\(model.init_format=resnet50\): .*not a torch zip'):
     state.pretrained_init_fn(c)({})
+
+
+def _safetensors_bytes(header, data=b''):
+  head = json.dumps(header).encode()
+  return struct.pack('<Q', len(head)) + head + data
+
+
+_F32 = {'dtype': 'F32', 'shape': [2], 'data_offsets': [0, 8]}
+
+
+@pytest.mark.parametrize('content,why', [
+    (b'', r'it has 0 bytes, fewer than the 8 of the header length that '
+          r'starts the format'),
+    (b'abc', r'it has 3 bytes'),
+    (struct.pack('<Q', 100) + b'{}', r'its first 8 bytes give a header of '
+                                     r'100 bytes, but only 2 follow'),
+    (struct.pack('<Q', 5) + b'{"a":', r'its header is not valid JSON '),
+    (_safetensors_bytes([1, 2]), r'its header is a JSON list, not an object '
+                                 r'of tensors'),
+    (_safetensors_bytes({'w': {'dtype': 'F32', 'shape': [2]}}),
+     r"tensor 'w' has no dtype, shape and two data_offsets"),
+    (_safetensors_bytes({'w': _F32}, b'\0' * 4),
+     r"tensor 'w' \(F32, shape \[2\]: 8 bytes\) has data_offsets \[0, 8\] "
+     r'in 4 bytes of data'),
+])
+def test_a_damaged_safetensors_file_is_one_value_error_naming_it(
+    tmp_path, content, why):
+  path = tmp_path / 'w.safetensors'
+  path.write_bytes(content)
+  with pytest.raises(ValueError) as e:
+    weights.load_weights(str(path))
+  assert re.fullmatch(
+      rf'{re.escape(str(path))}: not a valid safetensors file: {why}.*; the '
+      r'file is damaged or of another format: save or download it again.',
+      str(e.value)), str(e.value)
+  # The valid file those headers were cut from.
+  path.write_bytes(_safetensors_bytes({'w': _F32}, b'\0' * 8))
+  np.testing.assert_array_equal(weights.load_weights(str(path))['w'],
+                                np.zeros(2, np.float32))
+
+
+def test_a_damaged_init_from_file_is_a_config_error(tiny_config, tmp_path):
+  """What `main` prints as one `error:` line (it was a struct.error
+  traceback for an empty file)."""
+  from seg_jax import errors, state  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'empty.safetensors'
+  path.write_bytes(b'')
+  tiny_config.model.init_from = str(path)
+  with pytest.raises(errors.ConfigError, match=(
+      rf'^model.init_from={re.escape(str(path))} \(model.init_format='
+      rf'resnet50\): {re.escape(str(path))}: not a valid safetensors file: '
+      r'it has 0 bytes')):
+    state.pretrained_init_fn(tiny_config)({})
 
 
 def _write_safetensors(path, tensors):

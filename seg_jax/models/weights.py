@@ -30,22 +30,62 @@ _TORCH_STORAGES = {
 
 
 def load_safetensors(path):
-  """{name: numpy array} from a .safetensors file."""
+  """{name: numpy array} from a .safetensors file; ValueError naming the
+  file for one that is empty, cut short or not safetensors."""
   with open(path, 'rb') as f:
-    (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
-    data = f.read()
+    raw = f.read()
+  if len(raw) < 8:
+    raise ValueError(_not_safetensors(
+        path, f'it has {len(raw)} bytes, fewer than the 8 of the header '
+        'length that starts the format'))
+  (n,) = struct.unpack('<Q', raw[:8])
+  if n > len(raw) - 8:
+    raise ValueError(_not_safetensors(
+        path, f'its first 8 bytes give a header of {n} bytes, but only '
+        f'{len(raw) - 8} follow'))
+  try:
+    header = json.loads(raw[8:8 + n])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(_not_safetensors(
+        path, f'its header is not valid JSON ({e})')) from None
+  if not isinstance(header, dict):
+    raise ValueError(_not_safetensors(
+        path, f'its header is a JSON {type(header).__name__}, not an object '
+        'of tensors'))
+  data = memoryview(raw)[8 + n:]
   out = {}
   for name, info in header.items():
     if name == '__metadata__':
       continue
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype '
-                       f'{info["dtype"]}.')
-    start, end = info['data_offsets']
-    out[name] = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[
-        info['dtype']]).reshape(info['shape']).copy()
+    out[name] = _safetensors_tensor(path, name, info, data)
   return out
+
+
+def _not_safetensors(path, why):
+  return (f'{path}: not a valid safetensors file: {why}; the file is '
+          'damaged or of another format: save or download it again.')
+
+
+def _safetensors_tensor(path, name, info, data):
+  """The numpy array of header entry `name` over the file's data bytes."""
+  try:
+    dtype, shape, (start, end) = (info['dtype'], info['shape'],
+                                  info['data_offsets'])
+    shape, start, end = tuple(int(d) for d in shape), int(start), int(end)
+  except (KeyError, TypeError, ValueError):
+    raise ValueError(_not_safetensors(
+        path, f'tensor {name!r} has no dtype, shape and two data_offsets '
+        f'({info!r})')) from None
+  if dtype not in _SAFETENSORS_DTYPES:
+    raise ValueError(f'{path}: tensor {name!r} has unsupported dtype '
+                     f'{dtype}.')
+  size = int(np.prod(shape)) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+  if not 0 <= start <= end <= len(data) or end - start != size:
+    raise ValueError(_not_safetensors(
+        path, f'tensor {name!r} ({dtype}, shape {list(shape)}: {size} bytes) '
+        f'has data_offsets [{start}, {end}] in {len(data)} bytes of data'))
+  return np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[dtype]).reshape(
+      shape).copy()
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
