@@ -46,6 +46,13 @@ def test_files_are_read_with_the_configured_channel_count(tmp_path):
                            r'not read as data.channels=4 \(RGBA, or a '
                            r'4-channel TIFF\); convert the image to that.$'):
     files.read_image(str(tmp_path / 'cmyk.jpg'), 4)
+  # Two bands, but other counts than 1, 3 and 4 come from TIFFs only.
+  Image.fromarray(rgba[..., 2:], 'LA').save(tmp_path / 'la.png')
+  with pytest.raises(files.BadSampleError,
+                     match=r"^.*la.png: a grayscale with alpha \(PIL mode 'LA'\) "
+                           r'is not read as data.channels=2 \(a multi-channel '
+                           r'TIFF\); convert the image to that.$'):
+    files.read_image(str(tmp_path / 'la.png'), 2)
 
 
 def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):

@@ -180,6 +180,12 @@ def read_image_notes(path, channels=3):
   return np.asarray(im.convert('RGB')), notes
 
 
+# What data.channels reads besides RGB: `_read_channels` (TIFFs of other
+# counts go to `_read_tiff` before it).
+_CHANNEL_FORMS = {1: 'grayscale: 8, 16-bit or float',
+                  4: 'RGBA, or a 4-channel TIFF'}
+
+
 def _read_channels(path, channels):
   """`read_image_notes` for channels != 3."""
   if path.lower().endswith(TIFF_EXTENSIONS) and channels not in (1, 4):
@@ -202,16 +208,12 @@ def _read_channels(path, channels):
     return np.asarray(im.convert('L'))[..., None], notes
   if channels == 4 and im.mode == 'RGBA':
     return np.asarray(im), notes
-  if channels == 1 and len(im.getbands()) == 1:  # e.g. a palette image
+  if len(im.getbands()) == channels:  # e.g. a palette image, a CMYK JPEG
     raise BadSampleError(
         f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
-        f'{im.mode!r}) is not read as data.channels=1 (grayscale: 8, 16-bit '
-        'or float); convert the image to that.')
-  if channels == 4 and len(im.getbands()) == 4:  # e.g. a CMYK JPEG
-    raise BadSampleError(
-        f'{path}: a {_MODE_NAMES.get(im.mode, im.mode)} (PIL mode '
-        f'{im.mode!r}) is not read as data.channels=4 (RGBA, or a '
-        '4-channel TIFF); convert the image to that.')
+        f'{im.mode!r}) is not read as data.channels={channels} '
+        f'({_CHANNEL_FORMS.get(channels, "a multi-channel TIFF")}); convert '
+        'the image to that.')
   raise ChannelCountError(
       f'{path}: the image has {len(im.getbands())} channel(s) (PIL mode '
       f'{im.mode!r})', channels, "set data.channels to the images' count "
