@@ -2,6 +2,7 @@
 TIFF; read, augmented, trained, evaluated and predicted end to end."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -32,27 +33,22 @@ def test_files_are_read_with_the_configured_channel_count(tmp_path):
     files.read_image(str(tmp_path / 'rgb.png'), 1)
   with pytest.raises(files.BadSampleError, match=r'but data.channels=4'):
     files.read_image(str(tmp_path / 'rgb.png'), 4)
-  # One band, but not grey values: a palette image is not read as grey.
-  Image.fromarray(grey).convert('P').save(tmp_path / 'palette.png')
-  with pytest.raises(files.BadSampleError,
-                     match=r"^.*palette.png: a palette image \(PIL mode 'P'\) "
-                           r'is not read as data.channels=1 \(grayscale: 8, '
-                           r'16-bit or float\); convert the image to that.$'):
-    files.read_image(str(tmp_path / 'palette.png'), 1)
-  # Four bands, but not RGBA: a CMYK JPEG is not read as 4 channels.
-  Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'cmyk.jpg')
-  with pytest.raises(files.BadSampleError,
-                     match=r"^.*cmyk.jpg: a CMYK image \(PIL mode 'CMYK'\) is "
-                           r'not read as data.channels=4 \(RGBA, or a '
-                           r'4-channel TIFF\); convert the image to that.$'):
-    files.read_image(str(tmp_path / 'cmyk.jpg'), 4)
-  # Two bands, but other counts than 1, 3 and 4 come from TIFFs only.
-  Image.fromarray(rgba[..., 2:], 'LA').save(tmp_path / 'la.png')
-  with pytest.raises(files.BadSampleError,
-                     match=r"^.*la.png: a grayscale with alpha \(PIL mode 'LA'\) "
-                           r'is not read as data.channels=2 \(a multi-channel '
-                           r'TIFF\); convert the image to that.$'):
-    files.read_image(str(tmp_path / 'la.png'), 2)
+  # The configured count of bands in another colour model: a palette image
+  # is not grey values, CMYK is not RGBA, and counts other than 1, 3 and 4
+  # come from TIFFs only.
+  for name, im, channels, model, form in [
+      ('palette.png', Image.fromarray(grey).convert('P'), 1,
+       r"a palette image \(PIL mode 'P'\)", r'grayscale: 8, 16-bit or float'),
+      ('cmyk.jpg', Image.fromarray(rgb).convert('CMYK'), 4,
+       r"a CMYK image \(PIL mode 'CMYK'\)", r'RGBA, or a 4-channel TIFF'),
+      ('la.png', Image.fromarray(rgba[..., 2:], 'LA'), 2,
+       r"a grayscale with alpha \(PIL mode 'LA'\)", r'a multi-channel TIFF')]:
+    im.save(tmp_path / name)
+    with pytest.raises(files.BadSampleError,
+                       match=rf'^.*{re.escape(name)}: {model} is not read as '
+                             rf'data.channels={channels} \({form}\); convert '
+                             r'the image to that.$'):
+      files.read_image(str(tmp_path / name), channels)
 
 
 def test_multi_channel_tiffs_interleaved_planar_and_16_bit(tmp_path):
