@@ -14,13 +14,26 @@ thunk executor's threads, so their total can exceed the wall time when
 operations run side by side; events of the runtime on those threads
 (waits between devices) are summed apart. Times are summed over devices
 too: profile on one device (the default on a CPU machine) to read them
-as a step's. Not part of the installed package: a
+as a step's.
+
+XLA's own convolutions (Eigen's, with oneDNN's matrix kernels) run
+asynchronously on the intra-op threads: the trace times only their
+launch. The line "intra-op threads" gives those threads' CPU time over
+the traced steps (from /proc) and the part of it outside every traced
+operation, which is mostly those convolutions (the U-Net's train step
+on this CPU: about two thirds of its CPU time). To name the kernels
+inside it, sample with `perf record -g -p PID` while the steps run, with
+`DNNL_JIT_PROFILE=2` in the environment (oneDNN then writes its JIT
+kernels' names to /tmp/perf-PID.map) and XLA's kernels' names appended
+there from `gdb -p PID -batch -ex 'maint print msymbols FILE'` (the
+`<in-memory@...>` objects). Not part of the installed package: a
 measuring tool.
 """
 
 import argparse
 import collections
 import glob
+import os
 import re
 import sys
 import tempfile
@@ -56,6 +69,22 @@ def _op_times(trace_dir):
   return ops, wall
 
 
+def _intra_op_cpu_ns():
+  """CPU time (ns) of this process's intra-op (tf_XLAEigen) threads."""
+  total = 0
+  for task in os.listdir('/proc/self/task'):
+    try:
+      with open(f'/proc/self/task/{task}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue  # the thread ended
+    name = stat[stat.index('(') + 1:stat.rindex(')')]
+    if name.startswith('tf_XLAEigen'):
+      fields = stat[stat.rindex(')') + 2:].split()
+      total += int(fields[11]) + int(fields[12])  # utime + stime, ticks
+  return total * 1e9 / os.sysconf('SC_CLK_TCK')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
@@ -88,7 +117,9 @@ def main():
   run(2)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
+    cpu_before = _intra_op_cpu_ns()
     run(args.steps)
+    cpu = _intra_op_cpu_ns() - cpu_before
     jax.profiler.stop_trace()
     ops, wall = _op_times(trace_dir)
   text = compiled.as_text()
@@ -106,6 +137,11 @@ def main():
   print(f'{args.config} {args.mode}: {per_step(wall):.1f} ms a step (wall), '
         f'{per_step(sum(ops.values())):.1f} ms of operations, '
         f'{per_step(runtime):.1f} ms of runtime events')
+  if os.path.isdir('/proc/self/task'):
+    outside = cpu - sum(ops.values()) - runtime
+    print(f'intra-op threads: {per_step(cpu):.1f} ms of CPU a step, '
+          f'{per_step(max(outside, 0)):.1f} ms of it outside the traced '
+          "operations (XLA's own convolutions, traced at launch only)")
   for name, ns in ops.most_common(args.top):
     line = lines[name]
     shape = re.search(r'= (\([^)]*\)|\S+) ', line)

@@ -177,7 +177,8 @@ def test_infer_mode_counts_the_forward_pass(tiny_config):
 
 def test_profile_ops_lists_the_step_operations_and_their_kinds():
   """benchmarks/profile_ops.py on the tiny config (8 devices): the wall
-  time, the top operations (each a named operation of the compiled step,
+  time, the intra-op threads' CPU time and its untraced part, the top
+  operations (each a named operation of the compiled step,
   with its output shape) and per-kind times that add up to the total of
   operations."""
   out = subprocess.run(
@@ -191,7 +192,13 @@ def test_profile_ops_lists_the_step_operations_and_their_kinds():
                       r'runtime events', lines[0])
   assert head, lines[0]
   assert float(head.group(1)) > 0
-  top = lines[1:lines.index('by kind:')]
+  threads = re.fullmatch(r'intra-op threads: ([\d.]+) ms of CPU a step, '
+                         r'([\d.]+) ms of it outside the traced operations '
+                         r"\(XLA's own convolutions, traced at launch only\)",
+                         lines[1])
+  assert threads, lines[1]
+  assert 0 <= float(threads.group(2)) <= float(threads.group(1))
+  top = lines[2:lines.index('by kind:')]
   assert len(top) == 5
   for line in top:
     ms, unit, name, shape = line.split()[:4]
