@@ -51,7 +51,11 @@ def test_fcn8s_without_upsampling_layers():
 ALL = sorted(models.MODELS)
 
 
-@pytest.mark.parametrize('name', ALL)
+# The ResNet-101 models' shapes are traced with `-m slow` (15 s here; they
+# share every line with their ResNet-50 twins, traced by default).
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=[pytest.mark.slow] * n.endswith('101'))
+    for n in ALL])
 def test_output_is_input_size(name):
   """Odd sizes (VOC's 500x375 and 321x481) and a small one; the parameters
   do not depend on the input's size (initialised at one, applied to all)."""
@@ -127,19 +131,24 @@ SMALL = {
 # nice 19: 39 s, lraspp 33 s, deeplabv3_resnet50 28 s).
 # lraspp_mobilenet_v3_large runs bfloat16 alone by default (its float32
 # step, 15 s here alone, with `-m slow`): the precision whose depthwise
-# gradients could go wrong.
+# gradients could go wrong. deeplabv3_resnet50 and segnet run float32
+# alone by default, the precision of their CPU forms (dilated taps,
+# Winograd, max-unpooling; their bfloat16 steps, 17 and 5 s here, with
+# `-m slow`: bf16 compute is the mixed-precision path the U-Net, FCN-32s
+# and LR-ASPP cases run by default).
 SLOW_TRAIN = ('fcn16s', 'fcn8s', 'fcn_resnet50', 'deeplabv3plus_resnet50',
               'deeplabv3_mobilenet_v3_large')
+ONE_BY_DEFAULT = {'lraspp_mobilenet_v3_large': 'bfloat16',
+                  'deeplabv3_resnet50': 'float32', 'segnet': 'float32'}
 BOTH = ('float32', 'bfloat16')
+SHORT = {'float32': 'f32', 'bfloat16': 'bf16'}
 TRAIN_CASES = [
     pytest.param(n, BOTH, id=n, marks=[pytest.mark.slow] * (
         n.endswith('101') or n in SLOW_TRAIN))
-    for n in ALL if n != 'lraspp_mobilenet_v3_large'] + [
-        pytest.param('lraspp_mobilenet_v3_large', ('bfloat16',),
-                     id='lraspp_mobilenet_v3_large-bf16'),
-        pytest.param('lraspp_mobilenet_v3_large', ('float32',),
-                     id='lraspp_mobilenet_v3_large-f32',
-                     marks=pytest.mark.slow)]
+    for n in ALL if n not in ONE_BY_DEFAULT] + [
+        pytest.param(n, (p,), id=f'{n}-{SHORT[p]}',
+                     marks=[pytest.mark.slow] * (p != ONE_BY_DEFAULT[n]))
+        for n in ONE_BY_DEFAULT for p in BOTH]
 
 
 @pytest.mark.parametrize('name, precisions', TRAIN_CASES)
