@@ -32,6 +32,16 @@ imported), applies the first of these that the machine has:
   peak. Measured with huge pages off: the U-Net step 713 -> 619 ms, the
   LR-ASPP predict step 33.6 -> 25.0-30.0 ms.
 
+`MemoryChecked` wraps the inference steps (the predict and evaluation
+steps): on a CPU backend each new compilation is checked before it first
+runs (its buffers against the host memory available, its convolutions'
+patch matrices against the largest block the kernel grants), because
+XLA's CPU runtime aborts the whole process (`std::bad_alloc`) where an
+allocation fails, where on a GPU it raises `RESOURCE_EXHAUSTED`. A
+program that cannot fit raises that same error instead: `predict` then
+takes that image size one image at a time, and `evaluate` stops with one
+line saying what to lower.
+
 `SEG_JAX_HOST_MEMORY=default` keeps the C library's defaults; where the C
 library is not glibc (macOS, musl) nothing changes. A program of your own
 that runs seg_jax's steps gets the same by starting Python with
@@ -40,6 +50,7 @@ that runs seg_jax's steps gets the same by starting Python with
 
 import ctypes
 import os
+import re
 import sys
 
 ENV = 'SEG_JAX_HOST_MEMORY'
@@ -169,3 +180,147 @@ def _mode(environ, version, thp_mode):
   if thp_mode == 'always':
     return 'huge pages (always)'
   return 'kept'
+
+
+# /proc/meminfo's "MemAvailable:" line and the cgroup (v2) limits.
+MEMINFO = '/proc/meminfo'
+CGROUP = '/sys/fs/cgroup'
+
+
+def available_bytes(meminfo=MEMINFO, cgroup=CGROUP):
+  """The memory this process can still take (bytes): the kernel's
+  MemAvailable, lowered to what is left under the cgroup's limit if it
+  has one; None where neither can be read (not Linux)."""
+  available = None
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          available = int(line.split()[1]) * 1024  # kB
+          break
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    with open(os.path.join(cgroup, 'memory.max')) as f:
+      limit = f.read().strip()
+    with open(os.path.join(cgroup, 'memory.current')) as f:
+      left = int(limit) - int(f.read())
+    available = left if available is None else min(available, left)
+  except (OSError, ValueError):  # no cgroup v2 limit ('max'), not Linux
+    pass
+  return available
+
+
+def buffers_bytes(compiled):
+  """Host memory a compiled program's execution fills (bytes): its
+  temporaries and outputs (arguments exist already), on each device it
+  runs on; None where XLA gives no estimate."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  shardings = [s for s in _leaves(compiled.input_shardings)
+               if hasattr(s, 'device_set')]
+  devices = max((len(s.device_set) for s in shardings), default=1)
+  return devices * (stats.temp_size_in_bytes + stats.output_size_in_bytes -
+                    stats.alias_size_in_bytes)
+
+
+def largest_allocation_bytes(meminfo=MEMINFO):
+  """The largest single allocation the kernel's default (heuristic)
+  overcommit grants: about its memory and swap together (bytes); None
+  where /proc/meminfo cannot be read."""
+  total = {}
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key in ('MemTotal', 'SwapTotal'):
+          total[key] = int(value.split()[0]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    return None
+  return sum(total.values()) if 'MemTotal' in total else None
+
+
+_DEFINITION = re.compile(r'%([\w.-]+) = (\w+)\[([\d,]*)\]')
+_CONVOLUTION = re.compile(
+    r'= (\w+)\[([\d,]*)\]\S* convolution\(%[\w.-]+, %([\w.-]+)\).*'
+    r'window=\{size=([\dx]+)[^}]*\}, dim_labels=b01f_01io->b01f')
+_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 'f64': 8}
+
+
+def patch_matrix_bytes(hlo_text):
+  """The largest patch matrix (im2col) among a compiled CPU program's
+  convolutions (bytes): XLA's own (Eigen) convolutions ask for it as one
+  block, outside the program's buffers that `memory_analysis` counts, and
+  the process aborts where the kernel refuses it (measured: a 3x3
+  convolution from 8 channels on 8 images of 3000x4000 asked for 27.6 GB,
+  8 x 3000 x 4000 x 72 floats, on a 24 GiB machine; the program's own
+  buffers were 12.3 GB; one such image alone ran in 2 GB resident)."""
+  shapes = {name: [int(d) for d in dims.split(',') if d]
+            for name, _, dims in _DEFINITION.findall(hlo_text)}
+  largest = 0
+  for line in hlo_text.splitlines():
+    found = _CONVOLUTION.search(line)
+    kernel = shapes.get(found.group(3)) if found else None
+    if not kernel or len(kernel) != 4:
+      continue
+    out = [int(d) for d in found.group(2).split(',') if d]
+    taps = 1
+    for k in found.group(4).split('x'):
+      taps *= int(k)
+    pixels = 1
+    for d in out[:-1]:
+      pixels *= d
+    largest = max(largest, pixels * taps * kernel[2] *
+                  _BYTES.get(found.group(1), 4))
+  return largest
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
+
+
+class MemoryChecked:
+  """A `jax.jit` function whose compilation for each new argument
+  signature is checked, on a CPU backend, before it first runs: its
+  buffers against the host memory available (`available_bytes`), its
+  largest convolution's patch matrix against the largest allocation the
+  kernel grants (`largest_allocation_bytes`). One that cannot fit
+  raises `jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: ...')`, the
+  error a GPU raises (`errors.out_of_memory` is true for it), instead of
+  XLA's CPU runtime aborting the process. The check compiles through
+  `jitted.lower(...).compile()`, which the jitted function then reuses.
+  Other attributes are the jitted function's (`lower`, ...)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self._fits = set()
+
+  def __call__(self, *args):
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.default_backend() == 'cpu':
+      leaves, tree = jax.tree.flatten(args)
+      key = (tree, tuple((getattr(x, 'shape', ()),
+                          str(getattr(x, 'dtype', type(x))),
+                          getattr(x, 'sharding', None)) for x in leaves))
+      if key not in self._fits:
+        compiled = self.jitted.lower(*args).compile()
+        need, available = buffers_bytes(compiled), available_bytes()
+        if need is not None and available is not None and need > available:
+          raise jax.errors.JaxRuntimeError(
+              f'RESOURCE_EXHAUSTED: the compiled step needs '
+              f'{need / 2**30:.1f} GiB of host memory for its buffers, '
+              f'{available / 2**30:.1f} GiB are available.')
+        block = patch_matrix_bytes(compiled.as_text())
+        largest = largest_allocation_bytes()
+        if largest is not None and block > largest:
+          raise jax.errors.JaxRuntimeError(
+              f'RESOURCE_EXHAUSTED: a convolution of the compiled step '
+              f'allocates {block / 2**30:.1f} GiB at once, more than this '
+              f"machine's memory and swap ({largest / 2**30:.1f} GiB).")
+        self._fits.add(key)
+    return self.jitted(*args)
+
+  def __getattr__(self, name):
+    return getattr(self.jitted, name)

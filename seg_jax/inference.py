@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from seg_jax import errors
+from seg_jax import errors, host_memory
 from seg_jax.data import transforms
 from seg_jax.models import layers
 
@@ -360,5 +360,6 @@ def make_predict_step(model, config, spec, with_logits=False):
   example's (h, w) in `sizes` (N, 2), to int32 label maps (N, H, W) (and,
   with `with_logits`, float32 logits (N, H, W, C)).
   """
-  return jax.jit(make_predict_fn(model, config, spec, with_logits),
-                 compiler_options=layers.compiler_options())
+  return host_memory.MemoryChecked(jax.jit(
+      make_predict_fn(model, config, spec, with_logits),
+      compiler_options=layers.compiler_options()))

@@ -204,7 +204,10 @@ class Predictor:
   multiple of `size_multiple` (padded with the mean, as evaluation pads),
   and is always `batch_size` long: an image's labels depend on itself
   only, not on what it is batched with, and each canvas size compiles
-  once. Label maps come back at each image's own size.
+  once. Label maps come back at each image's own size. Where a full batch
+  of a canvas does not fit in memory (e.g. one 12-megapixel photo among
+  small images), that canvas's images go one at a time; out-of-memory
+  errors are raised only where one image alone does not fit.
   """
 
   def __init__(self, config, model, variables, spec, batch_size,
@@ -221,17 +224,16 @@ class Predictor:
     self.fill = transforms.fill_value(config.data.mean)
     self.step = inference.make_predict_step(
         model, config, spec, with_logits=refiner is not None)
+    self.one_at_a_time = set()  # canvases a full batch of which did not fit
 
   def out_of_memory(self, canvas=None):
-    """What to say when a batch of `canvas`-sized images (None: a video's
-    frames) did not fit."""
-    hints = ([f'a smaller --batch_size (now {self.batch_size})']
-             if self.batch_size > 1 else [])
-    if self.spec.mode == 'whole':
-      hints.append('--evaluator=slide (windows of the training crop)')
+    """What to say when `canvas`-sized images (None: a video's frames)
+    did not fit, one at a time where a full batch did not either."""
+    hints = ['--evaluator=slide (windows of the training crop)'] if (
+        self.spec.mode == 'whole') else []
     what = (f'{canvas[0]}x{canvas[1]} (HxW) images' if canvas else
             'its frames')
-    return (f'out of memory predicting {what} {self.batch_size} at a time; '
+    return (f'out of memory predicting {what} one at a time; '
             + (f'use {" or ".join(hints)}.' if hints else
                'too large for this machine.'))
 
@@ -244,11 +246,25 @@ class Predictor:
     """(H_i, W_i) int32 label maps of up to `batch_size` uint8 images
     (H_i, W_i, data.channels) that have one `canvas`."""
     assert 0 < len(images) <= self.batch_size
+    canvas = self.canvas(images[0])
+    assert all(self.canvas(i) == canvas for i in images)
+    if self.batch_size > 1 and canvas not in self.one_at_a_time:
+      try:
+        return self._predict(images, self.batch_size)
+      except jax.errors.JaxRuntimeError as e:
+        if not errors.out_of_memory(e):
+          raise
+      self.one_at_a_time.add(canvas)
+      logging.warning('%dx%d (HxW) images do not fit %d at a time in memory: '
+                      'predicting them one at a time.', *canvas,
+                      self.batch_size)
+    return [label for image in images for label in self._predict([image], 1)]
+
+  def _predict(self, images, batch_size):
     h, w = self.canvas(images[0])
-    assert all(self.canvas(i) == (h, w) for i in images)
-    batch = np.empty((self.batch_size, h, w, self.channels), np.uint8)
+    batch = np.empty((batch_size, h, w, self.channels), np.uint8)
     batch[...] = self.fill
-    sizes = np.tile(np.array([h, w], np.int32), (self.batch_size, 1))
+    sizes = np.tile(np.array([h, w], np.int32), (batch_size, 1))
     for k, image in enumerate(images):
       batch[k, :image.shape[0], :image.shape[1]] = image
       sizes[k] = image.shape[:2]

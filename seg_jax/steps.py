@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from seg_jax import inference
+from seg_jax import host_memory, inference
 from seg_jax import labels as seg_labels
 from seg_jax import losses, sharding
 from seg_jax import state as seg_state
@@ -148,7 +148,7 @@ def make_eval_step(model, config, mesh, spec, num_shown=0, with_logits=False):
 
   # The variables keep the layout they come with (the train state's).
   repl, batch_sharding = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(None, batch_sharding),
-                 compiler_options=layers.compiler_options(),
-                 out_shardings=(repl, repl, repl) if with_logits
-                 else (repl, repl))
+  return host_memory.MemoryChecked(jax.jit(
+      eval_step, in_shardings=(None, batch_sharding),
+      compiler_options=layers.compiler_options(),
+      out_shardings=(repl, repl, repl) if with_logits else (repl, repl)))

@@ -283,6 +283,32 @@ def test_evaluation_batch_is_capped_at_the_split(tiny_config, tiny_model):
     evaluator.run(placed)
 
 
+def test_an_evaluation_beyond_the_host_memory_is_refused_in_one_line(
+    tiny_config, tiny_model, monkeypatch):
+  """On a CPU the compiled evaluation step is checked against the host
+  memory left before it runs (XLA's CPU runtime aborts the process where
+  an allocation fails): with 1 KiB left, the evaluation stops with the
+  out-of-memory line; with the memory unknown it runs as before."""
+  from seg_jax import host_memory  # pylint: disable=g-import-not-at-top
+  config = _eval_config(tiny_config, num_val=5)
+  config.eval.global_batch_size = 2
+  _, model, variables = tiny_model
+  mesh = sharding.create_mesh(devices=jax.devices()[:1])
+  placed = jax.device_put(variables, sharding.replicated(mesh))
+  source = data.create_source(config, 'val')
+  expected = evaluators.Evaluator('whole', config, model, mesh,
+                                  source).run(placed)
+  monkeypatch.setattr(host_memory, 'available_bytes', lambda: 1024)
+  with pytest.raises(errors.ConfigError, match=r'^Evaluation whole ran out of '
+                     r'memory on a batch of 2 images of 32x32 \(HxW\): set '
+                     r'--config.eval.global_batch_size below 2 '):
+    evaluators.Evaluator('whole', config, model, mesh, source).run(placed)
+  monkeypatch.setattr(host_memory, 'available_bytes', lambda: None)
+  result = evaluators.Evaluator('whole', config, model, mesh,
+                                source).run(placed)
+  np.testing.assert_array_equal(result.confusion, expected.confusion)
+
+
 def test_ignore_label_254_on_relabelled_data_gives_the_same_metrics(
     tiny_config, tiny_model):
   """The shapes borders carry data.ignore_label: 254 instead of 255 must

@@ -221,3 +221,90 @@ def test_configure_keeps_freed_memory_only_where_no_huge_pages_are_given(
   assert host_memory.configure() == 'default'
   assert not calls
   monkeypatch.setattr(host_memory, 'MODE', 'default')
+
+
+def test_available_bytes_reads_meminfo_and_the_cgroup_limit(tmp_path):
+  """MemAvailable (kB) from /proc/meminfo, lowered to what the cgroup's
+  memory.max leaves above memory.current; no limit ('max') or no file
+  leaves it; nothing readable gives None."""
+  meminfo = tmp_path / 'meminfo'
+  meminfo.write_text('MemTotal:       24000 kB\nMemFree:  100 kB\n'
+                     'MemAvailable:    1000 kB\nBuffers: 5 kB\n')
+  cgroup = tmp_path / 'cgroup'
+  cgroup.mkdir()
+  read = lambda: host_memory.available_bytes(str(meminfo), str(cgroup))
+  assert read() == 1_024_000
+  (cgroup / 'memory.max').write_text('max\n')
+  (cgroup / 'memory.current').write_text('1500000\n')
+  assert read() == 1_024_000
+  (cgroup / 'memory.max').write_text('2000000\n')
+  assert read() == 500_000
+  meminfo.unlink()
+  assert read() == 500_000
+  (cgroup / 'memory.max').unlink()
+  assert read() is None
+
+
+def test_buffers_bytes_counts_each_device_a_program_runs_on():
+  """A compiled program's temporaries and outputs, times the devices its
+  inputs are sharded over (8 simulated CPU devices: 8 copies of the
+  per-device buffers in the one host memory)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from seg_jax import sharding  # pylint: disable=g-import-not-at-top
+  step = jax.jit(lambda x: (x * 2).sum(0) + x)
+  x = np.ones((8, 1000), np.float32)
+  one = step.lower(x).compile()
+  stats = one.memory_analysis()
+  assert host_memory.buffers_bytes(one) == (
+      stats.temp_size_in_bytes + stats.output_size_in_bytes -
+      stats.alias_size_in_bytes) >= 8 * 1000 * 4
+  mesh = sharding.create_mesh()
+  placed = jax.device_put(x, sharding.replicated(mesh))
+  eight = step.lower(placed).compile()
+  stats = eight.memory_analysis()
+  assert host_memory.buffers_bytes(eight) == 8 * (
+      stats.temp_size_in_bytes + stats.output_size_in_bytes -
+      stats.alias_size_in_bytes)
+
+
+def test_patch_matrix_of_xla_convolutions_and_the_largest_block(tmp_path,
+                                                                monkeypatch):
+  """The patch matrix of XLA's CPU convolution (pixels x taps x input
+  channels: the second's, 2 x 9 x 11 x 9 x 7 floats, the larger);
+  MemTotal + SwapTotal as the largest block; a step whose patch matrix
+  exceeds it is refused before it runs with XLA's out-of-memory error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from seg_jax import errors  # pylint: disable=g-import-not-at-top
+  from seg_jax.models import layers  # pylint: disable=g-import-not-at-top
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  step = jax.jit(lambda x, k, j: conv(conv(x, k), j),
+                 compiler_options=layers.compiler_options())
+  x = np.ones((2, 9, 11, 5), np.float32)
+  k, j = np.ones((3, 3, 5, 7), np.float32), np.ones((3, 3, 7, 2), np.float32)
+  text = step.lower(x, k, j).compile().as_text()
+  assert text.count(' convolution(') == 2
+  assert host_memory.patch_matrix_bytes(text) == 2 * 9 * 11 * 9 * 7 * 4
+  meminfo = tmp_path / 'meminfo'
+  meminfo.write_text('MemTotal: 1000 kB\nSwapTotal: 24 kB\n'
+                     'MemAvailable: 900 kB\n')
+  assert host_memory.largest_allocation_bytes(str(meminfo)) == 1024 * 1024
+  assert host_memory.largest_allocation_bytes(str(tmp_path / 'no')) is None
+
+  checked = host_memory.MemoryChecked(step)
+  monkeypatch.setattr(host_memory, 'largest_allocation_bytes',
+                      lambda: 2 * 9 * 11 * 9 * 7 * 4 - 1)
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=r'^RESOURCE_EXHAUSTED: a convolution of the '
+                     r'compiled step allocates 0.0 GiB at once, more than '
+                     r"this machine's memory and swap \(0.0 GiB\)\.$") as e:
+    checked(x, k, j)
+  assert errors.out_of_memory(e.value)
+  monkeypatch.setattr(host_memory, 'largest_allocation_bytes',
+                      lambda: 2 * 9 * 11 * 9 * 7 * 4)
+  np.testing.assert_array_equal(checked(x, k, j), step(x, k, j))

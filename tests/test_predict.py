@@ -472,9 +472,8 @@ def test_many_sizes_partial_batches_stop_and_out_of_memory(run, tmp_path,
                                        np.zeros((5, 3), np.uint8), [], 0.5))
   assert written == 7
   assert failures == [(items[3][0], f'{items[3][0]}: out of memory '
-                       'predicting 32x24 (HxW) images 4 at a time; use a '
-                       'smaller --batch_size (now 4) or --evaluator=slide '
-                       '(windows of the training crop).')]
+                       'predicting 32x24 (HxW) images one at a time; use '
+                       '--evaluator=slide (windows of the training crop).')]
   assert not (tmp_path / 'oom' / '3.png').exists()
   # A video whose frames do not fit from its second batch: named as such,
   # not as unreadable; the first batch's frames are written and counted.
@@ -492,11 +491,69 @@ def test_many_sizes_partial_batches_stop_and_out_of_memory(run, tmp_path,
   recorder = _Recorder(predictor, out_of_memory_on=(32, 48), from_batch=1)
   assert predict.run([video], recorder, outputs) == (0, 4, [(
       video, f'{video}: the first 4 frames are written; out of '
-      'memory predicting its frames 4 at a time; use a smaller --batch_size '
-      '(now 4) or --evaluator=slide (windows of the training crop).')])
+      'memory predicting its frames one at a time; use --evaluator=slide '
+      '(windows of the training crop).')])
   assert recorder.batches == [4, 2]
   with av.open(str(tmp_path / 'out' / 'clip_overlay.mp4')) as written:
     assert sum(1 for _ in written.decode(video=0)) == 4
+
+
+def test_a_canvas_that_does_not_fit_a_full_batch_goes_one_at_a_time(
+    run, tmp_path, monkeypatch):
+  """With host memory for one 40x48 image but not for a batch of 4 (XLA's
+  CPU runtime would abort the process): the compiled step is refused
+  before it runs, the canvas's images are predicted one at a time with the
+  labels each gets alone, and other canvases keep full batches. With
+  memory for none, the images fail with one line and the rest go on."""
+  from seg_jax import host_memory  # pylint: disable=g-import-not-at-top
+  config, _, predictor = run
+  del config
+  # The fixture's predictor with a step of its own (its checks start anew).
+  fresh = predict.Predictor.__new__(predict.Predictor)
+  fresh.__dict__.update(predictor.__dict__, one_at_a_time=set())
+  step = predictor.step.jitted
+
+  def need(batch, h, w):
+    args = (predictor.variables, np.zeros((batch, h, w, 3), np.uint8),
+            np.zeros((batch, 2), np.int32))
+    return host_memory.buffers_bytes(step.lower(*args).compile())
+
+  one, four = need(1, 40, 48), need(4, 40, 48)
+  assert 0 < one < four and need(4, 16, 16) < (one + four) // 2
+  fresh.step = host_memory.MemoryChecked(step)
+  monkeypatch.setattr(host_memory, 'available_bytes',
+                      lambda: (one + four) // 2)
+  images = [_image(40, 48 - k, k) for k in range(3)]
+  labels = fresh(images)
+  assert fresh.one_at_a_time == {(40, 48)}
+  for image, label in zip(images, labels):
+    expected, = predictor([image])
+    np.testing.assert_array_equal(label, expected)
+  small = [_image(16, 16, k) for k in range(2)]
+  for label, image in zip(fresh(small), small):
+    np.testing.assert_array_equal(label, predictor([image])[0])
+  assert fresh.one_at_a_time == {(40, 48)}
+
+  monkeypatch.setattr(host_memory, 'available_bytes', lambda: one // 2)
+  fresh.one_at_a_time, fresh.step = set(), host_memory.MemoryChecked(step)
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=r'^RESOURCE_EXHAUSTED: the compiled step needs '
+                     r'[\d.]+ GiB of host memory for its buffers, [\d.]+ GiB '
+                     r'are available\.$') as caught:
+    fresh(images[:1])
+  assert errors.out_of_memory(caught.value)
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  for k, image in enumerate(images[:1] + small[:1]):
+    Image.fromarray(image).save(folder / f'{k}.png')
+  items = [(str(folder / f'{k}.png'), str(k)) for k in range(2)]
+  fresh.one_at_a_time = set()
+  written, failures = predict.predict_images(
+      items, fresh, predict.Outputs(str(tmp_path / 'out'),
+                                    np.zeros((5, 3), np.uint8), [], 0.5))
+  assert written == 1 and failures == [(items[0][0], (
+      f'{items[0][0]}: out of memory predicting 40x48 (HxW) images one at '
+      'a time; use --evaluator=slide (windows of the training crop).'))]
 
 
 def test_lraspp_video_keeps_frame_count_rate_and_size(tmp_path):
