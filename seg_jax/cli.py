@@ -494,6 +494,18 @@ def _no_config_to_override(key, workdir):
   return f'{what}: give --config=configs/<file>.py.'
 
 
+def _shipped_configs_importable():
+  """The shipped configs (`configs/`, which config files import: `from
+  configs import default`) importable from any working directory: the
+  root of the source tree seg_jax runs from (a checkout, an editable
+  install) joins the end of `sys.path` where it holds them, after the
+  working directory's own."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if (os.path.isfile(os.path.join(root, 'configs', 'default.py')) and
+      root not in sys.path):
+    sys.path.append(root)
+
+
 def run(main):
   """`absl.app.run(main)`, where `--help` (or `-h`) prints help and exits 0,
   an `errors.UserError` (or an error caused by one) is one line on stderr
@@ -504,6 +516,7 @@ def run(main):
   error.
   """
   GIVEN_ARGV[:] = sys.argv
+  _shipped_configs_importable()
   # ml_collections reads its overrides from sys.argv itself.
   sys.argv = _with_new_model_kwargs(stored_config_argv(_expand_home(
       ['--help' if a == '-h' else a for a in sys.argv])))

@@ -330,3 +330,24 @@ def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
           '--out=/home/me', '--config=/home/me/c.py',
           '--config.model.init_from=/home/me/w', '--config.data.class_names=~a',
           'x~/y', '--workdir=a~']
+
+
+def test_a_config_of_ones_own_imports_the_shipped_configs_from_any_folder(
+    tmp_path):
+  """A config file kept in the user's own folder, run from there, imports
+  the shipped ones (`from configs import ...`) as the shipped ones do."""
+  (tmp_path / 'mine.py').write_text(
+      'from configs import unet_shapes_tiny\n\n\n'
+      'def get_config():\n'
+      '  c = unet_shapes_tiny.get_config()\n'
+      '  c.data.shapes.num_val = 3\n'
+      '  return c\n')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.data.check', '--config=mine.py',
+       '--splits=val'], cwd=tmp_path, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'^val: shapes/val, 3 examples, images 32x32', out.stdout,
+                   re.M), out.stdout
+  assert out.stdout.rstrip().endswith('No problems found.')
