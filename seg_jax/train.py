@@ -333,6 +333,12 @@ class Trainer:
                 self.palette, labels.ignore_label(self.config))
       logging.info('eval %s at step %d took %.1fs: mIoU=%.4f', r.name, step,
                    time.time() - t0, scalars['miou'])
+      if not np.asarray(r.confusion).sum():
+        logging.warning(
+            'eval %s at step %d scored no pixel, so its scores are nan: '
+            "every validation image was skipped (data.on_bad_sample='skip', "
+            'reasons above) or is labelled data.ignore_label only.', r.name,
+            step)
       result = result or {'step': step, **scalars}
     return result
 

@@ -316,6 +316,25 @@ def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
                   r"data.val_split is '' .* give --split=")
 
 
+def test_an_evaluation_of_only_skipped_images_says_so(tmp_path, caplog):
+  """'skip' mode with the one validation mask bad: the evaluation scores
+  no pixel, and the log says why its scores are nan."""
+  ud.write_folder(tmp_path, n=8)
+  val = ud.write_folder(tmp_path, n=1, split='val')
+  ud.save_mask(val[0][1], np.full(ud.SIZE, 9, np.uint8))
+  config = ud.folder_config(tmp_path, **{
+      'data.on_bad_sample': 'skip', 'train.num_steps': 2,
+      'eval.every_steps': 2, 'checkpoint.every_steps': 2})
+  with caplog.at_level(logging.INFO):
+    result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['step'] == 2 and np.isnan(result['miou'])
+  assert re.search(r"eval whole at step 2 scored no pixel, so its scores are "
+                   r"nan: every validation image was skipped "
+                   r"\(data.on_bad_sample='skip', reasons above\)",
+                   caplog.text), caplog.text[-2000:]
+  assert 'img_000.png: mask values [9]' in caplog.text
+
+
 def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
     tmp_path):
   ud.write_folder(tmp_path, n=8)
@@ -351,6 +370,16 @@ def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
   (tmp_path / 'classes.txt').write_bytes('road\ncar\nsky\n'.encode(
       'utf-8-sig'))
   assert data.class_info(config)[0] == ('road', 'car', 'sky')
+  # One that names no class, in training and in the class table alike.
+  for text in ('', '\n  \n', '# my classes\n\n#todo\n'):
+    (tmp_path / 'classes.txt').write_text(text)
+    for read in (data.class_info, lambda c: data.create_source(c, 'train')):
+      with pytest.raises(errors.ConfigError, match=(
+          rf'^{tmp_path}/classes.txt names no class \(it is empty, blank or '
+          r'only comments\): write one class name a line, in class-id '
+          r'order, or remove it \(the classes are then named class_0')):
+        read(config)
+  (tmp_path / 'classes.txt').write_text('road\ncar\nsky\n')
   # On the command line, --config.data.class_names=bg,lane,sky arrives as
   # one string in a tuple: its names are the comma-separated ones.
   config.data.class_names = ('bg, lane,sky',)

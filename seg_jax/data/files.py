@@ -523,9 +523,17 @@ def read_list(path, name):
 
 def read_class_names(path):
   """The class names of a `classes.txt`: one per non-empty line, lines
-  starting with '#' left out as comments."""
-  return [line for line in read_list(path, 'folder')
-          if not line.startswith('#')]
+  starting with '#' left out as comments; one that names none (empty,
+  blank or only comments) is refused, naming it."""
+  with open(path, encoding='utf-8-sig') as f:  # a BOM is no character
+    names = [line.strip() for line in f
+             if line.strip() and not line.strip().startswith('#')]
+  if not names:
+    raise errors.ConfigError(
+        f'{path} names no class (it is empty, blank or only comments): '
+        'write one class name a line, in class-id order, or remove it '
+        '(the classes are then named class_0, class_1, ...).')
+  return names
 
 
 class FileSource:
