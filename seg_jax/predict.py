@@ -68,8 +68,8 @@ def find_inputs(paths):
     top = os.path.basename(os.path.normpath(path))
     for root, _, names in files.walk(path):
       for name in names:
-        if name.startswith('.') or '__MACOSX' in root:
-          continue  # hidden files and macOS's resource forks, as training
+        if name.startswith('.'):
+          continue  # hidden files, as training (`files.walk`: folders)
         if name.lower().endswith(files.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
           full = os.path.join(root, name)
           rel = os.path.splitext(os.path.relpath(full, path))[0]

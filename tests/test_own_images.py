@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import checkpoint, data, errors, train
+from seg_jax import checkpoint, data, errors, predict, train
 from seg_jax.data import check, files
 
 import user_data as ud
@@ -314,6 +314,20 @@ def test_skip_mode_reports_each_bad_file_once_and_no_validation_split(
   assert stored['data']['val_split'] == ''
   _one_line_error(*_cli('evaluate', f'--workdir={tmp_path}/run')[::2], 2,
                   r"data.val_split is '' .* give --split=")
+
+
+def test_macos_resource_forks_are_left_out_as_predict_leaves_them(tmp_path):
+  """A zip made on a Mac unpacks `__MACOSX/` folders (here with a real
+  image in it): the folder dataset reads past them, as `predict` does."""
+  paths = ud.write_folder(tmp_path, n=8)
+  fork = tmp_path / 'images' / 'train' / '__MACOSX'
+  fork.mkdir()
+  (fork / 'img_009.png').write_bytes(open(paths[0][0], 'rb').read())
+  source = data.create_source(ud.folder_config(tmp_path), 'train')
+  assert len(source) == 8 and '__MACOSX' not in ' '.join(
+      p for pair in source.pairs for p in pair)
+  assert [n for _, n in predict.find_inputs([str(tmp_path / 'images')])] == [
+      f'images/train/img_{k:03d}' for k in range(8)]
 
 
 def test_an_evaluation_of_only_skipped_images_says_so(tmp_path, caplog):

@@ -31,9 +31,10 @@ JPEG_MASK_PROBLEM = ("JPEG's lossy compression changes the class ids along "
 
 
 def walk(folder):
-  """`os.walk(folder)` in sorted order, hidden folders left out, following
-  symbolic links to folders (a dataset assembled from links is read
-  whole), each real folder once (a link back up does not loop)."""
+  """`os.walk(folder)` in sorted order, hidden folders and macOS's
+  `__MACOSX` (the resource forks a zip made on a Mac unpacks into) left
+  out, following symbolic links to folders (a dataset assembled from links
+  is read whole), each real folder once (a link back up does not loop)."""
   seen = set()
   for root, dirs, names in os.walk(folder, followlinks=True):
     real = os.path.realpath(root)
@@ -41,7 +42,8 @@ def walk(folder):
       dirs[:] = []
       continue
     seen.add(real)
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+    dirs[:] = sorted(d for d in dirs
+                     if not d.startswith('.') and d != '__MACOSX')
     yield root, dirs, sorted(names)
 
 
