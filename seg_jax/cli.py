@@ -140,8 +140,11 @@ def inference_names(config, one=False):
   names = list(f.evaluator) + (['tta'] if f.tta else [])
   names = names or [inference.default_name(config)]
   if one and len(names) > 1:
-    raise errors.ConfigError(f'--evaluator={",".join(names)}: give one '
-                             'evaluator here.')
+    given = ([f'--evaluator={",".join(f.evaluator)}'] if f.evaluator else []
+             ) + (['--tta (--evaluator=tta)'] if f.tta else [])
+    raise errors.ConfigError(f'{" and ".join(given)} ask for '
+                             f'{len(names)} evaluators ({", ".join(names)}): '
+                             'give one here.')
   for name in names:
     inference.spec_from_config(config, name)  # known, and its settings valid
   return names

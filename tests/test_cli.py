@@ -293,8 +293,8 @@ def test_a_model_option_the_config_does_not_set_can_be_given():
 
 
 def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
-  """bench, data.bench, summary and data.samples: out-of-range flags and
-  impossible configs are one line and exit status 2."""
+  """bench, data.bench, summary, data.samples and predict: out-of-range
+  flags and impossible configs are one line and exit status 2."""
   (tmp_path / 'file').write_text('x')
   runs = [
       ('seg_jax.bench', [f'--config={TINY}', '--steps=0'],
@@ -313,6 +313,12 @@ def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
        r'^error: --out=.*file is a file; give a folder.$'),
       ('seg_jax.data.samples', [f'--out={tmp_path}/s', '--num_images=-2'],
        r'^error: flag --num_images=-2: -2 is not a positive integer$'),
+      # predict and export take one evaluator: the flags as given.
+      ('seg_jax.predict', [f'--config={TINY}', f'--workdir={tmp_path}',
+                           '--tta', '--evaluator=slide', f'--out={tmp_path}/p',
+                           f'{tmp_path}/file'],
+       r'^error: --evaluator=slide and --tta \(--evaluator=tta\) ask for 2 '
+       r'evaluators \(slide, tta\): give one here.$'),
   ]
   _assert_one_line_errors(runs)
 
