@@ -213,14 +213,14 @@ def available_bytes(meminfo=MEMINFO, cgroup=CGROUP):
 
 def buffers_bytes(compiled):
   """Host memory a compiled program's execution fills (bytes): its
-  temporaries and outputs (arguments exist already), on each device it
-  runs on; None where XLA gives no estimate."""
+  temporaries and outputs (arguments exist already), on each of this
+  process's devices it runs on; None where XLA gives no estimate."""
   stats = compiled.memory_analysis()
   if stats is None:
     return None
   shardings = [s for s in _leaves(compiled.input_shardings)
-               if hasattr(s, 'device_set')]
-  devices = max((len(s.device_set) for s in shardings), default=1)
+               if hasattr(s, 'addressable_devices')]
+  devices = max((len(s.addressable_devices) for s in shardings), default=1)
   return devices * (stats.temp_size_in_bytes + stats.output_size_in_bytes -
                     stats.alias_size_in_bytes)
 
