@@ -516,20 +516,23 @@ def read_list(path, name):
     raise errors.MissingFileError(
         f'{name}: split list {path} does not exist; check data.root and the '
         'split name.')
-  with open(path, encoding='utf-8-sig') as f:  # a BOM is no character
-    lines = [line.strip() for line in f if line.strip()]
+  lines = _stripped_lines(path)
   if not lines:
     raise errors.ConfigError(f'{name}: split list {path} is empty.')
   return lines
+
+
+def _stripped_lines(path):
+  """The non-blank lines of a text file, stripped."""
+  with open(path, encoding='utf-8-sig') as f:  # a BOM is no character
+    return [line.strip() for line in f if line.strip()]
 
 
 def read_class_names(path):
   """The class names of a `classes.txt`: one per non-empty line, lines
   starting with '#' left out as comments; one that names none (empty,
   blank or only comments) is refused, naming it."""
-  with open(path, encoding='utf-8-sig') as f:  # a BOM is no character
-    names = [line.strip() for line in f
-             if line.strip() and not line.strip().startswith('#')]
+  names = [line for line in _stripped_lines(path) if not line.startswith('#')]
   if not names:
     raise errors.ConfigError(
         f'{path} names no class (it is empty, blank or only comments): '
