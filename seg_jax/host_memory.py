@@ -49,6 +49,7 @@ that runs seg_jax's steps gets the same by starting Python with
 """
 
 import ctypes
+import math
 import os
 import re
 import sys
@@ -182,24 +183,31 @@ def _mode(environ, version, thp_mode):
   return 'kept'
 
 
-# /proc/meminfo's "MemAvailable:" line and the cgroup (v2) limits.
+# The kernel's memory figures and the cgroup (v2) limits.
 MEMINFO = '/proc/meminfo'
 CGROUP = '/sys/fs/cgroup'
+
+
+def _meminfo(path):
+  """{field: bytes} of /proc/meminfo's kB lines; {} where unreadable."""
+  fields = {}
+  try:
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        parts = value.split()
+        if parts and parts[0].isdigit():
+          fields[key] = int(parts[0]) * 1024  # kB
+  except OSError:
+    pass
+  return fields
 
 
 def available_bytes(meminfo=MEMINFO, cgroup=CGROUP):
   """The memory this process can still take (bytes): the kernel's
   MemAvailable, lowered to what is left under the cgroup's limit if it
   has one; None where neither can be read (not Linux)."""
-  available = None
-  try:
-    with open(meminfo) as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          available = int(line.split()[1]) * 1024  # kB
-          break
-  except (OSError, ValueError, IndexError):
-    pass
+  available = _meminfo(meminfo).get('MemAvailable')
   try:
     with open(os.path.join(cgroup, 'memory.max')) as f:
       limit = f.read().strip()
@@ -218,7 +226,8 @@ def buffers_bytes(compiled):
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  shardings = [s for s in _leaves(compiled.input_shardings)
+  import jax  # pylint: disable=g-import-not-at-top
+  shardings = [s for s in jax.tree.leaves(compiled.input_shardings)
                if hasattr(s, 'addressable_devices')]
   devices = max((len(s.addressable_devices) for s in shardings), default=1)
   return devices * (stats.temp_size_in_bytes + stats.output_size_in_bytes -
@@ -229,16 +238,10 @@ def largest_allocation_bytes(meminfo=MEMINFO):
   """The largest single allocation the kernel's default (heuristic)
   overcommit grants: about its memory and swap together (bytes); None
   where /proc/meminfo cannot be read."""
-  total = {}
-  try:
-    with open(meminfo) as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        if key in ('MemTotal', 'SwapTotal'):
-          total[key] = int(value.split()[0]) * 1024  # kB
-  except (OSError, ValueError, IndexError):
+  fields = _meminfo(meminfo)
+  if 'MemTotal' not in fields:
     return None
-  return sum(total.values()) if 'MemTotal' in total else None
+  return fields['MemTotal'] + fields.get('SwapTotal', 0)
 
 
 _DEFINITION = re.compile(r'%([\w.-]+) = (\w+)\[([\d,]*)\]')
@@ -265,20 +268,10 @@ def patch_matrix_bytes(hlo_text):
     if not kernel or len(kernel) != 4:
       continue
     out = [int(d) for d in found.group(2).split(',') if d]
-    taps = 1
-    for k in found.group(4).split('x'):
-      taps *= int(k)
-    pixels = 1
-    for d in out[:-1]:
-      pixels *= d
-    largest = max(largest, pixels * taps * kernel[2] *
+    taps = math.prod(int(k) for k in found.group(4).split('x'))
+    largest = max(largest, math.prod(out[:-1]) * taps * kernel[2] *
                   _BYTES.get(found.group(1), 4))
   return largest
-
-
-def _leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
 
 
 class MemoryChecked:
