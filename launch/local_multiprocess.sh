@@ -17,7 +17,9 @@
 #   ONE_DEVICE_PER_PROCESS=1  process i sees only local device i (GPUs).
 #
 # If any process fails, the others are stopped; the exit status is the
-# first failure's (0 when all succeed).
+# first failure's (0 when all succeed). A process stopped by a signal after
+# saving (status 130 or 143: Ctrl-C, SIGTERM) is not a failure: the others
+# stop at the same step, and the status is that one.
 set -euo pipefail
 
 usage() {
@@ -44,7 +46,8 @@ pids=()
 stop_all() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
 }
-trap 'stop_all; wait; exit 130' INT TERM
+trap 'stop_all; wait; exit 130' INT
+trap 'stop_all; wait; exit 143' TERM
 
 for ((i = 0; i < n; i++)); do
   if [[ ${ONE_DEVICE_PER_PROCESS:-0} == 1 ]]; then
@@ -56,14 +59,21 @@ for ((i = 0; i < n; i++)); do
 done
 
 remaining=$n
+stopped=0
 while ((remaining > 0)); do
   if wait -n; then
     remaining=$((remaining - 1))
   else
     status=$?
+    if ((status == 130 || status == 143)); then
+      stopped=$status
+      remaining=$((remaining - 1))
+      continue
+    fi
     echo "$0: a process exited with status $status; stopping the others." >&2
     stop_all
     wait || true
     exit "$status"
   fi
 done
+exit "$stopped"

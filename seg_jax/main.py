@@ -4,7 +4,8 @@ Trains and evaluates as the config says, checkpointing into DIR; a DIR that
 holds checkpoints is resumed (model and data stream), and then --config may
 be left out: DIR/config.json, written by the first run, is read instead
 (overrides such as --config.train.num_steps=N still apply). Ctrl-C or
-SIGTERM finishes the step, saves and stops; a second one stops at once.
+SIGTERM finishes the step, saves and stops (exit status 130 or 143: the
+run is not finished); a second one stops at once.
 
 A job of several processes (launch/*.sh, Slurm, TPU VM slices) joins JAX's
 distributed runtime first (`cli.init_distributed`); only process 0 writes
@@ -22,6 +23,7 @@ if __name__ in ('__main__', '__mp_main__'):
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import os
+import signal
 
 import jax
 from absl import flags, logging
@@ -60,6 +62,15 @@ def _remove_if_empty(workdir, existed):
     pass
 
 
+def _stop_status(result):
+  """The exit status: 128 + the signal's number when a signal stopped the
+  run (130 Ctrl-C, 143 SIGTERM), as when it stops before training starts,
+  so `main ... && evaluate ...` does not go on with an unfinished run and a
+  scheduler restarts a preempted one; None (0) when it finished."""
+  stopped = result.get('stopped')
+  return 128 + getattr(signal, stopped) if stopped else None
+
+
 def main(argv):
   cli.start(argv, keys=run_folder.RESUME_KEYS)
   from seg_jax import train, validate
@@ -74,19 +85,20 @@ def main(argv):
   except Exception:
     _remove_if_empty(FLAGS.workdir, existed)
     raise
+  status = _stop_status(result)
   if jax.process_index() != 0:
-    return
+    return status
   if result.get('trained') is False:
     print(f"Stopped by {result['stopped']} before a step was trained; "
           f"checkpoints in {os.path.join(FLAGS.workdir, 'checkpoints')} are "
           'kept as they were.', flush=True)
-    return
+    return status
   if result.get('stopped'):
     print(f"Stopped by {result['stopped']} at step {result['step']}: "
           f"checkpoint {result['step']} saved in "
           f"{os.path.join(FLAGS.workdir, 'checkpoints')}; run the same "
           'command to resume.', flush=True)
-    return
+    return status
   print(_summary(result), flush=True)
 
 

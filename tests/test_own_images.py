@@ -646,7 +646,7 @@ def test_sigint_at_any_moment_exits_cleanly_and_a_saved_run_resumes(
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  assert proc.returncode in (0, 130), out[-3000:]
+  assert proc.returncode == 130, out[-3000:]  # 128 + SIGINT: not finished
   assert 'Traceback' not in out and 'Fatal Python error' not in out, out
   last = out.strip().splitlines()[-1]
   assert re.match(r'Stopped by SIGINT', last), last
@@ -654,7 +654,7 @@ def test_sigint_at_any_moment_exits_cleanly_and_a_saved_run_resumes(
                  if s.isdigit()) if os.path.isdir(tmp_path / 'checkpoints') \
       else []
   if moment == 'trained':
-    assert proc.returncode == 0 and steps and steps[-1] >= 5
+    assert steps and steps[-1] >= 5
   if steps:
     rc, stdout, stderr = _cli('main', f'--workdir={tmp_path}',
                               f'--config.train.num_steps={steps[-1] + 2}')
