@@ -94,7 +94,8 @@ class Trainer:
 
     Returns:
       dict of the first evaluator's final scalars, plus 'step'; when stopped
-      by SIGTERM, the step reached and no evaluation.
+      by a signal before the last step, the step reached and the signal's
+      name ('stopped'). A signal during the last step finishes the run.
     """
     train_iter = iter(self.train_ds)
     self.state, train_iter = self.checkpointer.restore_or_keep(
@@ -205,7 +206,7 @@ class Trainer:
                                    metrics=_scores_of(evaluated, step))
       if evaluated:
         self._write_best(step, writer)
-      if stopped:
+      if stopped and step < cfg.train.num_steps:  # the last step: finished
         return {'step': step, 'stopped': stopped}
     self._check_finite(writer)
     return result

@@ -432,6 +432,21 @@ def test_a_stop_signal_during_an_evaluation_saves_that_step(tiny_config,
   kept = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 5, 3)
   assert kept.all_steps() == [2] and kept.score(2) == pytest.approx(0.5)
   kept.close()
+  # At the last step the run has finished: its result is the evaluation's,
+  # not a stop to resume from.
+  c.train.num_steps = 4
+  trainer = train.Trainer(c, str(tmp_path))
+  trainer.evaluators = [Interrupted([0.75])]
+  try:
+    with interrupt.deferred():
+      result = trainer.run()
+  finally:
+    trainer.checkpointer.close()
+  assert 'stopped' not in result, result
+  assert result['step'] == 4 and result['miou'] == pytest.approx(0.75)
+  kept = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 5, 3)
+  assert kept.all_steps() == [2, 4] and kept.score(4) == pytest.approx(0.75)
+  kept.close()
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
