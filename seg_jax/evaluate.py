@@ -130,10 +130,12 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
     report['images'], report['skipped'] = len(source) - skips.count, skips.count
     report['weights'] = ('average' if average else 'raw' if raw else
                          'trained')
+    report['data'] = data_identity(config)
     if writes:
       stem = os.path.join(out, f'{split}_{name}{"_raw" if raw else ""}'
                           f'_step{step}')
-      _warn_if_settings_change(f'{stem}.json', report['settings'])
+      _warn_if_settings_change(f'{stem}.json', report['settings'],
+                               report['data'])
       with open(f'{stem}.json', 'w') as f:
         json.dump(report, f, indent=1)
       plot_confusion(result.confusion, class_names, f'{stem}_confusion.png',
@@ -153,17 +155,41 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   return reports
 
 
-def _warn_if_settings_change(path, settings):
+def data_identity(config):
+  """What a report's images were: the dataset and where it was read from
+  (a folder as an absolute path), so that a report of other data is not
+  replaced unnoticed."""
+  d = config.data
+  found = {'name': d.name}
+  if d.root:
+    found['root'] = os.path.abspath(os.path.expanduser(d.root))
+  if d.name == 'tfds':
+    found['tfds'] = d.tfds.name
+    if d.tfds.data_dir:
+      found['data_dir'] = d.tfds.data_dir
+  return found
+
+
+def _warn_if_settings_change(path, settings, data=None):
   """Warns when `path`, about to be replaced, holds a report of the same
-  evaluator name with other settings (e.g. another slide window)."""
+  evaluator name with other settings (e.g. another slide window) or of
+  other data (another data.root)."""
   try:
     with open(path) as f:
-      before = json.load(f).get('settings')
+      before = json.load(f)
   except (OSError, ValueError):
     return
-  if before is not None and before != json.loads(json.dumps(settings)):
-    logging.warning('Replacing %s, written with other settings (%s; now '
-                    '%s): give --out to keep both.', path, before, settings)
+  if not isinstance(before, dict):
+    return
+  changed = [
+      f'{what} {before[key]}; now {now}'
+      for key, what, now in (('settings', 'settings', settings),
+                             ('data', 'data', data))
+      if now is not None and before.get(key) is not None and
+      before[key] != json.loads(json.dumps(now))]
+  if changed:
+    logging.warning('Replacing %s, written with other %s: give --out to '
+                    'keep both.', path, ' and '.join(changed))
 
 
 def _kept_average(workdir):

@@ -537,6 +537,7 @@ def test_bad_validation_mask_keeps_the_trained_steps_and_workdir_remembers(
   with open(tmp_path / 'skip' / 'val_whole_step6.json') as f:
     report = json.load(f)
   assert (report['images'], report['skipped']) == (2, 1)
+  assert report['data'] == {'name': 'folder', 'root': str(tmp_path / 'data')}
   open(paths[1][1], 'wb').write(good)
   rc, stdout, stderr = _cli('predict', run, f'--out={tmp_path}/pred',
                             f'{tmp_path}/data/images/val')

@@ -309,10 +309,21 @@ def test_evaluate_warns_before_replacing_a_report_of_other_settings(
     evaluate._warn_if_settings_change(str(path), {'window': [16, 16]})
     assert not caplog.text  # the same settings: replaced silently
     evaluate._warn_if_settings_change(str(path), {'window': [32, 32]})
-  assert (f"Replacing {path}, written with other settings ({{'window': "
-          "[16, 16]}; now {'window': [32, 32]}): give --out to keep both."
+  assert (f"Replacing {path}, written with other settings {{'window': "
+          "[16, 16]}; now {'window': [32, 32]}: give --out to keep both."
           ) in caplog.text
   evaluate._warn_if_settings_change(str(tmp_path / 'new.json'), {})
+  # The same settings on other images (another data.root) warn too.
+  mine = {'name': 'folder', 'root': '/data/a'}
+  path.write_text(json.dumps({'settings': {}, 'data': mine}))
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    evaluate._warn_if_settings_change(str(path), {}, mine)
+    assert not caplog.text
+    evaluate._warn_if_settings_change(str(path), {}, {**mine, 'root': '/b'})
+  assert (f"Replacing {path}, written with other data {mine}; now "
+          f"{{'name': 'folder', 'root': '/b'}}: give --out to keep both."
+          ) in caplog.text
 
 
 class _FakeEvaluator:
