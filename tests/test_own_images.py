@@ -116,6 +116,43 @@ def test_exif_rotated_photo_is_read_upright_and_aligned(tmp_path):
           'image, or save the image without its EXIF orientation.')
 
 
+def test_gif_masks_pair_with_jpeg_photos_and_animations_are_refused(
+    tmp_path):
+  """JPEG photos with `<name>_mask.gif` masks (as the Carvana dataset ships
+  them): paired with data.mask_suffix, the masks read as their palette
+  indices (class ids), as palette PNGs are; GIF images read as RGB; an
+  animated GIF, image or mask, is refused naming the file."""
+  masks = []
+  for i in range(3):
+    image, mask = ud.example(i)
+    ud.save_image(str(tmp_path / 'images' / 'train' / f'car_{i}.jpg'), image)
+    im = Image.fromarray(mask, 'P')
+    im.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0] + [0] * 759)
+    os.makedirs(tmp_path / 'masks' / 'train', exist_ok=True)
+    im.save(tmp_path / 'masks' / 'train' / f'car_{i}_mask.gif')
+    masks.append(mask)
+  src = data.create_source(ud.folder_config(tmp_path, **{
+      'data.mask_suffix': '_mask'}), 'train')
+  assert [os.path.basename(m) for _, m in src.pairs] == [
+      'car_0_mask.gif', 'car_1_mask.gif', 'car_2_mask.gif']
+  for (image_path, mask_path), mask in zip(src.pairs, masks):
+    np.testing.assert_array_equal(src.load(image_path, mask_path)['label'],
+                                  mask)
+  image, _ = ud.example(0)
+  Image.fromarray(image).quantize(256).save(tmp_path / 'photo.gif')
+  want = np.asarray(Image.open(tmp_path / 'photo.gif').convert('RGB'))
+  np.testing.assert_array_equal(files.read_image(str(tmp_path / 'photo.gif')),
+                                want)
+  frames = [Image.fromarray(np.full(ud.SIZE, k, np.uint8)) for k in range(3)]
+  frames[0].save(tmp_path / 'anim.gif', save_all=True,
+                 append_images=frames[1:])
+  for read, what in ((files.read_mask, 'mask'), (files.read_image, 'image')):
+    with pytest.raises(files.BadSampleError, match=(
+        rf'anim.gif: the {what} is an animation of 3 frames; seg_jax reads '
+        rf'one frame per {what} file')):
+      read(str(tmp_path / 'anim.gif'))
+
+
 def test_grey_mask_saved_as_rgb_is_read_and_colour_masks_are_refused(
     tmp_path):
   _, mask = ud.example(0)
@@ -178,11 +215,11 @@ def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
 def test_files_of_types_not_read_are_named_where_they_would_pair(tmp_path):
   ud.write_folder(tmp_path, n=10)
   train = lambda sub, name: tmp_path / sub / 'train' / name
-  os.replace(train('masks', 'img_001.png'), train('masks', 'img_001.gif'))
+  os.replace(train('masks', 'img_001.png'), train('masks', 'img_001.npy'))
   os.replace(train('images', 'img_002.png'), train('images', 'img_002.jfif'))
   with pytest.raises(errors.MissingFileError,
                      match=r'img_001.png has no mask .* '
-                     rf"{train('masks', 'img_001.gif')} has its name but a "
+                     rf"{train('masks', 'img_001.npy')} has its name but a "
                      r'file type that is not read \(use one of .jpg, .*; masks '
                      r'as .png\)\. Add the masks'):
     data.create_source(ud.folder_config(tmp_path), 'train')
@@ -192,7 +229,7 @@ def test_files_of_types_not_read_are_named_where_they_would_pair(tmp_path):
   assert report.errors[1].endswith(
       f"; {train('images', 'img_002.jfif')} has its name but a file type "
       'that is not read (use one of .jpg, .jpeg, .png, .bmp, .tif, .tiff, '
-      '.webp; masks as .png).')
+      '.webp, .gif; masks as .png).')
 
 
 def test_colliding_names_are_refused_naming_both(tmp_path):

@@ -21,7 +21,8 @@ from seg_jax.labels import IGNORE_LABEL
 
 ON_BAD_SAMPLE = ('raise', 'skip')
 # The file types read as images and masks (and by `predict`).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp',
+                    '.gif')
 # A raw mask value the dataset does not define maps to this in the table.
 INVALID = -1
 # Why a JPEG mask is refused, and what to do.
@@ -110,6 +111,7 @@ def _open(path, what):
   says (what any image viewer shows); BadSampleError names the file."""
   try:
     with Image.open(path) as im:
+      _refuse_animation(im, path, what)
       im.load()  # decodes fully: a truncated file fails here
       orientation = im.getexif().get(EXIF_ORIENTATION, 1)
       upright = ImageOps.exif_transpose(im) if orientation != 1 else im
@@ -117,11 +119,25 @@ def _open(path, what):
       return upright, orientation
   except FileNotFoundError:
     raise BadSampleError(f'{path}: {what} file not found.') from None
+  except BadSampleError:
+    raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     reason = 'the file is empty' if _is_empty(path) else str(e)
     raise BadSampleError(f'{path}: cannot decode {what} ({reason}); the file '
                          'is corrupt or truncated: replace or remove it.'
                          ) from e
+
+
+def _refuse_animation(im, path, what):
+  """An animated GIF, WebP or PNG is refused as an image or mask: which of
+  its frames was meant cannot be guessed (multi-page TIFFs are channels:
+  `_read_tiff`)."""
+  frames = getattr(im, 'n_frames', 1)
+  if frames > 1 and im.format != 'TIFF':
+    raise BadSampleError(
+        f'{path}: the {what} is an animation of {frames} frames; seg_jax '
+        f'reads one frame per {what} file: save the frame meant as its own '
+        'file (predict reads videos: convert the animation to .mp4).')
 
 
 def _is_empty(path):
