@@ -389,7 +389,8 @@ def test_an_evaluation_of_only_skipped_images_says_so(tmp_path, caplog):
 def test_class_names_skip_comments_and_a_count_mismatch_names_its_source(
     tmp_path):
   ud.write_folder(tmp_path, n=8)
-  (tmp_path / 'classes.txt').write_text('# my classes\nroad\n\ncar\nsky\n')
+  (tmp_path / 'classes.txt').write_text(
+      '# my classes\nroad  # asphalt\n\ncar\t# any vehicle\nsky\n')
   config = ud.folder_config(tmp_path)
   assert data.class_info(config)[0] == ('road', 'car', 'sky')
   assert tuple(data.create_source(config, 'train').class_names) == (

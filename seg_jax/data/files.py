@@ -12,6 +12,7 @@ pipeline drops and counts, so a bad file never turns into a wrong label.
 import concurrent.futures
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -546,9 +547,11 @@ def _stripped_lines(path):
 
 def read_class_names(path):
   """The class names of a `classes.txt`: one per non-empty line, lines
-  starting with '#' left out as comments; one that names none (empty,
-  blank or only comments) is refused, naming it."""
-  names = [line for line in _stripped_lines(path) if not line.startswith('#')]
+  starting with '#' left out as comments, as is a '#' after a space and
+  what follows it ('road  # asphalt' is 'road'); one that names none
+  (empty, blank or only comments) is refused, naming it."""
+  names = [re.sub(r'\s+#.*$', '', line) for line in _stripped_lines(path)
+           if not line.startswith('#')]
   if not names:
     raise errors.ConfigError(
         f'{path} names no class (it is empty, blank or only comments): '
