@@ -420,7 +420,24 @@ def test_a_failed_evaluation_runs_on_resume_and_its_step_can_be_best(
 def test_a_stop_signal_during_an_evaluation_saves_that_step(tiny_config,
                                                             tmp_path):
   """SIGINT while step 2 is being evaluated: the run saves step 2 (with
-  its score) and stops there, no step more."""
+  its score) and stops there, no step more. At the last step the run has
+  finished: its result is the evaluation's, not a stop to resume from."""
+  c = tiny_config
+  c.train.num_steps, c.eval.every_steps = 6, 2
+  c.checkpoint.every_steps = 5
+  assert _run_interrupted(c, tmp_path, 0.5) == {'step': 2, 'stopped': 'SIGINT'}
+  assert _kept_scores(tmp_path) == {2: pytest.approx(0.5)}
+  c.train.num_steps = 4
+  result = _run_interrupted(c, tmp_path, 0.75)
+  assert 'stopped' not in result, result
+  assert result['step'] == 4 and result['miou'] == pytest.approx(0.75)
+  assert _kept_scores(tmp_path) == {2: pytest.approx(0.5),
+                                    4: pytest.approx(0.75)}
+
+
+def _run_interrupted(config, workdir, miou):
+  """Runs the trainer, sending SIGINT at its first evaluation (scored
+  `miou`); returns its result."""
   import signal  # pylint: disable=g-import-not-at-top
   from seg_jax import interrupt  # pylint: disable=g-import-not-at-top
 
@@ -429,35 +446,21 @@ def test_a_stop_signal_during_an_evaluation_saves_that_step(tiny_config,
       os.kill(os.getpid(), signal.SIGINT)
       return super().run(variables)
 
-  c = tiny_config
-  c.train.num_steps, c.eval.every_steps = 6, 2
-  c.checkpoint.every_steps = 5
-  trainer = train.Trainer(c, str(tmp_path))
-  trainer.evaluators = [Interrupted([0.5])]
+  trainer = train.Trainer(config, str(workdir))
+  trainer.evaluators = [Interrupted([miou])]
   try:
     with interrupt.deferred():
-      result = trainer.run()
+      return trainer.run()
   finally:
     trainer.checkpointer.close()
-  assert result == {'step': 2, 'stopped': 'SIGINT'}
-  kept = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 5, 3)
-  assert kept.all_steps() == [2] and kept.score(2) == pytest.approx(0.5)
-  kept.close()
-  # At the last step the run has finished: its result is the evaluation's,
-  # not a stop to resume from.
-  c.train.num_steps = 4
-  trainer = train.Trainer(c, str(tmp_path))
-  trainer.evaluators = [Interrupted([0.75])]
+
+
+def _kept_scores(workdir):
+  kept = checkpoint.Checkpointer(str(workdir / 'checkpoints'), 5, 3)
   try:
-    with interrupt.deferred():
-      result = trainer.run()
+    return {step: kept.score(step) for step in kept.all_steps()}
   finally:
-    trainer.checkpointer.close()
-  assert 'stopped' not in result, result
-  assert result['step'] == 4 and result['miou'] == pytest.approx(0.75)
-  kept = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), 5, 3)
-  assert kept.all_steps() == [2, 4] and kept.score(4) == pytest.approx(0.75)
-  kept.close()
+    kept.close()
 
 
 def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
