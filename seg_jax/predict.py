@@ -65,7 +65,8 @@ def find_inputs(paths):
     if not os.path.isdir(path):
       found.append((path, os.path.splitext(os.path.basename(path))[0]))
       continue
-    top = os.path.basename(os.path.normpath(path))
+    # The folder's own name, also when given as '.' or '..'.
+    top = os.path.basename(os.path.abspath(path))
     for root, _, names in files.walk(path):
       for name in names:
         if name.startswith('.'):

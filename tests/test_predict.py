@@ -1,6 +1,7 @@
 """predict on folders of mixed sizes and on video, the StableHLO export and
 its loader in a fresh process, and the dense CRF."""
 
+import contextlib
 import json
 import os
 import re
@@ -219,6 +220,13 @@ def test_parse_keep_and_output_names(tmp_path, caplog):
                                    os.path.join('f', 'sub', 'x'), 'x', 'x_2']
   assert f'{tmp_path}/x.png is written as x_2.* (x.* is {tmp_path}/x.png' \
       "'s)" in caplog.text
+  # A folder given as '.' or '..' is named as itself: its outputs stay in
+  # OUT/<its name>/, never OUT/../ (outside OUT).
+  for where, given in ((tmp_path / 'f', '.'), (tmp_path / 'f' / 'sub', '..'),
+                       (tmp_path / 'f' / 'sub', '../')):
+    with contextlib.chdir(where):
+      assert [n for _, n in predict.find_inputs([given])] == [
+          os.path.join('f', 'x'), os.path.join('f', 'sub', 'x')]
 
 
 def test_a_folder_with_nothing_to_predict_is_refused_by_name(tmp_path):
