@@ -364,7 +364,7 @@ def _parse_flags(argv):
     rest = flags.FLAGS(argv)
     # A config file is loaded when first read: its errors are flag errors.
     if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
-      flags.FLAGS.config.keys()
+      expand_home_in_config(flags.FLAGS.config)
     return rest
   except Exception as e:  # pylint: disable=broad-except
     sys.stderr.write(f'error: {_flag_error(argv, e)}\n')
@@ -471,16 +471,33 @@ def _flag_error(argv, error):
   return lines[0] if lines else type(error).__name__
 
 
-# Path flags and config keys whose '~' is the home folder: the shell leaves
-# a '~' after '=' as it is (--config.data.root=~/data).
-_PATH_FLAGS = ('--workdir=', '--out=', '--config=', '--config.data.root=',
-               '--config.model.init_from=', '--config.data.tfds.data_dir=')
+# Path flags whose '~' is the home folder: the shell leaves a '~' after '='
+# as it is (--workdir=~/runs/a).
+_PATH_FLAGS = ('--workdir=', '--out=', '--config=')
+# Config keys that are paths: a leading '~' is the home folder, whether the
+# value comes from a config file, the command line (--config.data.root=~/d)
+# or a run folder's config.json.
+PATH_KEYS = ('data.root', 'model.init_from', 'data.tfds.data_dir',
+             'compilation_cache_dir')
 
 
 def _expand_home(argv):
   """`argv` with a leading '~' of each path flag's value expanded."""
   return [a.split('=', 1)[0] + '=' + os.path.expanduser(a.split('=', 1)[1])
           if a.startswith(_PATH_FLAGS) and '=~' in a else a for a in argv]
+
+
+def expand_home_in_config(config):
+  """Expands a leading '~' of each of `config`'s `PATH_KEYS` (in place;
+  loading a config file happens here, on first reading it)."""
+  for key in PATH_KEYS:
+    *parents, last = key.split('.')
+    node = config
+    for part in parents:
+      node = node.get(part) if hasattr(node, 'get') else None
+    value = node.get(last) if hasattr(node, 'get') else None
+    if isinstance(value, str) and value.startswith('~'):
+      node[last] = os.path.expanduser(value)
 
 
 def _no_config_to_override(key, workdir):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from seg_jax import data
 
+import user_data as ud
 from conftest import REPO, production_env
 from tb_events import images_by_tag, read_events, scalars_by_tag
 
@@ -323,19 +324,45 @@ def test_bad_flags_of_the_tool_clis_are_one_line(tmp_path):
   _assert_one_line_errors(runs)
 
 
-def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
+def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch,
+                                                           tmp_path):
   """The shell leaves '~' after '=' as it is; the CLIs expand it for path
-  flags and config keys only."""
+  flags and for the config's path keys, from a config file or the command
+  line alike."""
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('HOME', '/home/me')
   assert cli._expand_home([  # pylint: disable=protected-access
-      'prog', '--workdir=~/runs/a', '--config.data.root=~/data',
-      '--out=~', '--config=~/c.py', '--config.model.init_from=~/w',
+      'prog', '--workdir=~/runs/a', '--out=~', '--config=~/c.py',
       '--config.data.class_names=~a', 'x~/y', '--workdir=a~']) == [
-          'prog', '--workdir=/home/me/runs/a', '--config.data.root=/home/me/data',
-          '--out=/home/me', '--config=/home/me/c.py',
-          '--config.model.init_from=/home/me/w', '--config.data.class_names=~a',
-          'x~/y', '--workdir=a~']
+          'prog', '--workdir=/home/me/runs/a', '--out=/home/me',
+          '--config=/home/me/c.py', '--config.data.class_names=~a', 'x~/y',
+          '--workdir=a~']
+  from configs import unet_shapes_tiny  # pylint: disable=g-import-not-at-top
+  config = unet_shapes_tiny.get_config()
+  config.data.root, config.model.init_from = '~/data', '~/w'
+  config.data.tfds.data_dir, config.compilation_cache_dir = '~', 'a~'
+  config.data.class_names = ('~a',)
+  cli.expand_home_in_config(config)
+  assert (config.data.root, config.model.init_from, config.data.tfds.data_dir,
+          config.compilation_cache_dir, config.data.class_names) == (
+              '/home/me/data', '/home/me/w', '/home/me', 'a~', ('~a',))
+  # A config file of one's own that sets data.root='~/mydata', as given to
+  # a CLI: the home folder's data is found.
+  home = tmp_path / 'home'
+  ud.write_folder(home / 'mydata', n=8)
+  ud.write_folder(home / 'mydata', n=2, split='val')
+  (tmp_path / 'mine.py').write_text(
+      'from configs import unet_shapes_tiny\n\n\ndef get_config():\n'
+      '  c = unet_shapes_tiny.get_config()\n'
+      "  c.data.name, c.data.root = 'folder', '~/mydata'\n"
+      '  c.model.num_classes = 3\n  return c\n')
+  out = subprocess.run(
+      [sys.executable, '-m', 'seg_jax.data.check',
+       f'--config={tmp_path}/mine.py'], cwd=tmp_path, capture_output=True,
+      text=True, env={**os.environ, 'HOME': str(home)}, timeout=120)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert re.search(r'^train: .*8 examples', out.stdout, re.M), out.stdout
+  assert re.search(r'^val: .*2 examples', out.stdout, re.M), out.stdout
 
 
 def test_a_config_of_ones_own_imports_the_shipped_configs_from_any_folder(
