@@ -255,7 +255,12 @@ def check_on_corrupt(value):
 
 
 class CheckpointError(errors.UserError):
-  """A checkpoint that is damaged or cannot be read."""
+  """A checkpoint that is damaged or cannot be read (`step`: its step,
+  where known)."""
+
+  def __init__(self, message, step=None):
+    super().__init__(message)
+    self.step = step
 
 
 FILE_LIST = 'FILES.json'
@@ -299,15 +304,15 @@ def verify(directory, step):
     path = root / name
     if not path.exists():
       raise CheckpointError(f'Checkpoint {root} is damaged: {path} is '
-                            'missing.')
+                            'missing.', step)
     if path.stat().st_size != size:
       raise CheckpointError(
           f'Checkpoint {root} is damaged: {path} has '
-          f'{path.stat().st_size} bytes, {size} were written.')
+          f'{path.stat().st_size} bytes, {size} were written.', step)
     if crc is not None and _crc32(path) != crc:
       raise CheckpointError(
           f'Checkpoint {root} is damaged: the bytes of {path} changed since '
-          'they were written (CRC-32 mismatch).')
+          'they were written (CRC-32 mismatch).', step)
 
 
 def restore(directory, step='latest', target=None, fields=None):
@@ -393,8 +398,17 @@ def restore_for_inference(config, workdir, mesh, step='latest'):
   """
   abstract = train_state.abstract_train_state(config, mesh)
   fields = train_state.inference_fields(abstract)
-  restored, step = restore(run_folder.checkpoint_dir(workdir), step,
-                           abstract, fields=fields)
+  directory = run_folder.checkpoint_dir(workdir)
+  try:
+    restored, step = restore(directory, step, abstract, fields=fields)
+  except CheckpointError as e:
+    others = sorted(int(d) for d in os.listdir(directory)
+                    if d.isdigit() and int(d) != e.step)
+    if not others:
+      raise
+    raise CheckpointError(
+        f'{e} Read another checkpoint of the run with --checkpoint=STEP '
+        f'(kept: {", ".join(map(str, others))}).', e.step) from None
   return (train_state.create_model(config),
           train_state.inference_variables(restored), step)
 

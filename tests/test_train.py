@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from seg_jax import checkpoint, errors, optim, state, train
+from seg_jax import checkpoint, errors, optim, sharding, state, train
 
 from conftest import REPO
 
@@ -548,6 +548,13 @@ def test_damaged_checkpoint_is_reported_by_path(tiny_config, tmp_path):
     train.train_and_evaluate(c, str(tmp_path))
   with pytest.raises(checkpoint.CheckpointError, match=rf'{path} has'):
     checkpoint.restore(str(ckpt), 'latest')
+  # evaluate, predict and export name the steps they can read instead.
+  mesh = sharding.create_mesh(c.mesh.shape, c.mesh.axes)
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      rf'^Checkpoint {ckpt}/6 is damaged: {path} has {size // 2} bytes, '
+      rf'{size} were written. Read another checkpoint of the run with '
+      r'--checkpoint=STEP \(kept: 3\).$')):
+    checkpoint.restore_for_inference(c, str(tmp_path), mesh)
   path.unlink()
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf'^Checkpoint {ckpt}/6 is damaged: {path} is '
