@@ -294,22 +294,28 @@ def check_not_a_file(path, flag='--out'):
     raise errors.ConfigError(f'{flag}={path} is a file; give a folder.')
 
 
-def make_folder(path, flag='--out'):
+def make_folder(path, flag='--out', of_file=None):
   """Creates the folder `path` (and its parents); a `ConfigError` naming
-  `flag` when it is a file or cannot be created."""
-  check_not_a_file(path, flag)
+  `flag` when it is a file or cannot be created. `of_file`: the flag's
+  value when it names a file to write in `path`, which the error names."""
+  if of_file is None:
+    check_not_a_file(path, flag)
+  elif os.path.exists(path) and not os.path.isdir(path):
+    raise errors.ConfigError(f'{flag}={of_file}: {path} is a file, not a '
+                             'folder to write into; give another path.')
+  where = (f'{flag}={path}: cannot %s the folder' if of_file is None else
+           f'{flag}={of_file}: cannot %s its folder {path}')
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise errors.ConfigError(f'{flag}={path}: cannot create the folder '
-                             f'({e.strerror}).') from None
+    raise errors.ConfigError(f'{where % "create"} ({e.strerror}).') from None
   import tempfile  # pylint: disable=g-import-not-at-top
   try:  # found now, not after the work whose results it is to hold
     with tempfile.TemporaryFile(dir=path):
       pass
   except OSError as e:
-    raise errors.ConfigError(f'{flag}={path}: cannot write in the folder '
-                             f'({e.strerror}).') from None
+    raise errors.ConfigError(
+        f'{where % "write in"} ({e.strerror}).') from None
   return path
 
 

@@ -97,9 +97,9 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
   if split == 'val' and not config.data.val_split:
     raise errors.ConfigError(
         "data.val_split is '' (the run trained without a validation "
-        "split), so --split=val (evaluate's default) names no split: name "
-        "the dataset's split "
-        'with --config.data.val_split=NAME, or give --split=train.')
+        "split), so --split=val (evaluate's default, which reads "
+        'data.val_split) names no split: name the dataset\'s split with '
+        '--config.data.val_split=NAME (e.g. val), or give --split=train.')
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
   model, variables, step = restore_for_inference(config, workdir, mesh,
                                                  checkpoint)

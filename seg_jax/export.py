@@ -134,7 +134,7 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
     raise errors.ConfigError(f'--out={out} is a folder; give a file name '
                              '(FILE and FILE.json are written).')
   from seg_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.make_folder(os.path.dirname(os.path.abspath(out)), '--out')
+  cli.make_folder(os.path.dirname(os.path.abspath(out)), '--out', out)
   name = evaluator or inference.default_name(config)
   spec = inference.spec_from_config(config, name)
   mesh = sharding.create_mesh(devices=jax.devices()[:1])

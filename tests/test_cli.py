@@ -228,10 +228,16 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
                      r'a file name'):
     export.export_model(tiny_config, str(tmp_path), str(tmp_path))
   (tmp_path / 'file').write_text('x')
-  with pytest.raises(errors.ConfigError, match=r'^--out=.*file is a file; '
-                     r'give a folder.$'):
+  with pytest.raises(errors.ConfigError, match=(
+      rf'^--out={tmp_path}/file/m.stablehlo: {tmp_path}/file is a file, not '
+      r'a folder to write into; give another path.$')):
     export.export_model(tiny_config, str(tmp_path),
                         str(tmp_path / 'file' / 'm.stablehlo'))
+  with pytest.raises(errors.ConfigError, match=(
+      rf'^--out={tmp_path}/file/sub/m.onnx: cannot create its folder '
+      rf'{tmp_path}/file/sub \(Not a directory\).$')):
+    export.export_model(tiny_config, str(tmp_path),
+                        str(tmp_path / 'file' / 'sub' / 'm.onnx'))
   with pytest.raises(errors.ConfigError, match=r'^--out=.*/file/sub: cannot '
                      r'create the folder \(Not a directory\).$'):
     from seg_jax import cli  # pylint: disable=g-import-not-at-top

@@ -481,8 +481,9 @@ def test_a_missing_validation_split_says_how_to_train_without_one(tmp_path):
   # A run trained without validation: --split=val names no split.
   from seg_jax import evaluate  # pylint: disable=g-import-not-at-top
   with pytest.raises(errors.ConfigError, match=r"--split=val \(evaluate's "
-                     r"default\) names no split: name the dataset's split with "
-                     r'--config.data.val_split=NAME, or give --split=train.$'):
+                     r'default, which reads data.val_split\) names no split: '
+                     r"name the dataset's split with --config.data.val_split="
+                     r'NAME \(e.g. val\), or give --split=train.$'):
     evaluate.evaluate(ud.folder_config(tmp_path, **{'data.val_split': ''}),
                       str(tmp_path / 'run'))
 
