@@ -95,18 +95,22 @@ def test_predict_folder_and_video_with_keep_and_a_corrupt_file(run,
   inputs, out = tmp_path / 'in', tmp_path / 'out'
   _write_inputs(inputs)
   (tmp_path / 'broken.mp4').write_bytes(b'not a video' * 100)
+  (tmp_path / 'notes.txt').write_text('a text file named by mistake')
   proc = subprocess.run(
       [sys.executable, '-m', 'seg_jax.predict', f'--config={TINY}',
        f'--workdir={workdir}', f'--out={out}', '--keep=circle,2',
-       str(inputs), str(tmp_path / 'broken.mp4')], cwd=REPO,
-      capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]  # two inputs failed...
+       str(inputs), str(tmp_path / 'broken.mp4'), str(tmp_path / 'notes.txt')],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]  # 3 inputs failed...
   assert 'broken.jpg: cannot decode image' in proc.stderr
+  assert re.search(r'^Failed: .*notes.txt: not an image file \(its type is '
+                   r'none that is read: .jpg, .jpeg, .png, .bmp, .tif, .tiff, '
+                   r'.webp, .gif\)\.$', proc.stderr, re.M), proc.stderr[-2000:]
   assert re.search(r'^Failed: .*broken.mp4: cannot be read as a video '
                    r'\(Invalid data found when processing input\)\.$',
                    proc.stderr, re.M), proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1].startswith(
-      'Predicted: 3 images, 13 video frames, 2 failed')  # ...the rest ran
+      'Predicted: 3 images, 13 video frames, 3 failed')  # ...the rest ran
   palette = np.zeros((256, 3), np.uint8)
   palette[:5] = shapes.PALETTE
   seen = set()  # the classes predicted

@@ -15,7 +15,7 @@ import os
 import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from seg_jax import errors
 from seg_jax.labels import IGNORE_LABEL
@@ -123,6 +123,11 @@ def _open(path, what):
   except BadSampleError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    if (isinstance(e, UnidentifiedImageError) and not _is_empty(path) and
+        not path.lower().endswith(IMAGE_EXTENSIONS)):
+      raise BadSampleError(
+          f'{path}: not an image file (its type is none that is read: '
+          f'{", ".join(IMAGE_EXTENSIONS)}).') from None
     reason = 'the file is empty' if _is_empty(path) else str(e)
     raise BadSampleError(f'{path}: cannot decode {what} ({reason}); the file '
                          'is corrupt or truncated: replace or remove it.'
@@ -424,6 +429,11 @@ def image_size(path):
   except FileNotFoundError:
     raise BadSampleError(f'{path}: file not found.') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    if (isinstance(e, UnidentifiedImageError) and not _is_empty(path) and
+        not path.lower().endswith(IMAGE_EXTENSIONS)):
+      raise BadSampleError(
+          f'{path}: not an image file (its type is none that is read: '
+          f'{", ".join(IMAGE_EXTENSIONS)}).') from None
     reason = 'the file is empty' if _is_empty(path) else str(e)
     raise BadSampleError(f'{path}: cannot read it ({reason}); the file is '
                          'corrupt or not an image: replace or remove it.'
