@@ -768,6 +768,17 @@ def test_check_lists_every_faulty_file_and_exits_1(tmp_path):
   assert '  classes of the 5 of 13 masks read:' in stdout, stdout
 
 
+def test_check_says_a_missing_data_root_once(tmp_path):
+  out = io.StringIO()
+  assert check.check(ud.folder_config(tmp_path / 'gone'), out=out) == 1
+  problem = (f"folder: dataset folder data.root='{tmp_path}/gone' does not "
+             'exist; it must hold images/ and masks/.')
+  assert out.getvalue().splitlines() == [
+      'train: (not opened), 0 examples', f'  ERROR {problem}',
+      'val: (not opened), 0 examples', '  ERROR 1 problem(s) as above',
+      '1 problem(s) found']
+
+
 def test_check_has_no_class_table_when_no_mask_is_read(tmp_path):
   ud.write_folder(tmp_path, n=2)
   for name in os.listdir(tmp_path / 'masks' / 'train'):

@@ -219,15 +219,22 @@ def check(config, splits=('train', 'val'), out=sys.stdout):
   """Checks `splits` of the config's dataset, prints the report; returns
   the number of problems found."""
   class_names, _ = data.class_info(config)
-  problems = 0
+  problems, seen = 0, set()
   for split in splits:
     if split == 'val' and not config.data.val_split:
       print("val: data.val_split='': no validation split to check.",
             file=out)
       continue
     report = check_split(config, split)
+    # A problem of the dataset as a whole (its data.root) is said once.
+    repeated = [e for e in report.errors if e in seen]
+    report.errors = [e for e in report.errors if e not in seen]
+    seen.update(report.errors)
     problems += len(report.errors)
-    print('\n'.join(format_report(report, class_names)), file=out)
+    lines = format_report(report, class_names)
+    if repeated:
+      lines.append(f'  ERROR {len(repeated)} problem(s) as above')
+    print('\n'.join(lines), file=out)
   print(f'{problems} problem(s) found' if problems else
         'No problems found.', file=out, flush=True)
   return problems
