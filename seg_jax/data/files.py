@@ -123,11 +123,7 @@ def _open(path, what):
   except BadSampleError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    if (isinstance(e, UnidentifiedImageError) and not _is_empty(path) and
-        not path.lower().endswith(IMAGE_EXTENSIONS)):
-      raise BadSampleError(
-          f'{path}: not an image file (its type is none that is read: '
-          f'{", ".join(IMAGE_EXTENSIONS)}).') from None
+    _refuse_other_types(e, path)
     reason = 'the file is empty' if _is_empty(path) else str(e)
     raise BadSampleError(f'{path}: cannot decode {what} ({reason}); the file '
                          'is corrupt or truncated: replace or remove it.'
@@ -144,6 +140,16 @@ def _refuse_animation(im, path, what):
         f'{path}: the {what} is an animation of {frames} frames; seg_jax '
         f'reads one frame per {what} file: save the frame meant as its own '
         'file (predict reads videos: convert the animation to .mp4).')
+
+
+def _refuse_other_types(error, path):
+  """A file PIL cannot identify whose name is of no image type is not an
+  image (a text file given by mistake), rather than a corrupt one."""
+  if (isinstance(error, UnidentifiedImageError) and not _is_empty(path) and
+      not path.lower().endswith(IMAGE_EXTENSIONS)):
+    raise BadSampleError(
+        f'{path}: not an image file (its type is none that is read: '
+        f'{", ".join(IMAGE_EXTENSIONS)}).') from None
 
 
 def _is_empty(path):
@@ -429,11 +435,7 @@ def image_size(path):
   except FileNotFoundError:
     raise BadSampleError(f'{path}: file not found.') from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    if (isinstance(e, UnidentifiedImageError) and not _is_empty(path) and
-        not path.lower().endswith(IMAGE_EXTENSIONS)):
-      raise BadSampleError(
-          f'{path}: not an image file (its type is none that is read: '
-          f'{", ".join(IMAGE_EXTENSIONS)}).') from None
+    _refuse_other_types(e, path)
     reason = 'the file is empty' if _is_empty(path) else str(e)
     raise BadSampleError(f'{path}: cannot read it ({reason}); the file is '
                          'corrupt or not an image: replace or remove it.'
