@@ -112,8 +112,8 @@ class Trainer:
     # Written once the checkpoint took this config: a setting it refused
     # does not end up in the run folder's config.json.
     if jax.process_index() == 0 and not past:
-      logging.info('Config written to %s',
-                   run_folder.write_config(self.workdir, self.config))
+      logging.info('Config written to %s', os.path.abspath(
+          run_folder.write_config(self.workdir, self.config)))
     if start:
       best = self.checkpointer.best()
       logging.info('Resumed from step %d in %s; best mIoU so far: %s',
