@@ -32,15 +32,17 @@ def test_mesh_uses_all_eight_devices(tiny_config):
   assert mesh.shape == {'data': 8}
 
 
-@pytest.mark.parametrize('width', [4, 64])
-def test_sharded_step_matches_single_device(tiny_config, width, monkeypatch):
-  """Width 64: the 3x3 convolutions run as Winograd's F(2x2, 3x3) (in a
-  train step from `WINOGRAD_MIN_TRAIN_CHANNELS`, here lowered to 64),
-  whose products merge the batch (split over the devices) with the
-  tiles."""
+@pytest.mark.parametrize('width, winograd', [(4, False), (8, True)])
+def test_sharded_step_matches_single_device(tiny_config, width, winograd,
+                                            monkeypatch):
+  """With `winograd`, the 3x3 convolutions run as Winograd's F(2x2, 3x3)
+  (in a train step from `WINOGRAD_MIN_TRAIN_CHANNELS`, here lowered to
+  the model's width), whose products merge the batch (split over the
+  devices) with the tiles."""
   tiny_config.train.learning_rate = 0.05  # a visible update
   tiny_config.model.kwargs.width = width
-  monkeypatch.setattr(layers, 'WINOGRAD_MIN_TRAIN_CHANNELS', 64)
+  if winograd:
+    monkeypatch.setattr(layers, 'WINOGRAD_MIN_TRAIN_CHANNELS', width)
   calls = []
   real = layers.winograd_conv
   monkeypatch.setattr(layers, 'winograd_conv',
@@ -57,7 +59,7 @@ def test_sharded_step_matches_single_device(tiny_config, width, monkeypatch):
   for (path, a), b in zip(leaves1, leaves8):
     np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
-  assert bool(calls) == (width == 64)
+  assert bool(calls) == winograd
 
 
 def test_batch_is_split_over_data_axis(tiny_config):
