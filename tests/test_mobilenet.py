@@ -66,8 +66,11 @@ def test_deeplab_aux_head_in_training_only():
   assert out.shape == (2, 45, 37, 5)
 
 
-@pytest.mark.parametrize('name', ['deeplabv3_mobilenet_v3_large',
-                                  'lraspp_mobilenet_v3_large'])
+# deeplabv3_mobilenet_v3_large's trunk is lraspp's, its ASPP is folded in
+# deeplabv3_resnet50's test (test_conv_forms): release runs only.
+@pytest.mark.parametrize('name', [
+    pytest.param('deeplabv3_mobilenet_v3_large', marks=pytest.mark.slow),
+    'lraspp_mobilenet_v3_large'])
 def test_folded_inference_equals_batch_norm(name):
   """Inference folds every BatchNorm (the backbone's eps 1e-3, the heads'
   1e-5) into its convolution, depthwise ones included: the logits of

@@ -102,8 +102,10 @@ def images():
   return _images()
 
 
-@pytest.mark.parametrize('name,kwargs,evaluators', CASES,
-                         ids=[c[0] for c in CASES])
+# fcn_resnet50's trunk is deeplabv3_resnet50's: release runs only.
+@pytest.mark.parametrize('name,kwargs,evaluators', [
+    pytest.param(*c, marks=[pytest.mark.slow] * (c[0] == 'fcn_resnet50'))
+    for c in CASES], ids=[c[0] for c in CASES])
 def test_onnx_runtime_gives_predicts_labels(name, kwargs, evaluators,
                                             images):
   if name not in models.MODELS:
