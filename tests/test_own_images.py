@@ -210,6 +210,11 @@ def test_nested_folders_pair_by_relative_path_and_counts_are_logged(
     assert mask == image.replace('/images/', '/masks/')
   assert ('folder/train: 10 examples, images 24x32 (HxW), 3 classes: '
           'class_0, class_1, class_2') in caplog.text
+  # Sizes that differ: each side's range (no image need be the smallest
+  # height and width at once).
+  assert data.size_range([(480, 640), (640, 480)]) == (
+      '480..640 x 480..640 (HxW)')
+  assert data.size_range([(240, 320), (480, 320)]) == '240..480 x 320 (HxW)'
 
 
 def test_files_of_types_not_read_are_named_where_they_would_pair(tmp_path):

@@ -271,19 +271,26 @@ def open_split(config, split, training=True):
 
 
 def describe(source, sizes=None):
-  """'folder/train: 340 examples, 240x320..480x640 (HxW), 3 classes: a, b,
-  c' for a source (sizes when known)."""
+  """'folder/train: 340 examples, images 240..480 x 320..640 (HxW), 3
+  classes: a, b, c' for a source (sizes when known)."""
   names = list(source.class_names)
   shown = ', '.join(names[:12]) + (f', ... ({len(names) - 12} more)'
                                    if len(names) > 12 else '')
   where = getattr(source, 'name', repr(source))
-  size = ''
-  if sizes:
-    (h0, w0), (h1, w1) = np.min(sizes, 0), np.max(sizes, 0)
-    size = (f', images {h0}x{w0}..{h1}x{w1} (HxW)' if (h0, w0) != (h1, w1)
-            else f', images {h0}x{w0} (HxW)')
+  size = f', images {size_range(sizes)}' if sizes else ''
   return (f'{where}: {len(source)} examples{size}, {len(names)} classes: '
           f'{shown}')
+
+
+def size_range(sizes):
+  """'24x32 (HxW)' of images of one size, else each side's range, e.g.
+  '240..480 x 320 (HxW)' (a range of the sides, not of whole sizes: no
+  image need be 240x320)."""
+  (h0, w0), (h1, w1) = np.min(sizes, 0), np.max(sizes, 0)
+  if (h0, w0) == (h1, w1):
+    return f'{h0}x{w0} (HxW)'
+  side = lambda a, b: f'{a}' if a == b else f'{a}..{b}'
+  return f'{side(h0, h1)} x {side(w0, w1)} (HxW)'
 
 
 def given_eval_pad_size(config):

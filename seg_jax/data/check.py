@@ -176,7 +176,8 @@ def format_report(report, class_names):
   """The lines printed for one split."""
   lines = [f'{report.split}: {report.name or "(not opened)"}, '
            f'{report.examples} examples'
-           + (_size_range(report.sizes) if report.sizes else '')]
+           + (f', images {data.size_range(report.sizes)}' if report.sizes
+              else '')]
   lines += [f'  ERROR {e}' for e in report.errors]
   for note, paths in sorted(report.notes.items()):
     shown = ', '.join(paths[:3]) + (', ...' if len(paths) > 3 else '')
@@ -190,12 +191,6 @@ def format_report(report, class_names):
                      f'{report.examples} masks read:')
       lines += _class_table(report, class_names)
   return lines
-
-
-def _size_range(sizes):
-  (h0, w0), (h1, w1) = np.min(sizes, 0), np.max(sizes, 0)
-  return (f', images {h0}x{w0}..{h1}x{w1} (HxW)' if (h0, w0) != (h1, w1)
-          else f', images {h0}x{w0} (HxW)')
 
 
 def _class_table(report, class_names):
