@@ -11,7 +11,9 @@ status 128 + the signal number: nothing is lost, as nothing is being
 trained. Inside `deferred()` (the training loop) the first signal is only
 recorded: the loop finishes its step, saves and stops; a second signal ends
 the program at once, keeping the checkpoints already saved (a save cut
-short is never restored from).
+short is never restored from). In a process of a multi-process job, where
+JAX's preemption notice (SIGTERM) makes every process stop at the same
+step, a first Ctrl-C (SIGINT) is sent on to this process as SIGTERM.
 
 Imports only the standard library.
 """
@@ -39,6 +41,8 @@ class _Stop:
     self.installed = False
     self.deferring = False
     self.received = None  # the first signal's name while deferring
+    self.forwarding = False  # a first SIGINT becomes a SIGTERM (JAX's)
+    self.forwarded = False
     self.context = 'nothing was running that could be saved'
     self.finishing = TRAINING[0]  # what `deferred()` does on a first signal
     self.kept = TRAINING[1]  # ... and what a second one keeps
@@ -95,6 +99,16 @@ def _watch(fd):
 
 def _on_signal(signum):
   name = signal.Signals(signum).name
+  if _STOP.forwarding and not _STOP.forwarded and signum == signal.SIGINT:
+    _STOP.forwarded = True
+    logging.getLogger('absl').warning(
+        '%s received: sent on as SIGTERM, so that every process of the job '
+        'stops after the same step: %s (send it again to stop at once).',
+        name, _STOP.finishing)
+    os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice
+    return
+  if _STOP.forwarding and _STOP.forwarded:
+    _exit(signum, f'Stopped at once by a second {name}: {_STOP.kept}.')
   if _STOP.deferring and _STOP.received is None:
     _STOP.received = name
     logging.getLogger('absl').warning(
@@ -131,15 +145,20 @@ def deferred(enabled=True, what=TRAINING):
   With `install()` done, the watcher records it; without (seg_jax used as a
   library) Python handlers do, for the duration only. `enabled=False`
   (processes of a multi-process job, where JAX agrees on SIGTERM across
-  processes) leaves the signals as they are. The signal recorded is
-  forgotten on leaving: read `received()` inside.
+  processes) records nothing: SIGTERM is JAX's, and with `install()` done
+  a first SIGINT is sent on as SIGTERM (a second stops at once). The
+  signal recorded is forgotten on leaving: read `received()` inside.
   """
   _STOP.received = None
   previous_what = _STOP.finishing, _STOP.kept
   _STOP.finishing, _STOP.kept = what
   try:
     if not enabled:
-      yield
+      _STOP.forwarding, _STOP.forwarded = _STOP.installed, False
+      try:
+        yield
+      finally:
+        _STOP.forwarding = False
     elif _STOP.installed:
       _STOP.deferring = True
       try:

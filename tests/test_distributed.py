@@ -335,10 +335,11 @@ def test_when_a_job_joins_jax_distributed():
     _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': 'one'})
 
 
-def test_sigterm_to_one_process_stops_the_job_at_one_step(tmp_path):
-  """SIGTERM to process 1 of 2 (a preemption notice): JAX's preemption sync
-  makes both stop after the same step and save it together; the launcher
-  exits 143 (128 + SIGTERM) without calling it a failure."""
+def test_ctrl_c_to_one_process_stops_the_job_at_one_step(tmp_path):
+  """SIGINT (Ctrl-C) to process 1 of 2: sent on as SIGTERM, JAX's
+  preemption notice, whose sync makes both stop after the same step and
+  save it together (process 0 received nothing); the launcher exits 143
+  (128 + SIGTERM) without calling it a failure."""
   env = {**os.environ, 'PYTHON': sys.executable, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2 '
                       '--xla_backend_optimization_level=0'}
@@ -376,7 +377,7 @@ def _stop_one_of_two(proc, tmp_path):
         b'seg_jax.main' in cmdline and b'JAX_PROCESS_ID' in environ):
       ids[int(environ[b'JAX_PROCESS_ID'])] = int(pid)
   assert sorted(ids) == [0, 1]
-  os.kill(ids[1], signal.SIGTERM)
+  os.kill(ids[1], signal.SIGINT)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 143, out[-3000:]
   assert 'stopping the others' not in out, out[-3000:]
