@@ -100,7 +100,7 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
         "split), so --split=val (evaluate's default, which reads "
         'data.val_split) names no split: name the dataset\'s split with '
         '--config.data.val_split=NAME (e.g. val), or give --split=train.')
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes)
+  mesh = sharding.inference_mesh(config)
   model, variables, step = restore_for_inference(config, workdir, mesh,
                                                  checkpoint)
   source, sizes = data.open_split(config, split, training=False)

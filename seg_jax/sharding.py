@@ -24,6 +24,25 @@ AXES = (DATA_AXIS, FSDP_AXIS)
 FSDP_MIN_SIZE = 1024  # smaller arrays stay replicated: gathering costs more
 
 
+class DeviceCountError(ValueError):
+  """A mesh that the devices at hand cannot hold."""
+
+
+def inference_mesh(config, warn=True):
+  """The config's mesh, or, where this job's devices cannot hold it (a run
+  trained on more devices, evaluated here), every device on the data axis
+  (saying so, with `warn`): inference needs no particular mesh, and
+  checkpoints restore onto any."""
+  try:
+    return create_mesh(config.mesh.shape, config.mesh.axes)
+  except DeviceCountError:
+    if warn:
+      logging.warning('mesh.shape=%s does not fit the %d devices here: every '
+                      'device on the data axis instead.',
+                      tuple(config.mesh.shape), jax.device_count())
+    return create_mesh()
+
+
 def create_mesh(shape=(-1,), axes=(DATA_AXIS,), devices=None):
   """Builds a device mesh.
 
@@ -54,13 +73,16 @@ def create_mesh(shape=(-1,), axes=(DATA_AXIS,), devices=None):
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f'mesh.shape={shape}: {len(devices)} devices do not '
-                       f'split into groups of {known}.')
+      raise DeviceCountError(f'mesh.shape={shape}: {len(devices)} devices do '
+                             f'not split into groups of {known}.')
     shape = tuple(len(devices) // known if s == -1 else s for s in shape)
   n = math.prod(shape)
   if n > len(devices) or (n < len(devices) and jax.process_count() > 1):
-    raise ValueError(f'mesh.shape={shape} needs {n} devices but '
-                     f'{len(devices)} are available.')
+    raise DeviceCountError(
+        f'mesh.shape={shape} needs {n} devices but {len(devices)} are '
+        "available: give a mesh of these, e.g. --config.mesh.shape='(-1,)' "
+        "--config.mesh.axes=\"('data',)\" (every device on the data axis; "
+        'checkpoints restore onto any mesh).')
   if n < len(devices):
     logging.warning('mesh.shape=%s uses %d of the %d devices.', shape, n,
                     len(devices))
@@ -132,9 +154,9 @@ def check_config(config):
   `seg_jax.validate`; the training batch: `check_train_batch`)."""
   errors.config_int(config, 'eval.global_batch_size')
   errors.config_int(config, 'mesh.fsdp_min_size', 0)
-  mesh = create_mesh(config.mesh.shape, config.mesh.axes)
-  check_batch_size(config.eval.global_batch_size, mesh,
-                   'eval.global_batch_size')
+  # The mesh evaluation runs on (training checks its own first).
+  check_batch_size(config.eval.global_batch_size,
+                   inference_mesh(config, warn=False), 'eval.global_batch_size')
 
 
 def check_train_batch(config):

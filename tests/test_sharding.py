@@ -83,6 +83,26 @@ def test_bad_mesh_config_errors(shape, axes, msg):
     sharding.create_mesh(shape, axes)
 
 
+def test_a_mesh_too_large_names_the_way_out_and_inference_takes_its_devices(
+    tiny_config, caplog):
+  """A run trained on a (2, 8) mesh, evaluated on these 8 devices: the
+  error says how to give a mesh that fits; inference takes every device on
+  the data axis instead (checkpoints restore onto any mesh)."""
+  with pytest.raises(sharding.DeviceCountError, match=(
+      r"^mesh.shape=\(2, 8\) needs 16 devices but 8 are available: give a "
+      r"mesh of these, e.g. --config.mesh.shape='\(-1,\)' "
+      r'--config.mesh.axes="\(\'data\',\)"')):
+    sharding.create_mesh((2, 8), ('data', 'fsdp'))
+  tiny_config.mesh.shape, tiny_config.mesh.axes = (2, 8), ('data', 'fsdp')
+  with caplog.at_level('WARNING'):
+    mesh = sharding.inference_mesh(tiny_config)
+  assert mesh.shape == {'data': 8}
+  assert ('mesh.shape=(2, 8) does not fit the 8 devices here: every device '
+          'on the data axis instead.') in caplog.text
+  tiny_config.mesh.shape, tiny_config.mesh.axes = (4, 2), ('data', 'fsdp')
+  assert sharding.inference_mesh(tiny_config).shape == {'data': 4, 'fsdp': 2}
+
+
 def test_batch_not_divisible_errors():
   mesh = sharding.create_mesh((-1,), ('data',))
   with pytest.raises(ValueError, match='train.global_batch_size=12'):
