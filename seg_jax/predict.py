@@ -78,6 +78,28 @@ def find_inputs(paths):
   return _unique_names(found)
 
 
+def input_share(found, f=None, environ=None):
+  """(this process's share of `found`, a note for the last line) in a job
+  of several processes started by a launcher (`JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID`, or Slurm's tasks): every n-th input from the
+  process's id, so that the processes split the work and write different
+  files; (`found`, '') in one process."""
+  env = os.environ if environ is None else environ
+  wanted, _, n, pid = cli.distributed_settings(f, env)
+  if not wanted:
+    return found, ''
+  if n is None and pid is None and 'SLURM_PROCID' in env:
+    n, pid = int(env['SLURM_NTASKS']), int(env['SLURM_PROCID'])
+  if n is None or pid is None:
+    raise errors.ConfigError(
+        'predict in a job of several processes splits the inputs by process '
+        'id: set JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run it as one '
+        'process.')
+  mine = found[pid::n]
+  return mine, (f' (process {pid} of {n}: {len(mine)} of the '
+                f'{len(found)} inputs)')
+
+
 def check_found(paths, found):
   """Raises `ConfigError` for a given path that does not exist (a typo,
   found before the checkpoint is read) and for a given folder in which
@@ -529,6 +551,7 @@ def main(argv):
   found = find_inputs(inputs)
   check_found(inputs, found)
   check_out(FLAGS.out, inputs, found)
+  found, share = input_share(found)
   cli.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   from seg_jax import (checkpoint, crf, data, inference,  # pylint: disable=g-import-not-at-top
                        sharding)
@@ -566,7 +589,7 @@ def main(argv):
   logging.info('Checkpoint step %d, inference %s%s.', step, name,
                ' + CRF' if FLAGS.crf else '')
   print(f'Predicted: {done} images, {frames} video frames, {len(failures)} '
-        f'failed -> {FLAGS.out}', flush=True)
+        f'failed -> {FLAGS.out}{share}', flush=True)
   if failures:
     sys.exit(1)
 

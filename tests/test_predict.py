@@ -233,6 +233,29 @@ def test_parse_keep_and_output_names(tmp_path, caplog):
           os.path.join('f', 'x'), os.path.join('f', 'sub', 'x')]
 
 
+def test_processes_under_a_launcher_predict_their_share_of_the_inputs():
+  """Each process of a launcher's job takes every n-th input from its id
+  (no two write the same file; together, every input once); one process
+  takes all; a job whose process id is unknown is refused."""
+  import types  # pylint: disable=g-import-not-at-top
+  f = types.SimpleNamespace(coordinator_address=None, num_processes=None,
+                            process_id=None, distributed=None)
+  found = [(f'x{i}.png', f'x{i}') for i in range(7)]
+  shares = [predict.input_share(found, f, {'JAX_NUM_PROCESSES': '3',
+                                           'JAX_PROCESS_ID': str(p)})
+            for p in range(3)]
+  assert [len(mine) for mine, _ in shares] == [3, 2, 2]
+  assert sorted(x for mine, _ in shares for x in mine) == sorted(found)
+  assert shares[1] == (found[1::3], ' (process 1 of 3: 2 of the 7 inputs)')
+  slurm = {'SLURM_NTASKS': '2', 'SLURM_PROCID': '1',
+           'SLURM_STEP_NODELIST': 'n1'}
+  assert predict.input_share(found, f, slurm)[0] == found[1::2]
+  assert predict.input_share(found, f, {}) == (found, '')
+  with pytest.raises(errors.ConfigError, match=r'splits the inputs by '
+                     r'process id: set JAX_NUM_PROCESSES and JAX_PROCESS_ID'):
+    predict.input_share(found, f, {'TPU_WORKER_HOSTNAMES': 'a,b'})
+
+
 def test_a_folder_with_nothing_to_predict_is_refused_by_name(tmp_path):
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'notes').mkdir()
