@@ -21,7 +21,11 @@ case ${PROCESSES:-one} in
     exec "${PYTHON:-python3}" -m seg_jax.main "$@"
     ;;
   per-gpu)
-    gpus=$(nvidia-smi --list-gpus | wc -l)
+    if ! command -v nvidia-smi >/dev/null; then
+      echo "$0: nvidia-smi not found: PROCESSES=per-gpu needs NVIDIA GPUs and their driver." >&2
+      exit 1
+    fi
+    gpus=$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)
     if ((gpus < 1)); then
       echo "$0: nvidia-smi lists no GPU." >&2
       exit 1

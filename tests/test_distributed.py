@@ -267,6 +267,16 @@ def test_multi_gpu_launch_without_a_cuda_jax_is_one_line(tmp_path):
       "backend installed (pip install -U 'jax[cuda12]'); or unset "
       'JAX_PLATFORMS to run on the devices it has.'], lines
   assert not os.path.exists(tmp_path / 'run')
+  # One process per GPU on a machine without NVIDIA's tools: one line too.
+  if not shutil.which('nvidia-smi'):
+    proc = subprocess.run(
+        [os.path.join(LAUNCH, 'multi_gpu.sh'),
+         '--config=configs/unet_shapes_tiny.py', f'--workdir={tmp_path}/run'],
+        cwd=REPO, env={**os.environ, 'PROCESSES': 'per-gpu'},
+        capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (1, (
+        f"{os.path.join(LAUNCH, 'multi_gpu.sh')}: nvidia-smi not found: "
+        'PROCESSES=per-gpu needs NVIDIA GPUs and their driver.\n'))
   cli.check_platforms({'JAX_PLATFORMS': 'cpu'})
   cli.check_platforms({})
   with pytest.raises(errors.ConfigError, match=r"^JAX_PLATFORMS=rocm: .* no "
