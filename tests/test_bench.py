@@ -319,3 +319,28 @@ def test_the_real_input_loop_is_a_train_mode_option():
         r'not the infer step: give it with --mode=train \(the default\), or '
         r'leave --input out.$')):
       bench.check_input_mode('infer', kind)
+
+
+def test_data_bench_measures_the_configs_dataset_or_says_what_instead(
+    tmp_path):
+  """The built-in dataset (no data.root) is measured as it is; a file
+  dataset whose data.root is missing is measured on synthetic VOC-layout
+  pairs, the report's first line saying why."""
+  args = ['--workers=0', '--threads=1', '--batches=1', '--warmup=0']
+  runs = {}
+  for what, extra in (('shapes', []), ('missing', [
+      '--config.data.name=folder', f'--config.data.root={tmp_path}/none',
+      '--config.model.num_classes=3'])):
+    proc = subprocess.run(
+        [sys.executable, '-m', 'seg_jax.data.bench',
+         '--config=configs/unet_shapes_tiny.py', *args, *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs[what] = proc.stdout.splitlines()
+  assert runs['shapes'][0].startswith('data=shapes crop=(32, 32) ')
+  assert re.match(r'^\| 0 \| 1 \| [\d.]+ \|$', runs['shapes'][-1])
+  assert runs['missing'][0] == (
+      f"synthetic (data.root='{tmp_path}/none' is not a folder): 200 "
+      'VOC-layout pairs, 500x375 JPEG + palette PNG, read instead of the '
+      "config's dataset")
+  assert runs['missing'][1].startswith('data=voc crop=(32, 32) ')
