@@ -1,4 +1,5 @@
-"""Model summary: `python -m seg_jax.summary --config=configs/x.py`.
+"""Model summary: `python -m seg_jax.summary --config=configs/x.py` (or
+`--workdir=DIR` of a training run: its config.json).
 
 Prints parameters per module and ends with one line
 `params=<int> gflops=<float>`: trainable parameters and forward FLOPs per
@@ -20,6 +21,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, f'Configuration file (a configs/*.py). '
     f'{cli.CONFIG_KEYS_HELP}', lock_config=True)
+flags.DEFINE_string('workdir', None, 'A training run folder: its '
+                    'config.json is summarized when --config is not given.')
 flags.DEFINE_integer('depth', 1, 'Module nesting depth of the table.')
 
 
@@ -67,6 +70,10 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
                              'setting is a --flag or --config.a.b=value.')
+  if FLAGS.config is None:
+    raise errors.ConfigError(
+        '--config is needed (or --workdir of a training run, which holds '
+        'config.json): give --config=configs/<file>.py.')
   if FLAGS.depth < 1:
     raise errors.ConfigError(f'--depth={FLAGS.depth}; use 1 or more.')
   from seg_jax import validate  # pylint: disable=g-import-not-at-top
@@ -77,5 +84,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
   cli.run(main)

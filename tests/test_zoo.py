@@ -234,14 +234,20 @@ def test_summary_cli_last_line(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from conftest import REPO  # pylint: disable=g-import-not-at-top
-  out = subprocess.run(
-      [sys.executable, '-m', 'seg_jax.summary',
-       '--config=configs/unet_shapes.py'], cwd=REPO, capture_output=True,
-      text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  last = out.stdout.strip().splitlines()[-1]
-  assert last.startswith('params=482805 gflops=')
-  assert float(last.split('gflops=')[1]) > 0.1
+  from configs import unet_shapes  # pylint: disable=g-import-not-at-top
+  from seg_jax import workdir  # pylint: disable=g-import-not-at-top
+  # A run folder's config.json, as training writes it, is read for --workdir.
+  workdir.write_config(str(tmp_path), unet_shapes.get_config())
+  lasts = []
+  for given in ('--config=configs/unet_shapes.py', f'--workdir={tmp_path}'):
+    out = subprocess.run([sys.executable, '-m', 'seg_jax.summary', given],
+                         cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lasts.append(out.stdout.strip().splitlines()[-1])
+  assert lasts[0] == lasts[1]
+  assert lasts[0].startswith('params=482805 gflops=')
+  assert float(lasts[0].split('gflops=')[1]) > 0.1
 
 
 @pytest.mark.parametrize('kwargs', [{'multi_grid': (1, 2, 4)},
