@@ -616,7 +616,7 @@ def main(argv):
         f'{r["page_faults_per_step"]:.0f} page faults/step (host memory: '
         f'{host_memory.MODE}), {r["cores_busy"]:.2f} of '
         f"{len(os.sched_getaffinity(0))} cores busy")
-  print(f'FLOPs/step {r["flops"] / 1e12:.3f} T; matmul peak '
+  print(f'FLOPs/step {r["flops"] / 1e12:.4g} T; matmul peak '
         f'{r["matmul_peak"] / 1e12:.2f} TFLOP/s; MFU {r["mfu"]:.1%}',
         flush=True)
   fields = {'images_per_sec': r['images_per_sec'], 'mfu': r['mfu'],
