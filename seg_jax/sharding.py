@@ -24,6 +24,10 @@ AXES = (DATA_AXIS, FSDP_AXIS)
 FSDP_MIN_SIZE = 1024  # smaller arrays stay replicated: gathering costs more
 
 
+# (mesh shape, device count) pairs already said to leave devices unused.
+_WARNED = set()
+
+
 class DeviceCountError(ValueError):
   """A mesh that the devices at hand cannot hold."""
 
@@ -83,7 +87,8 @@ def create_mesh(shape=(-1,), axes=(DATA_AXIS,), devices=None):
         "available: give a mesh of these, e.g. --config.mesh.shape='(-1,)' "
         "--config.mesh.axes=\"('data',)\" (every device on the data axis; "
         'checkpoints restore onto any mesh).')
-  if n < len(devices):
+  if n < len(devices) and (shape, len(devices)) not in _WARNED:
+    _WARNED.add((shape, len(devices)))  # once, not per check of the config
     logging.warning('mesh.shape=%s uses %d of the %d devices.', shape, n,
                     len(devices))
   return Mesh(np.asarray(devices[:n]).reshape(shape), axes)

@@ -70,6 +70,15 @@ def test_batch_is_split_over_data_axis(tiny_config):
   assert {s.data.shape for s in arr.addressable_shards} == {(1, 4, 4, 3)}
 
 
+def test_a_mesh_of_fewer_devices_is_said_once(caplog):
+  """A mesh that leaves devices unused says so once, however many times
+  the config is checked."""
+  with caplog.at_level('WARNING'):
+    for _ in range(3):
+      assert sharding.create_mesh((3,), ('data',)).shape == {'data': 3}
+  assert caplog.text.count('mesh.shape=(3,) uses 3 of the 8 devices.') == 1
+
+
 @pytest.mark.parametrize('shape,axes,msg', [
     ((16,), ('data',), 'needs 16 devices'),
     ((3, -1), ('data', 'fsdp'), 'do not split into groups of 3'),
