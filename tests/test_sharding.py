@@ -70,9 +70,10 @@ def test_batch_is_split_over_data_axis(tiny_config):
   assert {s.data.shape for s in arr.addressable_shards} == {(1, 4, 4, 3)}
 
 
-def test_a_mesh_of_fewer_devices_is_said_once(caplog):
+def test_a_mesh_of_fewer_devices_is_said_once(caplog, monkeypatch):
   """A mesh that leaves devices unused says so once, however many times
   the config is checked."""
+  monkeypatch.setattr(sharding, '_WARNED', set())
   with caplog.at_level('WARNING'):
     for _ in range(3):
       assert sharding.create_mesh((3,), ('data',)).shape == {'data': 3}
