@@ -181,12 +181,10 @@ def _warn_if_settings_change(path, settings, data=None):
     return
   if not isinstance(before, dict):
     return
-  changed = [
-      f'{what} {before[key]}; now {now}'
-      for key, what, now in (('settings', 'settings', settings),
-                             ('data', 'data', data))
-      if now is not None and before.get(key) is not None and
-      before[key] != json.loads(json.dumps(now))]
+  changed = [f'{key} {before[key]}; now {now}'
+             for key, now in (('settings', settings), ('data', data))
+             if now is not None and before.get(key) is not None and
+             before[key] != json.loads(json.dumps(now))]
   if changed:
     logging.warning('Replacing %s, written with other %s: give --out to '
                     'keep both.', path, ' and '.join(changed))
