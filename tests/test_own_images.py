@@ -657,7 +657,10 @@ def test_errors_a_user_can_cause_are_one_line(tmp_path, fault, code, pattern):
 # --- Ctrl-C ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize('moment', [0.4, 3.0, 'trained'])
+# Ctrl-C during training, saved and resumed: release runs only (by default
+# test_resume's signal test checks that save, its SIGKILL test the resume).
+@pytest.mark.parametrize('moment', [
+    0.4, 3.0, pytest.param('trained', marks=pytest.mark.slow)])
 def test_sigint_at_any_moment_exits_cleanly_and_a_saved_run_resumes(
     tmp_path, moment):
   """SIGINT during imports, set-up and compilation, or training: never a
