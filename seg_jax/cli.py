@@ -303,19 +303,19 @@ def make_folder(path, flag='--out', of_file=None):
   elif os.path.exists(path) and not os.path.isdir(path):
     raise errors.ConfigError(f'{flag}={of_file}: {path} is a file, not a '
                              'folder to write into; give another path.')
-  where = (f'{flag}={path}: cannot %s the folder' if of_file is None else
-           f'{flag}={of_file}: cannot %s its folder {path}')
+  where = ((lambda verb: f'{flag}={path}: cannot {verb} the folder')
+           if of_file is None else
+           (lambda verb: f'{flag}={of_file}: cannot {verb} its folder {path}'))
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    raise errors.ConfigError(f'{where % "create"} ({e.strerror}).') from None
+    raise errors.ConfigError(f'{where("create")} ({e.strerror}).') from None
   import tempfile  # pylint: disable=g-import-not-at-top
   try:  # found now, not after the work whose results it is to hold
     with tempfile.TemporaryFile(dir=path):
       pass
   except OSError as e:
-    raise errors.ConfigError(
-        f'{where % "write in"} ({e.strerror}).') from None
+    raise errors.ConfigError(f'{where("write in")} ({e.strerror}).') from None
   return path
 
 

@@ -242,6 +242,10 @@ def test_export_refuses_unknown_platforms_and_unusable_outs(tiny_config,
                      r'create the folder \(Not a directory\).$'):
     from seg_jax import cli  # pylint: disable=g-import-not-at-top
     cli.make_folder(str(tmp_path / 'file' / 'sub'))
+  (tmp_path / '50%').write_text('x')  # a '%' in the path is a character
+  with pytest.raises(errors.ConfigError, match=r'^--out=.*/50%/sub: cannot '
+                     r'create the folder \(Not a directory\).$'):
+    cli.make_folder(str(tmp_path / '50%' / 'sub'))
   # --format follows an .onnx name; an .onnx name in another format is
   # refused, and export.load refuses an ONNX model (to_onnx.load_onnx).
   assert export.format_of(None, 'm.ONNX') == 'onnx'
