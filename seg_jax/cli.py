@@ -334,7 +334,11 @@ def require_config():
   folder's config.json gives one."""
   if flags.FLAGS.config is None:
     workdir = flags.FLAGS.workdir
-    if workdir and not os.path.isdir(workdir):
+    if not workdir:
+      raise errors.ConfigError(
+          '--config is needed (or --workdir of a training run, which holds '
+          f'{run_folder.CONFIG_FILE}): give --config=configs/<file>.py.')
+    if not os.path.isdir(workdir):
       raise errors.ConfigError(
           f'--workdir={workdir} {errors.not_a_folder(workdir)}; give the '
           f'folder of a training run (it holds {run_folder.CONFIG_FILE}), or '

@@ -70,10 +70,7 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}; every '
                              'setting is a --flag or --config.a.b=value.')
-  if FLAGS.config is None:
-    raise errors.ConfigError(
-        '--config is needed (or --workdir of a training run, which holds '
-        'config.json): give --config=configs/<file>.py.')
+  cli.require_config()
   if FLAGS.depth < 1:
     raise errors.ConfigError(f'--depth={FLAGS.depth}; use 1 or more.')
   from seg_jax import validate  # pylint: disable=g-import-not-at-top

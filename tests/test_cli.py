@@ -211,6 +211,14 @@ def test_missing_config_file_and_workdir_are_one_line_in_every_cli(tmp_path):
                                 f'--out={tmp_path}/never', 'README.md'],
             rf'^error: No checkpoints: {tmp_path}/empty/checkpoints does not '
             r'exist; train first or check --workdir.$')]
+  # The tools that take a config or a run folder: neither given, or a run
+  # folder that is not there (one rule, `cli.require_config`).
+  runs += [(m, [], r'^error: --config is needed \(or --workdir of a training '
+            r'run, which holds config.json\): give --config=configs/<file>.py.$')
+           for m in ('seg_jax.summary', 'seg_jax.data.check')]
+  runs += [('seg_jax.summary', [f'--workdir={tmp_path}/nowhere'],
+            rf'^error: --workdir={tmp_path}/nowhere does not exist; give the '
+            r'folder of a training run')]
   _assert_one_line_errors(runs)
   assert not (tmp_path / 'never').exists()  # a refused run makes no --out
 

@@ -250,10 +250,7 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f'Unexpected arguments: {argv[1:]}.')
-  if FLAGS.config is None:
-    raise errors.ConfigError(
-        '--config is needed (or --workdir of a training run, which holds '
-        'config.json): give --config=configs/<file>.py.')
+  cli.require_config()
   from seg_jax import validate
   validate.check_config(FLAGS.config)
   sys.exit(1 if check(FLAGS.config, tuple(FLAGS.splits)) else 0)
