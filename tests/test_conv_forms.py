@@ -435,13 +435,16 @@ def test_winograd_conv_equals_the_direct_convolution(hw, dilation):
   x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
   loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k, dilation)))
-  _close((layers.winograd_conv(x, k, dilation),
-          jax.grad(loss(layers.winograd_conv), (0, 1))(x, k)),
-         (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)))
+  # One compiled program for all three forms (op by op takes twice as long).
+  ours, ref, planes = jax.jit(lambda x, k: (
+      (layers.winograd_conv(x, k, dilation),
+       jax.grad(loss(layers.winograd_conv), (0, 1))(x, k)),
+      (_direct(x, k, dilation), jax.grad(loss(_direct), (0, 1))(x, k)),
+      layers.winograd_planes(x, k, dilation)))(x, k)
+  _close(ours, ref)
   # The inference steps' F(4x4, 3x3) as separate planes: the same values
   # to F(4x4)'s float32 accuracy (about 2e-5 of the output's scale).
-  _close(layers.winograd_planes(x, k, dilation), _direct(x, k, dilation),
-         tol=1e-4)
+  _close(planes, ref[0], tol=1e-4)
   with layers.inference_forms():
     assert layers.winograd_form(x.shape, dilation) is (
         layers.winograd_planes if -(-hw[0] // (4 * dilation)) *
@@ -590,7 +593,9 @@ def test_cropped_tap_sum_equals_the_convolution(hw, dilation):
                 kernel_dilation=dilation, use_bias=False)
   v = ours.init(jax.random.key(0), x)
   loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
-  want = (ref.apply(v, x), jax.grad(loss(ref), (0, 1))(v, x))
+  both = lambda m: jax.jit(lambda v, x: (m.apply(v, x),
+                                         jax.grad(loss(m), (0, 1))(v, x)))
+  want = both(ref)(v, x)
   rows = layers._taps_in_image(3, dilation, hw[0])  # pylint: disable=protected-access
   cols = layers._taps_in_image(3, dilation, hw[1])  # pylint: disable=protected-access
   taps = len(rows) * len(cols)
@@ -607,7 +612,7 @@ def test_cropped_tap_sum_equals_the_convolution(hw, dilation):
     assert len(got) == taps and all(s == (1, 1) for s, _ in got)
     assert any(lo < 0 or hi < 0 for _, pad in got for lo, hi in pad)
     assert all(lo <= 0 and hi <= 0 for _, pad in got for lo, hi in pad)
-    _close((ours.apply(v, x), jax.grad(loss(ours), (0, 1))(v, x)), want)
+    _close(both(ours)(v, x), want)
     compiled = jax.jit(lambda v, x: ours.apply(v, x),
                        compiler_options=layers.compiler_options())
     _close(compiled(v, x), want[0])
