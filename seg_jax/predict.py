@@ -55,11 +55,21 @@ OUTPUT_SUFFIXES = ('.png', '_overlay.jpg', '_keep.png', '_overlay.mp4',
                    '_keep.mp4')
 
 
-def find_inputs(paths):
+def output_suffixes(path, keep):
+  """The suffixes of the files written for the input `path` (an image or a
+  video), with `--keep` or without."""
+  if path.lower().endswith(VIDEO_EXTENSIONS):
+    return ('_overlay.mp4', '_keep.mp4') if keep else ('_overlay.mp4',)
+  return ('.png', '_overlay.jpg', '_keep.png') if keep else (
+      '.png', '_overlay.jpg')
+
+
+def find_inputs(paths, keep=False):
   """[(path, output name)] for files as given and every image or video in
   the given folders (sorted; names keep the path under the folder; linked
   folders followed and hidden ones left out, as the folder dataset reads
-  them)."""
+  them); no two inputs write the same file (`_unique_names`, with the
+  outputs of `--keep` when `keep`)."""
   found = []
   for path in paths:
     if not os.path.isdir(path):
@@ -75,7 +85,7 @@ def find_inputs(paths):
           full = os.path.join(root, name)
           rel = os.path.splitext(os.path.relpath(full, path))[0]
           found.append((full, os.path.join(top, rel)))
-  return _unique_names(found)
+  return _unique_names(found, keep)
 
 
 def input_share(found, f=None, environ=None):
@@ -158,15 +168,27 @@ def check_out(out, inputs, found):
       raise errors.ConfigError(
           f'--out={out} puts the outputs of {path} beside it, under its '
           'name with other extensions; give an --out outside its folder.')
-    # A label map is written with its overlay: a file there without one is
-    # not an earlier prediction (e.g. a ground-truth mask).
-    target = os.path.join(out, name + '.png')
-    if os.path.exists(target) and not os.path.exists(
-        os.path.join(out, name + '_overlay.jpg')):
-      raise errors.ConfigError(
-          f'--out={out} would overwrite {target}, which is not an earlier '
-          f'prediction (no {os.path.basename(name)}_overlay.jpg beside it); '
-          'give another --out.')
+    _check_earlier_prediction(out, path, name)
+
+
+def _check_earlier_prediction(out, path, name):
+  """Raises `ConfigError` if a file that predicting `path` writes as
+  `OUT/name...` is there but is not part of an earlier prediction: an
+  image's label map is written with its overlay (a `.png` or
+  `_overlay.jpg` without the other, e.g. a ground-truth mask, and a
+  `_keep.png` without both are a user's files); a video's `_keep.mp4` is
+  written with its `_overlay.mp4`."""
+  video = path.lower().endswith(VIDEO_EXTENSIONS)
+  written = output_suffixes(path, keep=True)
+  pair = written[:1] if video else written[:2]
+  there = [s for s in written if os.path.exists(os.path.join(out, name + s))]
+  missing = [os.path.basename(name) + s for s in pair if s not in there]
+  if there and missing:
+    target = os.path.join(out, name + there[0])
+    raise errors.ConfigError(
+        f'--out={out} would overwrite {target}, which is not an earlier '
+        f'prediction (no {" and ".join(missing)} beside it); give another '
+        '--out.')
 
 
 def _within(path, folder):
@@ -186,19 +208,23 @@ def check_flags(batch_size, size_multiple, alpha):
                              'image only) to 1 (the class colours only).')
 
 
-def _unique_names(found):
-  """`found` with each output name that another input took first given a
-  suffix (_2, _3, ...), and a warning naming both inputs."""
-  seen, out = {}, []
+def _unique_names(found, keep=False):
+  """`found` with each output name whose files (`output_suffixes`) another
+  input's would overwrite given a suffix (_2, _3, ...), and a warning
+  naming both inputs: `a.png` and `a.jpg`, or with `--keep` `a.jpg` and
+  `a_keep.png` (whose label map is `a.jpg`'s cut-out's file name)."""
+  claimed, out = {}, []  # output file name -> the input writing it
   for path, name in found:
+    suffixes = output_suffixes(path, keep)
     base, k = name, 1
-    while name in seen:
+    while any(name + s in claimed for s in suffixes):
       k += 1
       name = f'{base}_{k}'
     if name != base:
-      logging.warning('%s is written as %s.* (%s.* is %s\'s)', path, name,
-                      base, seen[base])
-    seen[name] = path
+      taken = next(base + s for s in suffixes if base + s in claimed)
+      logging.warning('%s is written as %s.* (%s is %s\'s)', path,
+                      name, taken, claimed[taken])
+    claimed.update((name + s, path) for s in suffixes)
     out.append((path, name))
   return out
 
@@ -548,7 +574,7 @@ def main(argv):
   check_flags(FLAGS.batch_size, FLAGS.size_multiple, FLAGS.alpha)
   cli.check_not_in_checkpoints(FLAGS.workdir)
   cli.check_run_config(cli.require_config(), FLAGS.workdir)
-  found = find_inputs(inputs)
+  found = find_inputs(inputs, keep=bool(FLAGS.keep))
   check_found(inputs, found)
   check_out(FLAGS.out, inputs, found)
   found, share = input_share(found)

@@ -222,8 +222,22 @@ def test_parse_keep_and_output_names(tmp_path, caplog):
                                str(tmp_path / 'x.png')])
   assert [n for _, n in found] == [os.path.join('f', 'x'),
                                    os.path.join('f', 'sub', 'x'), 'x', 'x_2']
-  assert f'{tmp_path}/x.png is written as x_2.* (x.* is {tmp_path}/x.png' \
+  assert f'{tmp_path}/x.png is written as x_2.* (x.png is {tmp_path}/x.png' \
       "'s)" in caplog.text
+  # With --keep, x_keep.png is both x.jpg's cut-out and x_keep.jpg's label
+  # map: the later input is renamed, and so on (without --keep nothing
+  # collides).
+  (tmp_path / 'k').mkdir()
+  for p in ('k/x.jpg', 'k/x_keep.jpg', 'k/x_keep_2.jpg'):
+    (tmp_path / p).write_bytes(b'')
+  names = lambda keep: [n for _, n in predict.find_inputs(
+      [str(tmp_path / 'k')], keep=keep)]
+  assert names(False) == [os.path.join('k', n) for n in (
+      'x', 'x_keep', 'x_keep_2')]
+  assert names(True) == [os.path.join('k', n) for n in (
+      'x', 'x_keep_2', 'x_keep_2_2')]
+  assert (f'{tmp_path}/k/x_keep.jpg is written as k/x_keep_2.* (k/x_keep.png '
+          f"is {tmp_path}/k/x.jpg's)") in caplog.text
   # A folder given as '.' or '..' is named as itself: its outputs stay in
   # OUT/<its name>/, never OUT/../ (outside OUT).
   for where, given in ((tmp_path / 'f', '.'), (tmp_path / 'f' / 'sub', '..'),
@@ -342,6 +356,25 @@ def test_outputs_never_land_on_or_among_the_inputs(tmp_path):
     check('gt', 'shots')
   (tmp_path / 'gt' / 'shots' / 'cat_overlay.jpg').write_bytes(b'')
   check('gt', 'shots')
+  # A user's overlay or cut-out file without the label map it belongs to.
+  for user_file, missing in (('dog_overlay.jpg', 'dog.png'),
+                             ('dog_keep.png', 'dog.png and dog_overlay.jpg')):
+    (tmp_path / 'gt' / 'shots' / 'sub').mkdir(exist_ok=True)
+    (tmp_path / 'gt' / 'shots' / 'sub' / user_file).write_bytes(b'')
+    with pytest.raises(errors.ConfigError, match=(
+        f'would overwrite .*gt/shots/sub/{user_file}, which is not an earlier '
+        f'prediction \\(no {missing} beside it\\)')):
+      check('gt', 'shots')
+    (tmp_path / 'gt' / 'shots' / 'sub' / user_file).unlink()
+  (tmp_path / 'clips').mkdir()
+  (tmp_path / 'clips' / 'v.mp4').write_bytes(b'')
+  (tmp_path / 'gt' / 'clips').mkdir()
+  (tmp_path / 'gt' / 'clips' / 'v_keep.mp4').write_bytes(b'')
+  with pytest.raises(errors.ConfigError, match=r'v_keep.mp4, which is not an '
+                     r'earlier prediction \(no v_overlay.mp4 beside it\)'):
+    check('gt', 'clips')
+  (tmp_path / 'gt' / 'clips' / 'v_overlay.mp4').write_bytes(b'')
+  check('gt', 'clips')
 
 
 def test_predict_flags_out_of_range_are_named():
