@@ -182,6 +182,30 @@ def test_camvid_list_paths_resolved_and_11_ignored(tmp_path):
   assert src.class_names[9] == 'pedestrian'
 
 
+def test_an_evaluated_training_split_has_its_sizes_read(tmp_path):
+  """Training skips reading the training split's headers of a list
+  dataset; evaluating that split reads them, so its canvas is fitted (or
+  a hand-set one too small refused naming the image) before any step. An
+  image found too large only as it is evaluated (a tfds split) is a
+  one-line ConfigError giving the setting that fits."""
+  from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  _camvid(tmp_path)
+  c = _config('camvid', tmp_path, 11, crop_size=(4, 4))
+  assert data.open_split(c, 'train')[1] is None
+  assert data.open_split(c, 'train', training=False)[1] == [(6, 8)] * 3
+  c.data.eval_pad_size = (4, 40)
+  with pytest.raises(errors.ConfigError, match=r'0001TP_000000.png is 6x8 '
+                     r'\(HxW\), larger than data.eval_pad_size=\(4, 40\)'):
+    data.fit_eval_pad_size(c, *data.open_split(c, 'train', training=False))
+  element = {'image': np.zeros((40, 70, 3), np.uint8),
+             'label': np.zeros((40, 70), np.uint8)}
+  with pytest.raises(errors.ConfigError, match=(
+      r'^An evaluation image is 40x70 \(HxW\), larger than data.eval_pad_'
+      r'size=\(32, 96\) that evaluation pads to: set --config.data.eval_'
+      r'pad_size="\(64, 96\)" or larger')):
+    transforms.EvalTransform(pad_size=(32, 96)).map(element)
+
+
 @pytest.mark.skipif(not os.path.isdir(CAMVID), reason='no ../shared/data')
 def test_camvid_real_data_counts_and_values():
   cfg = _config('camvid', CAMVID, 11)

@@ -240,8 +240,13 @@ class EvalTransform(grain.transforms.Map):
     h, w = pair(self.pad_size)
     size = element['label'].shape
     if size[0] > h or size[1] > w:
-      raise ValueError(f'eval example of size {size} is larger than '
-                       f'data.eval_pad_size={(h, w)}; raise it.')
+      # Sizes not read before (a tfds split): found as the example is.
+      fit = tuple(max(p, -(-m // 32) * 32) for p, m in zip((h, w), size))
+      raise errors.ConfigError(
+          f'An evaluation image is {size[0]}x{size[1]} (HxW), larger than '
+          f'data.eval_pad_size={(h, w)} that evaluation pads to: set '
+          f'--config.data.eval_pad_size="{fit}" or larger (the largest '
+          'image of the split).')
     return {'image': pad_image(element['image'], h, w, fill_value(self.mean)),
             'label': pad_label(element['label'], h, w, self.ignore_label),
             'size': np.asarray(size, np.int32)}
