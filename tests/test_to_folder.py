@@ -227,3 +227,14 @@ def test_train_command_does_not_map_the_copys_labels_again():
       "--config.data.name=folder --config.data.root=/out "
       "'--config.data.label_map={}' --config.data.mask_suffix= "
       '--workdir=runs/x_folder')
+  # The splits copied are the ones trained and validated on.
+  config = _config('camvid', '/data')
+  config.data.train_split = 'train_aug'
+  keys = lambda splits: [a for a in to_folder.train_command(
+      'x.py', '/o', config, splits).split() if '_split=' in a]
+  assert keys(('train', 'val')) == ['--config.data.train_split=train']
+  assert keys(('trainval', 'val')) == ['--config.data.train_split=trainval']
+  assert keys(('train', 'test')) == ['--config.data.train_split=train',
+                                     '--config.data.val_split=test']
+  assert keys(('train',)) == ['--config.data.train_split=train',
+                              '--config.data.val_split=']

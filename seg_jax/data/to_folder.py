@@ -268,10 +268,16 @@ def train_command(config_file, out, config, splits, argv=()):
   overrides, and the other `--config.KEY=VALUE` overrides given in `argv`."""
   kept = [a for a in argv if a.startswith('--config.') and '=' in a and
           not a[len('--config.'):].startswith(_SOURCE_KEYS)]
+  # The copy's folders are named as --splits gave them: training reads
+  # 'train' if copied, else the first other split; validation 'val' if
+  # copied, else another split, else none.
+  train = 'train' if 'train' in splits else next(
+      (s for s in splits if s != 'val'), splits[0])
+  val = 'val' if 'val' in splits and train != 'val' else next(
+      (s for s in splits if s != train), '')
   split_keys = [f'--config.data.{key}={name}'
-                for key, name in (('train_split', 'train'),
-                                  ('val_split', 'val'))
-                if name in splits and config.data[key] != name]
+                for key, name in (('train_split', train), ('val_split', val))
+                if config.data[key] != name]
   # The copy's masks hold class ids and are named as their images: a
   # label map or mask suffix of the config would apply a second time.
   resets = (['--config.data.label_map={}'] if config.data.get('label_map')
