@@ -131,6 +131,9 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
     report['weights'] = ('average' if average else 'raw' if raw else
                          'trained')
     report['data'] = data_identity(config)
+    # The dataset's own split name ('train' reads data.train_split, e.g.
+    # VOC's train_aug).
+    report['dataset_split'] = data.split_name(config, split)
     if writes:
       stem = os.path.join(out, f'{split}_{name}{"_raw" if raw else ""}'
                           f'_step{step}')
@@ -146,6 +149,11 @@ def evaluate(config, workdir, *, checkpoint='latest', split='val',
         print(f'{skips.count} of {len(source)} images skipped '
               "(data.on_bad_sample='skip'): the scores are of the other "
               f"{report['images']}.")
+      if not result.confusion.sum():
+        print(f'Every pixel of {split} is ignored (labelled '
+              f'data.ignore_label={config.data.ignore_label}, e.g. a test '
+              'split whose labels are not public, as Cityscapes\'): the '
+              'scores are nan.')
       if raw:
         print('The raw weights: the run kept a weight average, read here '
               'without it (train.ema_decay=0).')

@@ -194,7 +194,7 @@ def test_to_folder_copies_a_six_channel_tiff_dataset_exactly(tmp_path):
 
 @pytest.mark.parametrize('channels', [1, 4])
 def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
-    tmp_path, channels):
+    tmp_path, channels, capsys):
   from seg_jax import checkpoint, crf, inference, predict, sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'data'
@@ -211,6 +211,20 @@ def test_a_grey_and_a_four_channel_dataset_train_evaluate_and_predict(
   assert kernel.shape[2] == channels  # the model takes the channels
   (_, report), = evaluate.evaluate(config, run)
   assert report['mIoU'] == pytest.approx(result['miou'], abs=1e-6)
+  assert report['dataset_split'] == 'val'
+  if channels == 1:
+    # A split whose every pixel is ignored (a test split without public
+    # labels): nan scores, and a line saying why.
+    _write(root, channels, 2, 'test')
+    for mask in (root / 'masks' / 'test').iterdir():
+      ud.save_mask(str(mask), np.full(ud.SIZE, 255, np.uint8))
+    capsys.readouterr()
+    (_, unlabelled), = evaluate.evaluate(config, run, split='test')
+    assert unlabelled['mIoU'] is None  # nan, written as JSON's null
+    assert unlabelled['dataset_split'] == 'test'
+    assert ('Every pixel of test is ignored (labelled data.ignore_label=255, '
+            'e.g. a test split whose labels are not public') in (
+                capsys.readouterr().out)
   model, variables, _ = checkpoint.restore_for_inference(
       config, run, sharding.create_mesh(devices=jax.devices()[:1]))
   predictor = predict.Predictor(config, model, variables,

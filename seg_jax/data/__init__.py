@@ -206,6 +206,16 @@ def check_palette(palette, num_classes):
   return colours.astype(np.uint8)
 
 
+def split_name(config, split):
+  """The dataset's own name of `split`: 'train' and 'val' are
+  data.train_split and data.val_split (e.g. VOC's 'train_aug'); other
+  names, and the shapes dataset's, are as given."""
+  if config.data.name == 'shapes':
+    return split
+  return {'train': config.data.train_split,
+          'val': config.data.val_split}.get(split, split)
+
+
 def create_source(config, split, strict=True):
   """The random-access source of `split` ('train' or 'val') for a config.
 
@@ -219,10 +229,7 @@ def create_source(config, split, strict=True):
   if name not in DATASETS:
     raise errors.ConfigError(f'Unknown data.name={name!r}; choose one of '
                              f'{sorted(DATASETS)}.')
-  if name != 'shapes':
-    split = {'train': config.data.train_split,
-             'val': config.data.val_split}.get(split, split)
-  source = DATASETS[name](config, split, strict=strict)
+  source = DATASETS[name](config, split_name(config, split), strict=strict)
   source.class_names, source.palette = _configured(
       config, source.class_names, getattr(source, 'palette', None),
       f'data.name={name!r} has')
