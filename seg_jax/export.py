@@ -60,9 +60,11 @@ def load(path):
   height, width = meta['input_size']
   channels = meta.get('channels', 3)
 
+  warned = set()
+
   def predict(images):
     return mirror.predict_on_canvas(exported.call, images, height, width,
-                                    channels, path)
+                                    channels, path, meta, warned)
 
   return predict, meta
 
@@ -162,6 +164,8 @@ def export_model(config, workdir, out, *, checkpoint='latest', size=None,
   meta = {'input_size': [height, width], 'channels': config.data.channels,
           'step': int(step),
           'model': config.model.name, 'inference': name,
+          'evaluator': {'mode': spec.mode, 'scales': list(spec.scales),
+                        'flip': bool(spec.flip)},
           'class_names': list(class_names), 'palette': palette.tolist(),
           **written}
   _writing(out + '.json', lambda: _write_bytes(

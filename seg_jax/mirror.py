@@ -4,6 +4,8 @@ numpy only: the exported programs' loaders (`export.load`,
 `to_onnx.load_onnx`) use it without jax computation or flax.
 """
 
+import warnings
+
 import numpy as np
 
 
@@ -35,15 +37,32 @@ def onto_canvas(images, height, width, where):
   return images[:, mirror_indices(height, h)][:, :, mirror_indices(width, w)]
 
 
-def predict_on_canvas(run, images, height, width, channels, where):
+def predict_on_canvas(run, images, height, width, channels, where,
+                      meta=None, warned=None):
   """`run` (uint8 (b, height, width, channels) -> labels (b, height,
   width)) on `images` of at most that size, mirror-filled to it
   (`onto_canvas`), their labels cropped back: the exported models'
-  loaders."""
+  loaders. A smaller size is warned about once per size (in the set
+  `warned`) when the program's inference (`meta['evaluator']`) rescales
+  or flips: the mirror-filled canvas is then resized and flipped whole,
+  so labels near a tie can differ from those of an export of that size.
+  """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[3] != channels:
     raise ValueError(f'{where} takes uint8 images (b, h, w, {channels}); '
                      f'got {images.shape}.')
   h, w = images.shape[1:3]
+  spec = (meta or {}).get('evaluator') or {}
+  if ((h, w) != (height, width) and warned is not None and
+      (h, w) not in warned and (spec.get('flip') or
+                                any(s != 1 for s in spec.get('scales', ())))):
+    warned.add((h, w))
+    warnings.warn(
+        f'{where}: images of {h}x{w} are mirror-filled to the export\'s '
+        f'{height}x{width} and inferred as images of that size, which its '
+        f'inference (scales {tuple(spec["scales"])}, flip {spec["flip"]}) '
+        'resizes and flips whole: labels near a tie can differ from '
+        f'evaluate\'s; export with --size={h},{w} for images of this size.',
+        stacklevel=3)
   return np.asarray(run(onto_canvas(images, height, width, where)))[
       :, :h, :w]

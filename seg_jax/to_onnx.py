@@ -1120,9 +1120,11 @@ def load_onnx(path, providers=None):
   height, width = meta['input_size']
   channels = meta.get('channels', 3)
 
+  warned = set()
+
   def predict(images):
     return mirror.predict_on_canvas(
         lambda canvas: session.run(None, {'images': canvas})[0], images,
-        height, width, channels, path)
+        height, width, channels, path, meta, warned)
 
   return predict, meta

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,10 @@ def test_exported_model_in_a_fresh_process_matches_predict(run, tmp_path):
   np.testing.assert_array_equal(got[:3], expected)  # batch of 3
   np.testing.assert_array_equal(got[3], expected[1])  # batch of 1
   with open(path + '.json') as f:
-    assert json.load(f)['class_names'][1] == 'circle'
+    written = json.load(f)
+  assert written['class_names'][1] == 'circle'
+  assert written['evaluator'] == {'mode': 'whole', 'scales': [1.0],
+                                  'flip': False}
 
 
 def test_host_mirror_fill_is_the_inference_canvas_fill():
@@ -208,6 +212,44 @@ def test_host_mirror_fill_is_the_inference_canvas_fill():
     mirror.onto_canvas(images.astype(np.float32) / 255, 16, 12, 'm.onnx')
   with pytest.raises(ValueError, match=r'^m.onnx: no image in the batch'):
     mirror.onto_canvas(images[:0], 16, 12, 'm.onnx')
+
+
+def test_loaders_warn_once_per_size_filled_under_a_rescaling_inference():
+  """Images smaller than an export whose inference rescales or flips are
+  inferred as images of the export's size (its resize and flip take the
+  mirror-filled canvas whole): the loaders warn, once per size; not for
+  images of the export's size, nor under an inference at scale 1 without
+  flip (the canvas beyond the image then changes only what the model sees
+  near its border)."""
+  from seg_jax import mirror  # pylint: disable=g-import-not-at-top
+  images = np.zeros((2, 5, 7, 3), np.uint8)
+  run = lambda canvas: np.ones(canvas.shape[:3], np.int32)
+
+  def warnings_of(spec, *batches):
+    warned = set()
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      for batch in batches:
+        labels = mirror.predict_on_canvas(run, batch, 8, 8, 3, 'm.onnx',
+                                          {'evaluator': spec}, warned)
+        assert labels.shape == batch.shape[:3]
+    return [str(w.message) for w in caught]
+
+  scaled = {'mode': 'whole', 'scales': [0.6], 'flip': True}
+  assert warnings_of(scaled, images, images, images[:, :4]) == [
+      "m.onnx: images of 5x7 are mirror-filled to the export's 8x8 and "
+      'inferred as images of that size, which its inference (scales (0.6,), '
+      'flip True) resizes and flips whole: labels near a tie can differ from '
+      "evaluate's; export with --size=5,7 for images of this size.",
+      "m.onnx: images of 4x7 are mirror-filled to the export's 8x8 and "
+      'inferred as images of that size, which its inference (scales (0.6,), '
+      'flip True) resizes and flips whole: labels near a tie can differ from '
+      "evaluate's; export with --size=4,7 for images of this size."]
+  assert not warnings_of(scaled, np.zeros((1, 8, 8, 3), np.uint8))
+  assert not warnings_of({'mode': 'whole', 'scales': [1.0], 'flip': False},
+                         images)
+  assert len(warnings_of({'mode': 'slide', 'scales': [1.0], 'flip': True},
+                         images)) == 1
 
 
 def test_parse_keep_and_output_names(tmp_path, caplog):
