@@ -182,16 +182,17 @@ def test_camvid_list_paths_resolved_and_11_ignored(tmp_path):
   assert src.class_names[9] == 'pedestrian'
 
 
-def test_an_evaluated_training_split_has_its_sizes_read(tmp_path):
-  """Training skips reading the training split's headers of a list
-  dataset; evaluating that split reads them, so its canvas is fitted (or
-  a hand-set one too small refused naming the image) before any step. An
-  image found too large only as it is evaluated (a tfds split) is a
-  one-line ConfigError giving the setting that fits."""
+def test_a_training_split_has_its_headers_read_before_any_step(tmp_path):
+  """A list dataset's training split has its headers read as it is
+  opened: an empty mask stops the run before any step; evaluated, the
+  split's canvas is fitted (or a hand-set one too small refused naming the
+  image) before any step. An image found too large only as it is
+  evaluated (a tfds split) is a one-line ConfigError giving the setting
+  that fits."""
   from seg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   _camvid(tmp_path)
   c = _config('camvid', tmp_path, 11, crop_size=(4, 4))
-  assert data.open_split(c, 'train')[1] is None
+  assert data.open_split(c, 'train')[1] == [(6, 8)] * 3
   assert data.open_split(c, 'train', training=False)[1] == [(6, 8)] * 3
   c.data.eval_pad_size = (4, 40)
   with pytest.raises(errors.ConfigError, match=r'0001TP_000000.png is 6x8 '
@@ -204,6 +205,11 @@ def test_an_evaluated_training_split_has_its_sizes_read(tmp_path):
       r'size=\(32, 96\) that evaluation pads to: set --config.data.eval_'
       r'pad_size="\(64, 96\)" or larger')):
     transforms.EvalTransform(pad_size=(32, 96)).map(element)
+  (tmp_path / 'trainannot' / '0001TP_000001.png').write_bytes(b'')
+  c.data.eval_pad_size = ()
+  with pytest.raises(errors.BadSampleError, match=r'trainannot/0001TP_000001'
+                     r'.png: cannot read it \(the file is empty\)'):
+    data.open_split(c, 'train')
 
 
 @pytest.mark.skipif(not os.path.isdir(CAMVID), reason='no ../shared/data')

