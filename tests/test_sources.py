@@ -351,6 +351,22 @@ def test_list_entry_without_file_raises_or_is_skipped(tmp_path):
   src = data.create_source(
       _config('camvid', tmp_path, 11, on_bad_sample='skip'), 'train')
   assert len(src) == 2 and len(src.skipped_at_build) == 1
+  # Every mask missing (skip mode, as data.check reads): said so, naming
+  # one, not 'no examples found'; a whole folder missing, in any mode.
+  for i in (0, 2):
+    os.remove(tmp_path / 'trainannot' / f'0001TP_00000{i}.png')
+  with pytest.raises(FileNotFoundError, match=r'^camvid/train: none of the 3 '
+                     r'examples listed in .*train.txt has both its files; the '
+                     r'first missing: .*trainannot/0001TP_000000.png\.$'):
+    data.create_source(
+        _config('camvid', tmp_path, 11, on_bad_sample='skip'), 'train')
+  os.rmdir(tmp_path / 'trainannot')
+  for mode in ('raise', 'skip'):
+    with pytest.raises(FileNotFoundError, match=(
+        r'0001TP_000000.png \(listed in .*train.txt\) does not exist, nor '
+        r'does its folder .*/trainannot: is the dataset complete')):
+      data.create_source(
+          _config('camvid', tmp_path, 11, on_bad_sample=mode), 'train')
   # A folder image without a mask is the same problem.
   _folder(tmp_path / 'f', n=2)
   os.remove(tmp_path / 'f' / 'masks' / 'train' / 'im0.png')

@@ -599,12 +599,19 @@ class FileSource:
     self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
     self.table = np.asarray(table, np.int16)
     self._on_bad = check_on_bad_sample(on_bad_sample)
-    kept, self.skipped_at_build = [], []
+    kept, self.skipped_at_build, first_missing = [], [], None
     for image_path, mask_path in pairs:
       missing = [p for p in (image_path, mask_path) if not os.path.isfile(p)]
       if not missing:
         kept.append((image_path, mask_path))
         continue
+      folder = os.path.dirname(missing[0])
+      if not os.path.isdir(folder):  # a whole folder missing: no skipping
+        raise errors.MissingFileError(
+            f'{name}: {missing[0]} (listed in {origin or name}) does not '
+            f'exist, nor does its folder {folder}: is the dataset complete '
+            '(its images and masks both there)?')
+      first_missing = first_missing or missing[0]
       message = (f'{name}: {missing[0]} (listed in {origin or name}) does '
                  'not exist.')
       if self._on_bad == 'raise':
@@ -614,7 +621,10 @@ class FileSource:
       self.skipped_at_build.append(message)
     if not kept:
       raise errors.MissingFileError(
-          f'{name}: no examples found in {origin or name}.')
+          f'{name}: no examples found in {origin or name}.' if not pairs else
+          f'{name}: none of the {len(pairs)} examples listed in '
+          f'{origin or name} has both its files; the first missing: '
+          f'{first_missing}.')
     self.pairs = kept
 
   def __len__(self):
