@@ -300,6 +300,21 @@ def test_tfds_array_record_source(tmp_path):
   cfg.data.tfds.class_names = ('pet', 'background', 'border')
   src = data.create_source(cfg, 'train')
   assert len(src) == 2
+  # Each way of not finding it, in one line saying which.
+  with pytest.raises(FileNotFoundError, match=r"^tfds:tiny_pets/val: tiny_pets "
+                     r"has no split 'val'; it has train: set data.train_split"):
+    data.create_source(cfg, 'val')
+  cfg.data.tfds.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match=r"data.tfds.data_dir='.*nowhere' "
+                     r'does not exist: give the folder the dataset was '
+                     r'prepared in, or prepare it with `tfds build tiny_pets'):
+    data.create_source(cfg, 'train')
+  cfg.data.tfds.data_dir, cfg.data.tfds.name = str(tmp_path), 'tiny_pats'
+  with pytest.raises(FileNotFoundError, match=r"no dataset 'tiny_pats' is "
+                     r'prepared in .* \(it holds .*tiny_pets\) nor known to '
+                     r'tfds: check data.tfds.name and data.tfds.data_dir.$'):
+    data.create_source(cfg, 'train')
+  cfg.data.tfds.name = 'tiny_pets'
   got = sorted((src[i] for i in range(2)), key=lambda e: e['label'].sum())
   want = sorted(zip(images, masks), key=lambda p: (p[1] - 1).sum())
   for ex, (image, mask) in zip(got, want):

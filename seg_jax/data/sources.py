@@ -554,6 +554,36 @@ class FolderSource(files.FileSource):
 # --- TFDS (ArrayRecord) ---------------------------------------------------
 
 
+def _tfds_open_error(tfds, where, name, split, data_dir, error):
+  """Why `tfds.data_source(name, split)` failed, in one line: no such
+  data_dir, no such dataset there, not prepared, no such split (naming
+  those there), or prepared in a format without random access."""
+  prepare = (f'prepare it with `tfds build {name.split(":")[0]} '
+             f'--data_dir={data_dir or "DIR"} --file_format=array_record`')
+  if data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    return (f'{where}: data.tfds.data_dir={data_dir!r} does not exist: give '
+            f'the folder the dataset was prepared in, or {prepare}.')
+  folder = os.path.expanduser(data_dir or '~/tensorflow_datasets')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception:  # pylint: disable=broad-except
+    held = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder)
+                              else ()) if not n.startswith('.'))
+    return (f'{where}: no dataset {name!r} is prepared in {folder} (it holds '
+            f'{", ".join(held[:10]) or "nothing"}) nor known to tfds: check '
+            'data.tfds.name and data.tfds.data_dir.')
+  if not builder.is_prepared():
+    return (f'{where}: {name} is not prepared in {folder} (nothing at '
+            f'{builder.data_dir}): {prepare}.')
+  splits = list(builder.info.splits)
+  if split not in splits:
+    return (f'{where}: {name} has no split {split!r}; it has '
+            f'{", ".join(splits)}: set data.train_split / data.val_split '
+            "to one of them (data.val_split='' trains without validation).")
+  return (f'{where}: cannot read it from {builder.data_dir} '
+          f'({str(error).splitlines()[0]}); {prepare}.')
+
+
 class TfdsSource:
   """A TFDS dataset prepared as ArrayRecord, read through
   `tfds.data_source` (random access, no tf.data)."""
@@ -569,9 +599,7 @@ class TfdsSource:
                                       download=False)  # prepared, never fetched
     except Exception as e:  # tfds raises several types for a missing set
       raise errors.MissingFileError(
-          f'{self.name}: cannot open it in data.tfds.data_dir='
-          f'{data_dir!r} ({e}); prepare it with file_format=array_record '
-          '(tfds build --file_format=array_record).') from e
+          _tfds_open_error(tfds, self.name, name, split, data_dir, e)) from e
     if len(self._source) == 0:
       raise errors.MissingFileError(f'{self.name}: the split is empty.')
     self.class_names = tuple(class_names)
