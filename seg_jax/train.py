@@ -42,6 +42,8 @@ class Trainer:
     self.class_names = list(train_source.class_names)
     self.palette = train_source.palette
     self.skips = pipeline.SkipCounter()  # bad records skipped by this host
+    for source in (train_source, val_source):
+      self.skips.opened(source)
     self.train_ds = pipeline.create_train_dataset(
         train_source, pipeline.train_transform(config), seed=config.seed,
         batch_size=local_batch, worker_count=config.data.worker_count,

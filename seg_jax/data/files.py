@@ -580,6 +580,9 @@ class FileSource:
     palette: (num_classes, 3) uint8 colours for visualisation.
     skipped_at_build: list entries dropped because a file was missing
       (only with on_bad_sample='skip').
+    left_out: once `check_headers` ran, every pair left out as the split
+      was opened (those and the unreadable ones; 'skip' mode), a message
+      each.
   """
 
   def __init__(self, name, pairs, class_names, palette, table,
@@ -663,6 +666,7 @@ class FileSource:
                            'out.')
     for problem in problems:
       logging.warning('%s: skipped: %s', self.name, problem)
+    self.left_out = list(self.skipped_at_build) + problems
     if problems:
       kept = [(pair, size) for pair, (size, p) in zip(self.pairs, checks)
               if not p]

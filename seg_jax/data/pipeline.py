@@ -27,6 +27,7 @@ class SkipCounter:
 
   def __init__(self, max_in_a_row=1000):
     self.count, self.max_in_a_row = 0, max_in_a_row
+    self.left_out = 0  # pairs a source dropped as it was opened
     self.reasons = set()  # the distinct messages logged
     self._lock = threading.Lock()  # eval reader threads call `keep`
 
@@ -56,11 +57,22 @@ class SkipCounter:
     self._seen(element['skipped'])
     return False
 
+  def opened(self, source):
+    """Adds the pairs `source` left out as it was opened (its `left_out`,
+    each logged then) to the run's total."""
+    self.left_out += len(getattr(source, 'left_out', ()))
+
   def log_total(self):
     """One line with the count, when anything was skipped."""
+    parts = []
     if self.count:
-      logging.warning('%d bad samples skipped in this run (%d distinct '
-                      'files).', self.count, len(self.reasons))
+      parts.append(f'{self.count} bad samples skipped in this run '
+                   f'({len(self.reasons)} distinct files)')
+    if self.left_out:
+      parts.append(f'{self.left_out} more left out as the splits were '
+                   'opened (logged then)')
+    if parts:
+      logging.warning('%s.', '; '.join(parts))
 
 
 class _ReplaceSkipped(grain.MapDataset):
