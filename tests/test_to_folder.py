@@ -238,3 +238,4 @@ def test_train_command_does_not_map_the_copys_labels_again():
                                      '--config.data.val_split=test']
   assert keys(('train',)) == ['--config.data.train_split=train',
                               '--config.data.val_split=']
+  assert keys(('val',)) == ['--config.data.train_split=train']

@@ -269,11 +269,12 @@ def train_command(config_file, out, config, splits, argv=()):
   kept = [a for a in argv if a.startswith('--config.') and '=' in a and
           not a[len('--config.'):].startswith(_SOURCE_KEYS)]
   # The copy's folders are named as --splits gave them: training reads
-  # 'train' if copied, else the first other split; validation 'val' if
-  # copied, else another split, else none.
+  # 'train' if copied, else the first other split but 'val' (with 'val'
+  # alone, 'train': to be copied too); validation 'val' if copied, else
+  # another split, else none.
   train = 'train' if 'train' in splits else next(
-      (s for s in splits if s != 'val'), splits[0])
-  val = 'val' if 'val' in splits and train != 'val' else next(
+      (s for s in splits if s != 'val'), 'train')
+  val = 'val' if 'val' in splits else next(
       (s for s in splits if s != train), '')
   split_keys = [f'--config.data.{key}={name}'
                 for key, name in (('train_split', train), ('val_split', val))
