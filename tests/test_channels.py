@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg_jax import errors, evaluate, steps, train
+from seg_jax import data, errors, evaluate, steps, train
 from seg_jax.data import files, transforms
 
 import user_data as ud
@@ -33,6 +33,15 @@ def test_files_are_read_with_the_configured_channel_count(tmp_path):
     files.read_image(str(tmp_path / 'rgb.png'), 1)
   with pytest.raises(files.BadSampleError, match=r'but data.channels=4'):
     files.read_image(str(tmp_path / 'rgb.png'), 4)
+  # A dataset of RGB images opened as data.channels=1: refused as the split
+  # is opened (before any step), naming the first image.
+  ud.write_folder(tmp_path / 'rgb_data', n=2)
+  with pytest.raises(files.BadSampleError, match=r'rgb_data/images/train/'
+                     r"img_000.png: the image has 3 channel\(s\) \(PIL mode "
+                     r"'RGB'\) but data.channels=1"):
+    data.open_split(ud.folder_config(tmp_path / 'rgb_data', **{
+        'data.channels': 1, 'data.mean': (127.0,), 'data.std': (60.0,)}),
+                    'train')
   # The configured count of bands in another colour model: a palette image
   # is not grey values, CMYK is not RGBA, and counts other than 1, 3 and 4
   # come from TIFFs only.

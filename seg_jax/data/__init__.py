@@ -270,6 +270,12 @@ def open_split(config, split, training=True):
   sizes = None
   if isinstance(source, files.FileSource):
     sizes = source.check_headers()
+    if source.channels != 3:
+      # Headers do not say how an image reads as data.channels (as RGB
+      # any does): the first example is read now, so images of another
+      # channel count stop the run before any step (in 'skip' mode it is
+      # left to the run).
+      source[0]  # pylint: disable=pointless-statement
   elif config.data.name == 'shapes':  # every image is image_size square
     sizes = [(config.data.shapes.image_size,) * 2] * len(source)
   logging.info('%s', describe(source, sizes))
