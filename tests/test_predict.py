@@ -398,24 +398,24 @@ def test_outputs_never_land_on_or_among_the_inputs(tmp_path):
     check('gt', 'shots')
   (tmp_path / 'gt' / 'shots' / 'cat_overlay.jpg').write_bytes(b'')
   check('gt', 'shots')
-  # A user's overlay or cut-out file without the label map it belongs to.
-  for user_file, missing in (('dog_overlay.jpg', 'dog.png'),
-                             ('dog_keep.png', 'dog.png and dog_overlay.jpg')):
-    (tmp_path / 'gt' / 'shots' / 'sub').mkdir(exist_ok=True)
-    (tmp_path / 'gt' / 'shots' / 'sub' / user_file).write_bytes(b'')
-    with pytest.raises(errors.ConfigError, match=(
-        f'would overwrite .*gt/shots/sub/{user_file}, which is not an earlier '
-        f'prediction \\(no {missing} beside it\\)')):
-      check('gt', 'shots')
-    (tmp_path / 'gt' / 'shots' / 'sub' / user_file).unlink()
+  # A user's overlay, cut-out or video file without the output it is
+  # written with.
   (tmp_path / 'clips').mkdir()
   (tmp_path / 'clips' / 'v.mp4').write_bytes(b'')
-  (tmp_path / 'gt' / 'clips').mkdir()
-  (tmp_path / 'gt' / 'clips' / 'v_keep.mp4').write_bytes(b'')
-  with pytest.raises(errors.ConfigError, match=r'v_keep.mp4, which is not an '
-                     r'earlier prediction \(no v_overlay.mp4 beside it\)'):
-    check('gt', 'clips')
-  (tmp_path / 'gt' / 'clips' / 'v_overlay.mp4').write_bytes(b'')
+  for inputs, user_file, missing in (
+      ('shots', 'shots/sub/dog_overlay.jpg', 'dog.png'),
+      ('shots', 'shots/sub/dog_keep.png', 'dog.png and dog_overlay.jpg'),
+      ('clips', 'clips/v_keep.mp4', 'v_overlay.mp4')):
+    user_file = tmp_path / 'gt' / user_file
+    user_file.parent.mkdir(parents=True, exist_ok=True)
+    user_file.write_bytes(b'')
+    with pytest.raises(errors.ConfigError, match=(
+        f'would overwrite {user_file}, which is not an earlier prediction '
+        f'\\(no {missing} beside it\\)')):
+      check('gt', inputs)
+    user_file.unlink()
+  for output in ('v_keep.mp4', 'v_overlay.mp4'):  # an earlier prediction
+    (tmp_path / 'gt' / 'clips' / output).write_bytes(b'')
   check('gt', 'clips')
 
 
