@@ -118,6 +118,16 @@ class Checkpointer:
       except errors.ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        if 'tree structures do not match' in str(e):
+          # orbax: the stored state's layout is not this config's (e.g. the
+          # optimizer state of another optimizer chain): not damage.
+          raise errors.ConfigError(
+              f'Checkpoint {self.directory}/{step} holds a train state laid '
+              'out differently from the one this config builds (its '
+              'optimizer state: another train.optimizer, or gradient '
+              'clipping turned on or off): resume with the settings it was '
+              "trained with (the run's config.json), or start a new workdir "
+              '(model.init_from keeps the weights).') from None
         problem = e if isinstance(e, CheckpointError) else CheckpointError(
             f'Checkpoint {self.directory}/{step} cannot be restored '
             f'({type(e).__name__}: {str(e).splitlines()[0][:300]}).')

@@ -298,6 +298,26 @@ def _check_moving_average(config, ckpt, workdir):
   with pytest.raises(errors.ConfigError, match=r'train.ema_decay=0.5 asks '
                      r'for the weight average, but the run in .* kept none'):
     cli.check_run_config(config, str(workdir))
+  # Gradient clipping turned on for a resume: refused by name (its value
+  # may change); had it got through, the optimizer state's layout is
+  # refused as such, not taken for damage (nothing is set aside).
+  run_folder.write_config(str(workdir), config)
+  clipped = config.copy_and_resolve_references()
+  clipped.train.grad_clip_norm = 1.0
+  with pytest.raises(errors.ConfigError, match=r'^train.grad_clip_norm=1.0 '
+                     r'turns gradient clipping on, but the run in .* was '
+                     r'trained with train.grad_clip_norm=0.0 '):
+    cli.check_run_config(clipped, str(workdir), run_folder.RESUME_KEYS)
+  run_folder.write_config(str(workdir), clipped)
+  clipped.train.grad_clip_norm = 2.0
+  cli.check_run_config(clipped, str(workdir), run_folder.RESUME_KEYS)
+  keeper = checkpoint.Checkpointer(ckpt, 3, 3)
+  steps = keeper.all_steps()
+  with pytest.raises(errors.ConfigError, match=r'holds a train state laid out '
+                     r'differently .* gradient clipping turned on or off'):
+    keeper.restore_or_keep(state.abstract_train_state(clipped, mesh), None)
+  assert keeper.all_steps() == steps
+  keeper.close()
 
 
 def test_evaluate_warns_before_replacing_a_report_of_other_settings(
