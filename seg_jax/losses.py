@@ -13,6 +13,8 @@ whose sigmoid is the softmax probability of class 1, so prediction stays an
 argmax over two classes.
 """
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -215,7 +217,14 @@ def check_config(c):
     raise errors.ConfigError(
         f'train.aux_loss_weight={c.train.aux_loss_weight!r}: give a value '
         '>= 0.')
-  weights = tuple(c.train.class_weights)
+  given = c.train.class_weights
+  weights = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+  if any(isinstance(w, bool) or not isinstance(w, numbers.Real)
+         for w in weights):
+    raise errors.ConfigError(
+        f'train.class_weights={given!r}: give {c.model.num_classes} numbers '
+        '>= 0, one per class, e.g. --config.train.class_weights="(1.0, '
+        '2.0, ...)", or () for none.')
   if weights and len(weights) != c.model.num_classes:
     raise errors.ConfigError(
         f'train.class_weights has {len(weights)} entries; '

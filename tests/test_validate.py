@@ -68,6 +68,11 @@ def _set(config, key, value):
     ('train.class_weights', (1.0, -2.0, 1.0, 1.0, 1.0),
      r'^train.class_weights=\(1.0, -2.0, 1.0, 1.0, 1.0\): give weights >= 0, '
      r'not all 0.$'),
+    ('train.class_weights', (1, 2, 3, 4, 'x'),
+     r"^train.class_weights=\(1, 2, 3, 4, 'x'\): give 5 numbers >= 0, one "
+     r'per class'),
+    ('train.class_weights', ('(1,2,3,4,x)',),  # the flag's parse of x
+     r"^train.class_weights=\('\(1,2,3,4,x\)',\): give 5 numbers >= 0"),
     ('model.num_classes', 1,
      r'^model.num_classes=1: give an integer >= 2 \(the model scores every '
      r'class, background included'),
