@@ -5,6 +5,7 @@ Everything the loop runs is built elsewhere: the model and train state in
 in `evaluators`, event files and progress in `writers`.
 """
 
+import contextlib
 import os
 import time
 
@@ -365,11 +366,14 @@ def train_and_evaluate(config, workdir):
     scalars ('miou', 'pixel_accuracy', 'mean_accuracy', 'fwiou', 'mdice',
     'loss', 'iou/<class>', ...).
   """
-  trainer = Trainer(config, workdir)
-  try:
-    # Setting up is cut short by a stop signal (nothing trained is lost);
-    # from the restore on, the step in progress finishes and is saved.
-    with interrupt.deferred(enabled=jax.process_count() == 1):
-      return trainer.run()
-  finally:
-    trainer.checkpointer.close()
+  # One run at a time in a folder (process 0 holds the lock for the job).
+  with (run_folder.lock(workdir) if jax.process_index() == 0 else
+        contextlib.nullcontext()):
+    trainer = Trainer(config, workdir)
+    try:
+      # Setting up is cut short by a stop signal (nothing trained is lost);
+      # from the restore on, the step in progress finishes and is saved.
+      with interrupt.deferred(enabled=jax.process_count() == 1):
+        return trainer.run()
+    finally:
+      trainer.checkpointer.close()

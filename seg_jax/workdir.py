@@ -12,13 +12,25 @@ still applied. This file is also an ml_collections config file:
 `--config=seg_jax/workdir.py:DIR` (or `:DIR/config.json`) loads it, which
 is how the CLIs pass a stored config to their `--config` flag.
 
-Imports only the standard library and ml_collections.
+A run training in DIR holds `DIR/.lock` (`lock`): a second run started on
+the same folder is refused instead of writing beside it.
+
+Imports only the standard library, ml_collections and seg_jax.errors.
 """
 
+import contextlib
 import json
 import os
+import socket
 
 import ml_collections
+
+from seg_jax import errors
+
+try:
+  import fcntl  # POSIX; elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+  fcntl = None
 
 CONFIG_FILE = 'config.json'
 
@@ -31,6 +43,46 @@ MODEL_KEYS = INFERENCE_KEYS + ('train.ema_decay',)
 # ... and what a resumed data stream and optimizer state depend on too.
 RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
                             'train.optimizer')
+
+
+LOCK_FILE = '.lock'
+
+
+@contextlib.contextmanager
+def lock(workdir):
+  """Holds an exclusive lock on `workdir/.lock` while a run trains there:
+  another run started on the same folder meanwhile (on this machine, or on
+  a shared file system that supports locks) is refused with a
+  `ConfigError` naming the holder, instead of writing checkpoints and
+  event files beside the first. The kernel releases the lock when the
+  process ends, however it ends: no stale lock survives a crash. The lock
+  file of a folder that holds nothing else when the run ends (a start
+  refused before anything was written) is removed, so `main` leaves no
+  folder behind."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  with open(path, 'a+') as f:
+    if fcntl is not None:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or 'another process'
+        raise errors.ConfigError(
+            f'Another run is training in {workdir} ({holder}, holding '
+            f'{path}): wait for it to end or stop it, or give another '
+            '--workdir.') from None
+      except OSError:  # a file system without locks: not locked
+        pass
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    try:
+      yield
+    finally:  # still held: no other run can be using the file
+      if os.listdir(workdir) == [LOCK_FILE]:
+        os.remove(path)
 
 
 def config_path(workdir):

@@ -320,6 +320,25 @@ def _check_moving_average(config, ckpt, workdir):
   keeper.close()
 
 
+def test_one_run_at_a_time_in_a_folder(tiny_config, tmp_path):
+  """A second run started on a folder where one trains is refused in one
+  line naming the holder, before it writes anything; once the first ends
+  the folder is free, and a folder that got nothing else keeps no lock
+  file."""
+  from seg_jax import workdir as run_folder  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / 'run')
+  with run_folder.lock(run):
+    with pytest.raises(errors.ConfigError, match=(
+        r'^Another run is training in .*run \(process \d+ on .+, holding '
+        r'.*run/\.lock\): wait for it to end or stop it, or give another '
+        r'--workdir\.$')):
+      train.train_and_evaluate(tiny_config, run)
+    assert os.listdir(run) == ['.lock']
+  with run_folder.lock(run):
+    pass
+  assert os.listdir(run) == []
+
+
 def test_evaluate_warns_before_replacing_a_report_of_other_settings(
     tmp_path, caplog):
   from seg_jax import evaluate  # pylint: disable=g-import-not-at-top
