@@ -195,7 +195,6 @@ class Trainer:
       save = bool(stopped) or step % cfg.checkpoint.every_steps == 0
       if save or step % cfg.train.log_every_steps == 0:
         self._check_finite(writer)  # before a save and at log time
-      train_metrics = self._maybe_log(step, train_metrics, writer)
       evaluated = self._guarded(step, train_iter,
                                 f'Evaluation at step {step}',
                                 lambda s=step: self._maybe_eval(s, writer))
@@ -203,6 +202,9 @@ class Trainer:
       if not stopped and interrupt.received():  # came during the evaluation
         stopped = interrupt.received()
         self._check_finite(writer)
+      # A stop logs the steps since the last log: a resume starts afresh.
+      train_metrics = self._maybe_log(step, train_metrics, writer,
+                                      force=bool(stopped))
       # An evaluation that beats the best kept is saved whatever the step.
       self.checkpointer.maybe_save(step, self.state, train_iter,
                                    force=bool(stopped),
@@ -300,11 +302,12 @@ class Trainer:
         'train.grad_clip_norm, check the data, or set '
         'train.skip_nonfinite=True to skip such updates.')
 
-  def _maybe_log(self, step, train_metrics, writer):
-    """Writes accumulated train metrics every `log_every_steps`; returns a
-    fresh accumulator after writing."""
+  def _maybe_log(self, step, train_metrics, writer, force=False):
+    """Writes accumulated train metrics every `log_every_steps`, at the
+    last step and (`force`) when the run stops; returns a fresh
+    accumulator after writing."""
     every = self.config.train.log_every_steps
-    if step % every and step != self.config.train.num_steps:
+    if not force and step % every and step != self.config.train.num_steps:
       return train_metrics
     confusion, loss = train_metrics.result()
     scores = metrics.flatten_scores(metrics.scores_from_confusion(confusion))

@@ -466,6 +466,10 @@ def test_a_stop_signal_during_an_evaluation_saves_that_step(tiny_config,
   c.checkpoint.every_steps = 5
   assert _run_interrupted(c, tmp_path, 0.5) == {'step': 2, 'stopped': 'SIGINT'}
   assert _kept_scores(tmp_path) == {2: pytest.approx(0.5)}
+  # The steps trained since the last log (none: train.log_every_steps=50)
+  # are logged at the stop, not lost to the resume's fresh window.
+  from tb_events import read_events, scalars_by_tag  # pylint: disable=g-import-not-at-top
+  assert list(scalars_by_tag(read_events(str(tmp_path)))['train/loss']) == [2]
   c.train.num_steps = 4
   result = _run_interrupted(c, tmp_path, 0.75)
   assert 'stopped' not in result, result
