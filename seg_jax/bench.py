@@ -79,10 +79,12 @@ def _define_flags():
   flags.DEFINE_integer('warmup', 2, 'Steps run before timing.', lower_bound=0)
   flags.DEFINE_enum('mode', 'train', ['train', 'infer'],
                     'Time the train step or the inference forward pass.')
-  flags.DEFINE_string('precision', '', 'float32 or bfloat16 (default: '
-                      'train.precision).')
-  flags.DEFINE_bool('vs_torch', False, 'Also time the torchvision twin, '
-                    'eager and torch.compile (--vs-torch works too).')
+  flags.DEFINE_enum('precision', '', ['', 'float32', 'bfloat16'],
+                    'float32 or bfloat16 (default: train.precision).')
+  flags.DEFINE_bool('vs_torch', False, 'Also time the PyTorch twin (the '
+                    "torchvision models', or benchmarks/torch_unet.py's "
+                    'U-Net), eager and torch.compile (--vs-torch works '
+                    'too).')
   flags.DEFINE_bool('torch_compile', True, 'With --vs-torch, also time '
                     'torch.compile.')
   flags.DEFINE_enum('input', 'synthetic', ['synthetic', 'real', 'both'],
