@@ -59,10 +59,10 @@ def predict_on_canvas(run, images, height, width, channels, where,
     warned.add((h, w))
     warnings.warn(
         f'{where}: images of {h}x{w} are mirror-filled to the export\'s '
-        f'{height}x{width} and inferred as images of that size, which its '
-        f'inference (scales {tuple(spec["scales"])}, flip {spec["flip"]}) '
-        'resizes and flips whole: labels near a tie can differ from '
-        f'evaluate\'s; export with --size={h},{w} for images of this size.',
+        f'{height}x{width}, which its inference (scales '
+        f'{tuple(spec["scales"])}, flip {spec["flip"]}) takes whole as the '
+        'image: labels near a tie can differ from evaluate\'s; export with '
+        f'--size={h},{w} for images of this size.',
         stacklevel=3)
   return np.asarray(run(onto_canvas(images, height, width, where)))[
       :, :h, :w]
