@@ -240,11 +240,11 @@ def test_loaders_warn_once_per_size_filled_under_a_rescaling_inference():
       "m.onnx: images of 5x7 are mirror-filled to the export's 8x8, which "
       'its inference (scales (0.6,), flip True) takes whole as the image: '
       "labels near a tie can differ from evaluate's; export with "
-      '--size=5,7 for images of this size.",
+      '--size=5,7 for images of this size.',
       "m.onnx: images of 4x7 are mirror-filled to the export's 8x8, which "
       'its inference (scales (0.6,), flip True) takes whole as the image: '
       "labels near a tie can differ from evaluate's; export with "
-      '--size=4,7 for images of this size."]
+      '--size=4,7 for images of this size.']
   assert not warnings_of(scaled, np.zeros((1, 8, 8, 3), np.uint8))
   assert not warnings_of({'mode': 'whole', 'scales': [1.0], 'flip': False},
                          images)
