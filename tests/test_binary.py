@@ -83,6 +83,7 @@ def test_binary_export_needs_a_label_map(tmp_path):
     validate.check_config(c)
 
 
+@pytest.mark.slow  # 23 s; the binary losses and 0/255 masks run by default
 def test_binary_recipe_learns_a_thin_foreground(tmp_path):
   """configs/unet_membrane.py shrunk to 64x64 crops, a width-8 U-Net and
   40 steps: foreground (membrane) IoU above 0.5 on 8 unseen images

@@ -323,27 +323,37 @@ def test_conv_bn_epsilon_and_momentum_folded_and_trained(groups):
          0.99 * stats['bn']['mean'] + 0.01 * y.mean((0, 1, 2)))
 
 
-@pytest.mark.parametrize('hw, kernel, stride, dilation', [
-    ((13, 11), 3, 1, 1), ((13, 11), 3, 2, 1), ((14, 9), 5, 2, 1),
-    ((12, 12), 3, 1, 2), ((9, 7), 5, 1, 1), ((10, 8), 3, 2, 1),
-    ((4, 5), 3, 1, 4)])
+@pytest.mark.parametrize('hw, kernel, stride, dilation, dtype', [
+    ((13, 11), 3, 1, 1, jnp.float32), ((13, 11), 3, 2, 1, jnp.float32),
+    ((14, 9), 5, 2, 1, jnp.float32), ((12, 12), 3, 1, 2, jnp.float32),
+    ((9, 7), 5, 1, 1, jnp.float32), ((10, 8), 3, 2, 1, jnp.float32),
+    ((4, 5), 3, 1, 4, jnp.float32),
+    ((13, 11), 5, 2, 1, jnp.bfloat16)])  # MobileNetV3's mixed precision
 def test_depthwise_taps_equal_the_grouped_convolution(hw, kernel, stride,
-                                                      dilation):
+                                                      dilation, dtype):
   """On CPU a depthwise convolution is a sum of strided views times each
   tap's weights: the grouped convolution's values and gradients, on odd
-  sizes, strides and dilations; FLOPs are counted on the convolution."""
+  sizes, strides and dilations, in float32 and in bfloat16 compute
+  (float32 parameters); FLOPs are counted on the convolution."""
   x = jnp.asarray(np.random.default_rng(11).normal(size=(2, *hw, 8)),
                   jnp.float32)
-  conv = layers.Conv(8, kernel, stride, dilation, feature_group_count=8)
+  conv = layers.Conv(8, kernel, stride, dilation, feature_group_count=8,
+                     dtype=dtype)
   v = conv.init(jax.random.key(0), x)
-  loss = lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x)))
-  got = (conv.apply(v, x), jax.grad(loss, (0, 1))(v, x))
+  loss = lambda v, x: jnp.sum(jnp.sin(conv.apply(v, x).astype(jnp.float32)))
+  # Each compiled as one program (op by op takes about twice as long).
+  both = lambda: jax.jit(lambda v, x: (conv.apply(v, x),
+                                       jax.grad(loss, (0, 1))(v, x)))(v, x)
+  got = both()
   assert 'conv_general_dilated' not in str(jax.make_jaxpr(
       lambda v: conv.apply(v, x))(v))
   with layers.all_taps():  # the plain grouped convolution
-    want = (conv.apply(v, x), jax.grad(loss, (0, 1))(v, x))
+    want = both()
     counted = flops.count_flops(lambda v: conv.apply(v, x), v)
-  _close(got, want, 2e-5)
+  assert got[0].dtype == dtype
+  _close(jax.tree.map(lambda a: a.astype(jnp.float32), got),
+         jax.tree.map(lambda a: a.astype(jnp.float32), want),
+         2e-5 if dtype == jnp.float32 else 2e-2)
   assert counted == 2 * got[0].size * kernel * kernel
 
 
@@ -370,8 +380,9 @@ def test_depthwise_tap_forms_with_padding_only_taps(hw, kernel, stride,
     return layers._depthwise_taps(x, k, stride, dilation, pad)  # pylint: disable=protected-access
 
   loss = lambda f, x, k: jnp.sum(jnp.sin(f(x, k)))
-  want = (plain(x, k), jax.grad(loss, (1, 2))(plain, x, k))
-  got = (ours(x, k), jax.grad(loss, (1, 2))(ours, x, k))
+  both = lambda f: jax.jit(lambda x, k: (
+      f(x, k), jax.grad(loss, (1, 2))(f, x, k)))(x, k)
+  want, got = both(plain), both(ours)
   assert got[0].shape == want[0].shape
   _close(got, want, 2e-5)
 

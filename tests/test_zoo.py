@@ -129,17 +129,18 @@ SMALL = {
 # depthwise gradients) with lraspp_mobilenet_v3_large and its ASPP and aux
 # head with deeplabv3_resnet50 (measured on this loaded 2-core machine,
 # nice 19: 39 s, lraspp 33 s, deeplabv3_resnet50 28 s).
-# lraspp_mobilenet_v3_large runs bfloat16 alone by default (its float32
-# step, 15 s here alone, with `-m slow`): the precision whose depthwise
-# gradients could go wrong. deeplabv3_resnet50 and segnet run float32
+# lraspp_mobilenet_v3_large (both precisions, 38 s in a loaded run) runs
+# with `-m slow` too: its depthwise convolutions' values and gradients, in
+# float32 and bfloat16, are checked against the grouped convolution by
+# tests/test_conv_forms.py, its inference against torchvision's logits
+# (test_golden_torchvision) and in ONNX. deeplabv3_resnet50 and segnet run float32
 # alone by default, the precision of their CPU forms (dilated taps,
 # Winograd, max-unpooling; their bfloat16 steps, 17 and 5 s here, with
-# `-m slow`: bf16 compute is the mixed-precision path the U-Net, FCN-32s
-# and LR-ASPP cases run by default).
+# `-m slow`: bf16 compute is the mixed-precision path the U-Net and
+# FCN-32s cases run by default).
 SLOW_TRAIN = ('fcn16s', 'fcn8s', 'fcn_resnet50', 'deeplabv3plus_resnet50',
-              'deeplabv3_mobilenet_v3_large')
-ONE_BY_DEFAULT = {'lraspp_mobilenet_v3_large': 'bfloat16',
-                  'deeplabv3_resnet50': 'float32', 'segnet': 'float32'}
+              'deeplabv3_mobilenet_v3_large', 'lraspp_mobilenet_v3_large')
+ONE_BY_DEFAULT = {'deeplabv3_resnet50': 'float32', 'segnet': 'float32'}
 BOTH = ('float32', 'bfloat16')
 SHORT = {'float32': 'f32', 'bfloat16': 'bf16'}
 TRAIN_CASES = [
