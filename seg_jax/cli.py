@@ -191,18 +191,6 @@ def check_run_config(config, workdir, keys=run_folder.INFERENCE_KEYS):
         f'train.ema_decay={config.train.ema_decay} asks for the weight '
         f'average, but the run in {workdir} kept none (trained with '
         f'train.ema_decay={ema}): drop that setting.')
-  # Resuming (the optimizer's keys checked): clipping on or off changes the
-  # optimizer state's layout (its value does not).
-  clip = stored.get('train', {}).get('grad_clip_norm', 0.0)
-  if ('train.optimizer' in keys and
-      bool(clip) != bool(config.train.get('grad_clip_norm'))):
-    raise errors.ConfigError(
-        f'train.grad_clip_norm={config.train.grad_clip_norm} turns gradient '
-        f'clipping {"on" if not clip else "off"}, but the run in {workdir} '
-        f'was trained with train.grad_clip_norm={clip} (its checkpoints\' '
-        'optimizer state is laid out for that): keep clipping '
-        f'{"off (0)" if not clip else "on (any norm > 0)"} to resume, or use '
-        'a new --workdir (model.init_from keeps the weights).')
   if diffs:
     key, stored, given = diffs[0]
     more = (f' (it differs in {", ".join(k for k, _, _ in diffs[1:])} '

@@ -40,9 +40,10 @@ INFERENCE_KEYS = ('model.name', 'model.num_classes', 'model.kwargs',
                   'data.channels')
 # ... and its whole train state (with a weight average or not).
 MODEL_KEYS = INFERENCE_KEYS + ('train.ema_decay',)
-# ... and what a resumed data stream and optimizer state depend on too.
+# ... and what a resumed data stream and optimizer state depend on too
+# (gradient clipping on or off: the optimizer state's layout).
 RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
-                            'train.optimizer')
+                            'train.optimizer', 'train.grad_clip_norm')
 
 
 LOCK_FILE = '.lock'
@@ -202,7 +203,10 @@ def _leaves(key, value):
 
 
 def _comparable(key, value):
-  if key == 'train.ema_decay':  # the state has an average or not
+  # On or off is what the state's layout depends on: an average kept or
+  # not, the optimizer chain with clipping or without (its value may
+  # change).
+  if key in ('train.ema_decay', 'train.grad_clip_norm'):
     return value is not None and value > 0
   if key == 'data.channels' and value is None:  # runs from before the key
     value = 3

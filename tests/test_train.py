@@ -305,7 +305,7 @@ def _check_moving_average(config, ckpt, workdir):
   clipped = config.copy_and_resolve_references()
   clipped.train.grad_clip_norm = 1.0
   with pytest.raises(errors.ConfigError, match=r'^train.grad_clip_norm=1.0 '
-                     r'turns gradient clipping on, but the run in .* was '
+                     r'contradicts the run in .*, whose checkpoints were '
                      r'trained with train.grad_clip_norm=0.0 '):
     cli.check_run_config(clipped, str(workdir), run_folder.RESUME_KEYS)
   run_folder.write_config(str(workdir), clipped)
