@@ -337,13 +337,12 @@ def fit_eval_pad_size(config, source, sizes):
   heights, widths = np.asarray(sizes).T
   largest = (int(heights.max()), int(widths.max()))
   if not set_to:
-    return tuple(c if m <= c else max(c, -(-m // 32) * 32)
-                 for c, m in zip(crop, largest))
+    return transforms.pad_to_fit(crop, largest)
   pad = transforms.pair(set_to)
   over = np.flatnonzero((heights > pad[0]) | (widths > pad[1]))
   if len(over):
     k = over[np.argmax(heights[over] * widths[over])]
-    fit = tuple(max(p, -(-m // 32) * 32) for p, m in zip(pad, largest))
+    fit = transforms.pad_to_fit(pad, largest)
     what = (source.pairs[k][0] if hasattr(source, 'pairs') else
             f'{getattr(source, "name", "the split")} example {k}')
     raise errors.ConfigError(

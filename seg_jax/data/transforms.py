@@ -32,6 +32,13 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
 _YIQ_INV = np.linalg.inv(_YIQ)
 
 
+def pad_to_fit(pad, size):
+  """The smallest evaluation canvas, per side, that is at least `pad` and
+  holds `size` ((height, width)), a side that must grow rounded up to a
+  multiple of 32."""
+  return tuple(p if m <= p else -(-m // 32) * 32 for p, m in zip(pad, size))
+
+
 def pair(size, key=None):
   """(height, width) of one int or two: the one parser of config sizes.
 
@@ -241,7 +248,7 @@ class EvalTransform(grain.transforms.Map):
     size = element['label'].shape
     if size[0] > h or size[1] > w:
       # Sizes not read before (a tfds split): found as the example is.
-      fit = tuple(max(p, -(-m // 32) * 32) for p, m in zip((h, w), size))
+      fit = pad_to_fit((h, w), size)
       raise errors.ConfigError(
           f'An evaluation image is {size[0]}x{size[1]} (HxW), larger than '
           f'data.eval_pad_size={(h, w)} that evaluation pads to: set '
