@@ -20,7 +20,7 @@ from seg_jax.data import pipeline
 
 from conftest import REPO
 
-NUM_STEPS = 90
+NUM_STEPS = 60
 EVERY = 10
 ARGS = [
     '--config=configs/unet_shapes_tiny.py',
