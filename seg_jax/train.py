@@ -146,12 +146,33 @@ class Trainer:
 
   def _note_resume_changes(self, start):
     """Says what a resume's changed settings do that is easy to miss: a
-    new model.init_from is not read (config.json keeps the run's), and a
-    new train.num_steps stretches the learning-rate schedule."""
+    new model.init_from is not read (config.json keeps the run's), a new
+    train.num_steps stretches the learning-rate schedule, changed data
+    settings continue the stored data position in other data; and lists
+    every setting that differs from the run's config.json."""
     if jax.process_index() != 0 or not os.path.isfile(
         run_folder.config_path(self.workdir)):
       return
     stored = run_folder.read_config(self.workdir)
+    changed = run_folder.differences(stored, self.config,
+                                     tuple(self.config.keys()))
+    if changed:
+      shown = ', '.join(f'{key}: {old!r} -> {new!r}'
+                        for key, old, new in changed[:8])
+      more = f' and {len(changed) - 8} more' if len(changed) > 8 else ''
+      logging.info('This resume changes %d setting(s) of %s: %s%s.',
+                   len(changed), run_folder.config_path(self.workdir), shown,
+                   more)
+    data_keys = [key for key, _, _ in changed
+                 if key.startswith(run_folder.DATA_SOURCE_KEYS)]
+    if data_keys:
+      logging.warning(
+          '%s changed since checkpoint %d was written: its data position '
+          '(%d batches read) continues in the changed data, so the batches '
+          'from here are not those of an uninterrupted run; use a new '
+          '--workdir with model.init_from=%s to start over from these '
+          'weights instead.', ', '.join(data_keys), start, start,
+          self.workdir)
     old_init = stored.get('model', {}).get('init_from', '')
     if self.config.model.init_from != old_init:
       if self.config.model.init_from:

@@ -45,6 +45,15 @@ MODEL_KEYS = INFERENCE_KEYS + ('train.ema_decay',)
 RESUME_KEYS = MODEL_KEYS + ('seed', 'train.global_batch_size',
                             'train.optimizer', 'train.grad_clip_norm')
 
+# Keys (prefixes) that decide which examples the training stream reads:
+# a resume may change them, and is told that its stored data position then
+# continues in other data.
+DATA_SOURCE_KEYS = ('data.name', 'data.root', 'data.train_split',
+                    'data.mask_suffix', 'data.label_map', 'data.shapes.',
+                    'data.tfds.name', 'data.tfds.data_dir',
+                    'data.tfds.image_key', 'data.tfds.label_key',
+                    'data.tfds.label_offset', 'data.tfds.ignore_values')
+
 
 LOCK_FILE = '.lock'
 

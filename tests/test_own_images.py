@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

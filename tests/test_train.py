@@ -510,8 +510,9 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
                                                              tmp_path, caplog):
   """The best (an early step, evaluated between saves) and the newest
   `max_to_keep` are all kept; a resume knows the best and keeps it;
-  'best' restores it. The resume says that more steps stretch the
-  schedule and that a new model.init_from is not read."""
+  'best' restores it. The resume lists the settings it changes, and says
+  that more steps stretch the schedule, that a new model.init_from is not
+  read and that the data position continues in changed data."""
   c = tiny_config
   c.train.num_steps, c.eval.every_steps = 10, 2
   c.checkpoint.every_steps, c.checkpoint.max_to_keep = 3, 2
@@ -527,8 +528,18 @@ def test_best_and_latest_checkpoints_both_survive_and_resume(tiny_config,
   assert trainer.checkpointer.best() == (2, 1.0)
   trainer.checkpointer.close()
   c.model.init_from = str(tmp_path / 'elsewhere')
-  with caplog.at_level('WARNING'):
+  c.data.shapes.num_train, c.train.weight_decay = 48, 0.0
+  with caplog.at_level('INFO'):
     trainer = _run_with_mious(c, tmp_path, [0.5, 0.4])
+  assert (f'This resume changes 4 setting(s) of {tmp_path}/config.json: '
+          'data.shapes.num_train: 64 -> 48, model.init_from: '
+          f"'' -> '{tmp_path}/elsewhere', train.num_steps: 10 -> 14, "
+          'train.weight_decay: 0.0001 -> 0.0.') in caplog.text
+  assert ('data.shapes.num_train changed since checkpoint 10 was written: '
+          'its data position (10 batches read) continues in the changed '
+          'data, so the batches from here are not those of an uninterrupted '
+          f'run; use a new --workdir with model.init_from={tmp_path} to '
+          'start over from these weights instead.') in caplog.text
   rate = float(optim.create_learning_rate_fn(c.train)(10))
   assert (f'train.num_steps 10 -> 14: the cosine learning-rate schedule is '
           f'recomputed over 14 steps; step 11 trains at learning rate '

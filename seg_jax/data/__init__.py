@@ -102,7 +102,6 @@ def class_info(config):
   has both); else the dataset's own, `folder` reading `classes.txt` when
   its root is there, `tfds` using `data.tfds.class_names`, otherwise
   `class_<i>` and the VOC colour map."""
-  num = config.model.num_classes
   names, palette = _CLASSES.get(config.data.name, ((), None))
   origin = f'data.name={config.data.name!r} has'
   if config.data.name == 'tfds':
