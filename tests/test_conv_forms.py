@@ -143,16 +143,18 @@ def test_unet_keeps_flax_parameter_names_values_and_outputs(upsample,
   ours = unet.UNet(3, width=4, depth=2, upsample=upsample,
                    batch_norm=batch_norm)
   ref = _FlaxUNet(4, 2, upsample, batch_norm)
-  v = ours.init(jax.random.key(7), x)
-  _close(v, ref.init(jax.random.key(7), x), 0)
+  v = jax.jit(ours.init)(jax.random.key(7), x)
+  _close(v, jax.jit(ref.init)(jax.random.key(7), x), 0)
 
-  def loss(m, p):
-    out, _ = m.apply({**v, 'params': p}, x, train=True,
-                     mutable=['batch_stats'])
-    return jnp.mean(out ** 2)
+  def outputs_and_gradients(m):  # compiled whole: op by op is slower
+    def loss(p):
+      out, _ = m.apply({**v, 'params': p}, x, train=True,
+                       mutable=['batch_stats'])
+      return jnp.mean(out ** 2)
+    return jax.jit(lambda p: (m.apply({**v, 'params': p}, x),
+                              jax.grad(loss)(p)))(v['params'])
 
-  _close((ours.apply(v, x), jax.grad(loss, 1)(ours, v['params'])),
-         (ref.apply(v, x), jax.grad(loss, 1)(ref, v['params'])))
+  _close(outputs_and_gradients(ours), outputs_and_gradients(ref))
 
 
 @pytest.mark.parametrize('dtype, channels', [(jnp.float32, (8, 6)),
@@ -187,16 +189,20 @@ def test_batch_norm_folded_into_the_convolution_for_inference():
   model = models.create_model('deeplabv3_resnet50', 5, width=8)
   x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 37, 29, 3)),
                   jnp.float32)
-  v = model.init(jax.random.key(0), x, train=False)
+  v = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   rng = np.random.default_rng(9)
   stats = jax.tree_util.tree_map_with_path(
       lambda p, a: a * rng.uniform(0.5, 1.5, a.shape).astype(np.float32) + (
           rng.normal(0, 0.2, a.shape).astype(np.float32)
           if 'mean' in jax.tree_util.keystr(p) else 0), v['batch_stats'])
   v = {'params': v['params'], 'batch_stats': stats}
-  folded = model.apply(v, x, train=False)
+  # Each form compiled whole: the switches act when a function is traced,
+  # so each call jits a new function (JAX caches traces by function). Op by
+  # op, a ResNet-50 dispatches thousands of small programs.
+  infer = lambda: jax.jit(lambda v: model.apply(v, x, train=False))
+  folded = infer()(v)
   with layers.unfolded_batch_norm():
-    plain = model.apply(v, x, train=False)
+    plain = infer()(v)
   _close(folded, plain)
   jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(v))
   with layers.unfolded_batch_norm():
@@ -205,12 +211,13 @@ def test_batch_norm_folded_into_the_convolution_for_inference():
   assert jaxpr.count('rsqrt') < plain_jaxpr.count('rsqrt') or (
       len(jaxpr) < len(plain_jaxpr))
   with layers.direct_convolutions():  # exports: the scale in the kernel
-    _close(model.apply(v, x, train=False), plain)
-  train = lambda: model.apply(v, x, train=True, mutable=['batch_stats'],
-                              rngs={'dropout': jax.random.key(1)})[0]
-  trained = train()  # folding on: training still normalises by the batch
+    _close(infer()(v), plain)
+  train = lambda: jax.jit(lambda v: model.apply(
+      v, x, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.key(1)})[0])
+  trained = train()(v)  # folding on: training still normalises by the batch
   with layers.unfolded_batch_norm():
-    np.testing.assert_array_equal(trained, train())
+    np.testing.assert_array_equal(trained, train()(v))
   assert not np.allclose(trained, folded, atol=1e-3)
 
 
