@@ -730,12 +730,12 @@ def _max_pool_fwd(x):
 
 def _max_pool_bwd(x, g):
   # The first maximum of each window gets g, chosen by comparing the
-  # window's four values with each other, not with the forward's output:
-  # XLA may compute x's producer (a BatchNorm + ReLU) again in the
-  # backward's fusion, rounded otherwise in the last bit, and a value
-  # compared with an output computed from another rounding of itself can
-  # match nowhere, dropping the window's gradient (seen with the tests'
-  # compiler flags: 8% of a U-Net's gradients).
+  # window's four values with each other. Comparing them with the forward's
+  # output instead relies on the backward reading bit for bit the values
+  # the forward pooled, which XLA does not promise (it may compute x's
+  # producer, a BatchNorm + ReLU, again in another fusion): with the tests'
+  # compiler flags, one program holding a U-Net's inference pass and its
+  # gradient got gradients off by up to 8% that way.
   v = _windows(x)
   wins = [jnp.ones(g.shape, bool) for _ in v]
   for i in range(4):
