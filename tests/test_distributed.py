@@ -345,6 +345,10 @@ def test_when_a_job_joins_jax_distributed():
     _settings({'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': 'one'})
 
 
+# A release check (27 s): the default run stops single-process runs by
+# SIGINT and SIGTERM (test_resume, test_own_images) and checks 2-process
+# training, evaluation and resume.
+@pytest.mark.slow
 def test_ctrl_c_to_one_process_stops_the_job_at_one_step(tmp_path):
   """SIGINT (Ctrl-C) to process 1 of 2: sent on as SIGTERM, JAX's
   preemption notice, whose sync makes both stop after the same step and

@@ -133,14 +133,18 @@ SMALL = {
 # with `-m slow` too: its depthwise convolutions' values and gradients, in
 # float32 and bfloat16, are checked against the grouped convolution by
 # tests/test_conv_forms.py, its inference against torchvision's logits
-# (test_golden_torchvision) and in ONNX. deeplabv3_resnet50 and segnet run float32
-# alone by default, the precision of their CPU forms (dilated taps,
-# Winograd, max-unpooling; their bfloat16 steps, 17 and 5 s here, with
-# `-m slow`: bf16 compute is the mixed-precision path the U-Net and
-# FCN-32s cases run by default).
+# (test_golden_torchvision) and in ONNX. deeplabv3_resnet50 (30 s in a
+# loaded run on a slow hour) runs with `-m slow` too: its CPU forms
+# (dilated taps, Winograd, the cropped ASPP taps, 1x1 products) are checked
+# form by form on values and gradients by tests/test_conv_forms.py, its
+# inference against torchvision's logits and in ONNX. segnet runs float32
+# alone by default, the precision of its max-unpooling (its bfloat16 step,
+# 5 s here, with `-m slow`: bf16 compute is the mixed-precision path the
+# U-Net and FCN-32s cases run by default).
 SLOW_TRAIN = ('fcn16s', 'fcn8s', 'fcn_resnet50', 'deeplabv3plus_resnet50',
-              'deeplabv3_mobilenet_v3_large', 'lraspp_mobilenet_v3_large')
-ONE_BY_DEFAULT = {'deeplabv3_resnet50': 'float32', 'segnet': 'float32'}
+              'deeplabv3_mobilenet_v3_large', 'lraspp_mobilenet_v3_large',
+              'deeplabv3_resnet50')
+ONE_BY_DEFAULT = {'segnet': 'float32'}
 BOTH = ('float32', 'bfloat16')
 SHORT = {'float32': 'f32', 'bfloat16': 'bf16'}
 TRAIN_CASES = [
